@@ -23,6 +23,8 @@ def figure_html(fig: go.Figure, *, div_id: str | None = None) -> str:
         include_plotlyjs=False,
         full_html=False,
         div_id=div_id,
+        # A page must open on the first frame: plotly would otherwise play every frame on load.
+        auto_play=False,
         config={"displaylogo": False, "responsive": True},
     )
 

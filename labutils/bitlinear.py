@@ -1,0 +1,633 @@
+"""BitLinear: the BitNet layer, a drop-in ``nn.Linear`` with 1-bit, 1.58-bit or k-bit weights.
+
+The forward pass of BitNet b1.58 (Ma et al., 2024), with the codes and scales of
+``labutils.quant``::
+
+    x  -> norm(x)                                  RMSNorm (or LayerNorm, "SubLN") over in_features
+       -> x_q = codes_x * s_x                      per-token absmax, 8 bits (or off)
+    W  -> W_q = codes_W * s_W                      ternary absmean | sign·mean|W| | k-bit absmax
+    y  =  F.linear(x_q, W_q, bias)
+       =  (codes_x @ codes_W^T) * s_x * s_W + bias   the integer matmul, rescaled once
+
+Training keeps full-precision *latent* weights in ``.weight``. Rounding has zero gradient almost
+everywhere, so the backward pass uses the straight-through estimator (STE), written with the
+detach trick: ``q.detach() + (w - w.detach())`` has the value of ``q`` and the gradient of
+``w``. Two STEs are offered (``BitNetConfig.ste``):
+
+- ``"identity"``: ``dL/dW = dL/dW_q`` everywhere.
+- ``"clipped"`` (hardtanh STE): ``dL/dW = dL/dW_q · 1[|W / s_W| <= c]``, where ``c`` is where the
+  quantizer saturates: ``c = 1`` for ternary (``clip(W/γ, -1, 1)``) and for binary (hardtanh of
+  ``W/s``), ``c = Qp = 2^(k-1) - 1`` for k-bit absmax (which never saturates, so there it equals
+  the identity STE).
+
+Activations always use the identity STE (absmax never clips).
+
+``quantize_(model, BitNetConfig(...))`` swaps the chosen ``nn.Linear`` layers of a model for
+BitLinear in place, torchao-style, and returns a report. Training aids live here too: the
+quantization warm-up ``w + λ·(W_q - w)`` (``set_quant_strength``, ``linear_warmup_lambda``), LoRA
+adapters on frozen BitLinear layers (``LoRA``, ``add_lora_``), and ``gradient_mismatch``,
+which compares the STE gradient with the full-precision gradient at the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+import numbers
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labutils import quant
+
+__all__ = [
+    "BitNetConfig",
+    "BitLinear",
+    "QuantizeReport",
+    "quantize_",
+    "DEFAULT_SKIP",
+    "bitlinear_layers",
+    "set_quant_strength",
+    "quant_strength_context",
+    "linear_warmup_lambda",
+    "straight_through",
+    "LoRA",
+    "add_lora_",
+    "GradientMismatch",
+    "gradient_mismatch",
+]
+
+NORMS = ("rms", "layer", None)
+STES = ("identity", "clipped")
+DEFAULT_SKIP = ("classifier", "pooler", "lm_head")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class BitNetConfig:
+    """How a BitLinear quantizes.
+
+    Attributes:
+        weight_bits: 1 (sign · mean|W|), 1.58 (ternary absmean, BitNet b1.58) or an int 2..8
+            (symmetric absmax, codes in -Qp..Qp with Qp = 2^(k-1) - 1).
+        act_bits: bits of the per-token absmax activation quantizer, an int 2..16, or None for
+            full-precision activations.
+        per_channel: one weight scale per output row ([out, 1]) instead of one per tensor ([]).
+        norm: "rms" (RMSNorm, BitNet b1.58), "layer" (LayerNorm, BitNet's SubLN) or None, applied
+            to the input over in_features before activation quantization.
+        ste: "identity" or "clipped" (see the module docstring).
+        eps: the quantizers' eps (ternary divides by γ + eps; absmax floors max|x| at eps), and
+            the norm's eps.
+    """
+
+    weight_bits: float = 1.58
+    act_bits: int | None = 8
+    per_channel: bool = False
+    norm: str | None = "rms"
+    ste: str = "identity"
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        bits = self.weight_bits
+        if isinstance(bits, bool) or not isinstance(bits, numbers.Real):
+            raise TypeError(f"weight_bits must be 1, 1.58 or an int in [2, 8], got {bits!r}")
+        if not (bits in (1, 1.58) or (float(bits).is_integer() and 2 <= bits <= 8)):
+            raise ValueError(f"weight_bits must be 1, 1.58 or an int in [2, 8], got {bits!r}")
+        act = self.act_bits
+        if act is not None and (isinstance(act, bool) or not isinstance(act, numbers.Integral)):
+            raise TypeError(f"act_bits must be an int in [2, 16] or None, got {act!r}")
+        if act is not None and not 2 <= act <= 16:
+            raise ValueError(f"act_bits must be an int in [2, 16] or None, got {act!r}")
+        if not isinstance(self.per_channel, bool):
+            raise TypeError(f"per_channel must be a bool, got {self.per_channel!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.ste not in STES:
+            raise ValueError(f"ste must be one of {STES}, got {self.ste!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real) or not self.eps > 0:
+            raise ValueError(f"eps must be a positive number, got {self.eps!r}")
+
+    @property
+    def saturation(self) -> float:
+        """``c``: the clipped STE passes gradient where ``|W / s_W| <= c``."""
+        return 1.0 if self.weight_bits in (1, 1.58) else float(2 ** (int(self.weight_bits) - 1) - 1)
+
+    def describe(self) -> str:
+        """One line, e.g. ``1.58-bit weights (per tensor), 8-bit activations, rms norm, identity STE``."""
+        acts = f"{self.act_bits}-bit activations" if self.act_bits else "full-precision activations"
+        scale = "per channel" if self.per_channel else "per tensor"
+        bits = "1.58" if self.weight_bits == 1.58 else str(int(self.weight_bits))
+        return f"{bits}-bit weights ({scale}), {acts}, {self.norm or 'no'} norm, {self.ste} STE"
+
+
+# --------------------------------------------------------------------------- the STE
+
+
+def straight_through(
+    x: torch.Tensor, x_q: torch.Tensor, strength: float = 1.0, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The value of ``x + strength·(x_q - x)`` with the gradient ``keep`` (1 where None) w.r.t. ``x``.
+
+    The detach trick: ``target.detach() + keep·(x - x.detach())``. The second term is exactly 0 in
+    the forward pass, so the value is bit-exact ``x_q`` at ``strength == 1``, and its gradient is
+    ``keep`` (the identity STE when ``keep`` is None).
+
+    Args:
+        x: float tensor (the latent values, may require grad).
+        x_q: float tensor of x's shape: the quantized values.
+        strength: λ in [0, 1], the quantization warm-up blend (1 = fully quantized).
+        keep: None, or a 0/1 tensor broadcastable to x: where the gradient passes (clipped STE).
+
+    Returns:
+        tensor of x's shape and dtype.
+    """
+    target = x_q if strength == 1 else x + strength * (x_q - x)
+    passthrough = x - x.detach()
+    if keep is not None:
+        passthrough = passthrough * keep
+    return target.detach() + passthrough
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+@dataclass(frozen=True)
+class _QuantizedWeight:
+    codes: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # float32 [] or [out, 1]
+    values: torch.Tensor  # codes * scale in the weight's dtype
+    keep: torch.Tensor | None  # clipped-STE mask, weight dtype, or None
+
+
+class BitLinear(nn.Linear):
+    """``nn.Linear`` with quantized weights and activations in the forward pass (see module doc).
+
+    ``.weight`` / ``.bias`` are the latent full-precision parameters (what the optimizer
+    updates); ``.norm`` is an RMSNorm/LayerNorm over in_features, or None; ``.config`` is the
+    BitNetConfig; ``.quant_strength`` is the warm-up λ (1 = fully quantized, 0 = plain linear).
+
+    When the weight cannot change (eval mode, or a frozen weight) the quantized weight is
+    computed once and cached; the cache is keyed on the weight's storage, version counter
+    (bumped by every in-place update: optimizer steps, ``load_state_dict``), dtype and device, and
+    dropped on ``train()``. A write through ``weight.data`` bypasses the version counter: call
+    ``invalidate_cache()`` after one.
+
+    Input [..., in_features] (float) -> output [..., out_features], the input's dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        config: BitNetConfig | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        config = BitNetConfig() if config is None else config
+        if not isinstance(config, BitNetConfig):
+            raise TypeError(f"config must be a BitNetConfig, got {type(config).__name__}")
+        self.config = config
+        self.norm: nn.Module | None = None
+        if config.norm == "rms":
+            self.norm = nn.RMSNorm(in_features, eps=config.eps, device=device, dtype=dtype)
+        elif config.norm == "layer":
+            self.norm = nn.LayerNorm(in_features, eps=config.eps, device=device, dtype=dtype)
+        self.quant_strength = 1.0
+        self._cache: _QuantizedWeight | None = None
+        self._cache_key: tuple | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: BitNetConfig | None = None) -> BitLinear:
+        """A BitLinear whose latent weight and bias are copies of ``linear``'s (same device, dtype, mode)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            config=config,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.weight.requires_grad_(w.requires_grad)
+        return layer.train(linear.training)
+
+    # ---- weight quantization
+
+    def _quantize_weight(self) -> _QuantizedWeight:
+        """Codes, scale, ``codes * scale`` and the clipped-STE mask of the current weight."""
+        cfg, w = self.config, self.weight.detach()
+        if cfg.weight_bits == 1.58:
+            codes, scale = quant.ternarize_absmean(w, per_channel=cfg.per_channel, eps=cfg.eps)
+        elif cfg.weight_bits == 1:
+            codes, scale = quant.binarize_sign(w, per_channel=cfg.per_channel)
+        else:
+            qt = quant.quantize(
+                w,
+                int(cfg.weight_bits),
+                symmetric=True,
+                granularity="channel" if cfg.per_channel else "tensor",
+            )
+            codes, scale = qt.codes, qt.scale
+        scale = scale.reshape(-1, 1) if cfg.per_channel else scale.reshape(())
+        values = (codes.to(torch.float32) * scale).to(w.dtype)
+        keep = None
+        if cfg.ste == "clipped":
+            keep = (w.to(torch.float32).abs() <= cfg.saturation * scale).to(w.dtype)
+        return _QuantizedWeight(codes.to(torch.int8), scale, values, keep)
+
+    def _cached_quantized_weight(self) -> _QuantizedWeight:
+        w = self.weight
+        if self.training and w.requires_grad:
+            return self._quantize_weight()  # the weight changes at every step
+        key = (id(w), w.data_ptr(), w._version, w.dtype, w.device)
+        if self._cache is None or self._cache_key != key:
+            self._cache, self._cache_key = self._quantize_weight(), key
+        return self._cache
+
+    def invalidate_cache(self) -> None:
+        """Forget the cached quantized weight (needed only after writing through ``weight.data``)."""
+        self._cache, self._cache_key = None, None
+
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes int8 [out, in], scale float32 [] or [out, 1]); ``codes.float() * scale`` is the
+        weight the forward pass uses (at ``quant_strength == 1``). Detached; cached when possible."""
+        q = self._cached_quantized_weight()
+        return q.codes, q.scale
+
+    # ---- forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., in_features] -> [..., out_features]: norm, quantize x and W (with STE), linear."""
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(
+                f"x must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}"
+            )
+        if self.norm is not None:
+            x = self.norm(x)
+        lam = self.quant_strength
+        if lam == 0:
+            return F.linear(x, self.weight, self.bias)
+        if self.config.act_bits is not None:
+            codes, scale = quant.quantize_activations_absmax(
+                x.detach(), self.config.act_bits, eps=self.config.eps
+            )
+            x = straight_through(x, (codes.to(torch.float32) * scale).to(x.dtype), lam)
+        q = self._cached_quantized_weight()
+        w = straight_through(self.weight, q.values, lam, q.keep)
+        return F.linear(x, w, self.bias)
+
+    # ---- cache invalidation
+
+    def train(self, mode: bool = True) -> BitLinear:
+        self.invalidate_cache()
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.invalidate_cache()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.config.describe()}"
+
+
+# --------------------------------------------------------------------------- quantize_
+
+
+@dataclass
+class QuantizeReport:
+    """What ``quantize_`` did.
+
+    Attributes:
+        config: the BitNetConfig of the new layers.
+        replaced: qualified names of the nn.Linear layers now BitLinear.
+        skipped: qualified names of the nn.Linear layers kept in full precision.
+        replaced_params: weight + bias elements of the replaced layers.
+        norm_params: elements of the norms the new layers added.
+        total_params: all parameter elements of the model after conversion.
+    """
+
+    config: BitNetConfig
+    replaced: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    replaced_params: int = 0
+    norm_params: int = 0
+    total_params: int = 0
+
+    @property
+    def quantized_fraction(self) -> float:
+        """Share of the model's parameters that are now quantized weights/biases of BitLinear."""
+        return self.replaced_params / self.total_params if self.total_params else 0.0
+
+    def __str__(self) -> str:
+        lines = [
+            f"quantize_: {len(self.replaced)} nn.Linear -> BitLinear [{self.config.describe()}]",
+            (
+                f"  replaced {self.replaced_params:,} of {self.total_params:,} parameters "
+                f"({100 * self.quantized_fraction:.1f}%), added {self.norm_params:,} norm parameters"
+            ),
+        ]
+        lines += [f"  + {name}" for name in self.replaced]
+        lines += [f"  = {name} (kept in full precision)" for name in self.skipped]
+        return "\n".join(lines)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """``pattern`` (fnmatch) matches the dotted ``name`` or any run of its consecutive components.
+
+    So "pooler" matches "bert.pooler.dense", "attention.self.*" matches
+    "bert.encoder.layer.0.attention.self.query", and "classifier" matches "classifier".
+    """
+    parts = name.split(".")
+    return any(
+        fnmatch.fnmatchcase(".".join(parts[i:j]), pattern)
+        for i in range(len(parts))
+        for j in range(i + 1, len(parts) + 1)
+    )
+
+
+def _patterns(value: str | Sequence[str] | None, name: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    value = (value,) if isinstance(value, str) else tuple(value)
+    for p in value:
+        if not isinstance(p, str) or not p:
+            raise TypeError(f"{name} must be name patterns (non-empty str), got {p!r}")
+    return value
+
+
+def _check_include(model: nn.Module, include: tuple[str, ...]) -> None:
+    """Every include pattern must name at least one nn.Linear; say clearly what it named instead."""
+    for pattern in include:
+        hits = [(n, m) for n, m in model.named_modules() if n and _matches(n, pattern)]
+        if any(isinstance(m, nn.Linear) for _, m in hits):
+            continue
+        if hits:
+            named = ", ".join(f"{n} ({type(m).__name__})" for n, m in hits[:5])
+            raise TypeError(f"include pattern {pattern!r} names no nn.Linear, only: {named}")
+        raise ValueError(f"include pattern {pattern!r} matches no module of {type(model).__name__}")
+
+
+def quantize_(
+    model: nn.Module,
+    config: BitNetConfig | None = None,
+    *,
+    include: str | Sequence[str] | None = None,
+    skip: str | Sequence[str] = DEFAULT_SKIP,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> QuantizeReport:
+    """Replace the chosen ``nn.Linear`` layers of ``model`` by BitLinear, in place.
+
+    A Linear layer named ``name`` is replaced when it matches an ``include`` pattern (all Linear
+    layers when include is None), matches no ``skip`` pattern, and ``filter_fn(module, name)``
+    is true (when given). Patterns are fnmatch patterns matched against the dotted name or any
+    run of its components (so "pooler" skips "bert.pooler.dense"). The default skip keeps the
+    heads of Hugging Face models in full precision: "classifier", "pooler", "lm_head". Layers
+    that are already BitLinear are left alone. Latent weights and biases are copies of the
+    pretrained ones; embeddings, norms and every other module are untouched.
+
+    Args:
+        model: any nn.Module (Hugging Face or plain torch), not itself an nn.Linear.
+        config: BitNetConfig of the new layers (default BitNetConfig(): 1.58-bit, 8-bit acts).
+        include: pattern(s) of the layers to convert, or None for all.
+        skip: pattern(s) of the layers to keep (pass () to convert the heads too).
+        filter_fn: optional predicate (module, qualified name) -> bool, torchao-style.
+
+    Returns:
+        QuantizeReport (print it for a summary).
+
+    Raises:
+        TypeError: model is not an nn.Module, config is not a BitNetConfig, or an include
+            pattern names only modules that are not nn.Linear.
+        ValueError: an include pattern matches nothing, or nothing is left to replace.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    config = BitNetConfig() if config is None else config
+    if not isinstance(config, BitNetConfig):
+        raise TypeError(f"config must be a BitNetConfig, got {type(config).__name__}")
+    if isinstance(model, nn.Linear):
+        raise ValueError(
+            "model is itself an nn.Linear and cannot be replaced in place; "
+            "use BitLinear.from_linear(model, config) instead"
+        )
+    include, skip = _patterns(include, "include"), _patterns(skip, "skip") or ()
+    if include is not None:
+        _check_include(model, include)
+
+    report = QuantizeReport(config=config)
+    chosen: list[tuple[str, nn.Linear]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or isinstance(module, BitLinear):
+            continue
+        wanted = (include is None or any(_matches(name, p) for p in include)) and not any(
+            _matches(name, p) for p in skip
+        )
+        if wanted and (filter_fn is None or filter_fn(module, name)):
+            chosen.append((name, module))
+        else:
+            report.skipped.append(name)
+    if not chosen:
+        n_bit = sum(isinstance(m, BitLinear) for m in model.modules())
+        raise ValueError(
+            f"nothing to replace in {type(model).__name__}: no nn.Linear left after include={include}, "
+            f"skip={skip}, filter_fn ({len(report.skipped)} Linear skipped, {n_bit} already BitLinear)"
+        )
+
+    for name, linear in chosen:
+        parent_name, _, child = name.rpartition(".")
+        new = BitLinear.from_linear(linear, config)
+        setattr(model.get_submodule(parent_name), child, new)
+        report.replaced.append(name)
+        report.replaced_params += sum(p.numel() for p in linear.parameters())
+        report.norm_params += sum(p.numel() for p in new.norm.parameters()) if new.norm is not None else 0
+    report.total_params = sum(p.numel() for p in model.parameters())
+    return report
+
+
+# --------------------------------------------------------------------------- warm-up
+
+
+def bitlinear_layers(model: nn.Module) -> list[tuple[str, BitLinear]]:
+    """(qualified name, layer) of every BitLinear in ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear)]
+
+
+def set_quant_strength(model: nn.Module, strength: float) -> int:
+    """Set the warm-up λ of every BitLinear: ``w_used = w + λ·(W_q - w)`` (same for activations).
+
+    λ = 0 is the full-precision layer, λ = 1 the quantized one (the gradient is the STE's
+    whatever λ). Returns the number of layers set.
+    """
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+        raise TypeError(f"strength must be a number in [0, 1], got {strength!r}")
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+    layers = bitlinear_layers(model)
+    for _, layer in layers:
+        layer.quant_strength = float(strength)
+    return len(layers)
+
+
+@contextlib.contextmanager
+def quant_strength_context(model: nn.Module, strength: float) -> Iterator[nn.Module]:
+    """Context manager: every BitLinear at λ = ``strength`` inside, its old λ restored after."""
+    old = {name: layer.quant_strength for name, layer in bitlinear_layers(model)}
+    set_quant_strength(model, strength)
+    try:
+        yield model
+    finally:
+        for name, layer in bitlinear_layers(model):
+            layer.quant_strength = old.get(name, 1.0)
+
+
+def linear_warmup_lambda(step: int, warmup_steps: int) -> float:
+    """λ for the quantization warm-up: ``min(1, step / warmup_steps)`` (1 when warmup_steps is 0)."""
+    if warmup_steps < 0 or step < 0:
+        raise ValueError(f"step and warmup_steps must be >= 0, got step={step}, warmup_steps={warmup_steps}")
+    return 1.0 if warmup_steps == 0 else min(1.0, step / warmup_steps)
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+class LoRA(nn.Module):
+    """A frozen base layer plus a trainable full-precision low-rank update (Hu et al., 2021).
+
+    ``y = base(x) + (alpha / rank) · x A^T B^T`` with A [rank, in] (Kaiming-uniform, seeded) and
+    B [out, rank] (zeros, so the wrapped model starts exactly at the base). The base's
+    parameters are frozen, so a BitLinear base quantizes its weight once and caches it.
+
+    Input [..., in_features] -> output [..., out_features].
+    """
+
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0, *, seed: int = 0) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear or BitLinear, got {type(base).__name__}")
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        if not isinstance(alpha, numbers.Real) or not alpha > 0:
+            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+        self.base = base.requires_grad_(False)
+        self.rank, self.alpha = int(rank), float(alpha)
+        w = base.weight
+        generator = torch.Generator().manual_seed(seed)
+        bound = 1 / math.sqrt(base.in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and peft
+        a = (torch.rand(rank, base.in_features, generator=generator) * 2 - 1) * bound
+        self.lora_A = nn.Parameter(a.to(device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
+
+    @property
+    def scaling(self) -> float:
+        """alpha / rank."""
+        return self.alpha / self.rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., in] -> [..., out]: base(x) + scaling · (x A^T) B^T."""
+        return self.base(x) + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+def add_lora_(
+    model: nn.Module, rank: int = 8, alpha: float = 16.0, *, skip: str | Sequence[str] = (), seed: int = 0
+) -> list[str]:
+    """Wrap every BitLinear of ``model`` (except names matching ``skip``) in LoRA, in place.
+
+    The BitLinear weights become frozen; the other parameters of the model (a classifier head,
+    say) keep their requires_grad. Layer i's A is seeded with ``seed + i``.
+    Returns the qualified names of the wrapped layers.
+    """
+    skip = _patterns(skip, "skip") or ()
+    targets = [(n, m) for n, m in bitlinear_layers(model) if not any(_matches(n, p) for p in skip)]
+    if not targets:
+        raise ValueError(f"add_lora_ found no BitLinear to wrap in {type(model).__name__} (skip={skip})")
+    for i, (name, layer) in enumerate(targets):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, LoRA(layer, rank, alpha, seed=seed + i))
+    return [name for name, _ in targets]
+
+
+# --------------------------------------------------------------------------- gradient mismatch
+
+
+@dataclass(frozen=True)
+class GradientMismatch:
+    """STE gradient ``g`` vs full-precision gradient ``g_fp`` of one layer's latent weight.
+
+    cosine: cos(g, g_fp) (1 = same direction). norm_ratio: ||g|| / ||g_fp||.
+    relative_error: ||g - g_fp|| / ||g_fp||.
+    """
+
+    name: str
+    cosine: float
+    norm_ratio: float
+    relative_error: float
+
+
+def gradient_mismatch(
+    model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], torch.Tensor]
+) -> list[GradientMismatch]:
+    """How far the STE gradient is from the full-precision gradient, per BitLinear layer.
+
+    Both gradients are taken at the same latent weights on the same batch: once with the
+    quantizers on (λ = 1: the gradient QAT follows) and once with them off (λ = 0: the gradient
+    of the same network in full precision). The model runs in eval mode (no dropout) so the two
+    passes see the same function; its mode, λ and ``.grad`` fields are left as they were.
+
+    Args:
+        model: a module with at least one BitLinear.
+        batch: whatever ``loss_fn`` takes.
+        loss_fn: (model, batch) -> scalar loss tensor.
+
+    Returns:
+        one GradientMismatch per BitLinear (with a weight that requires grad), in module order.
+    """
+    layers = [(n, m) for n, m in bitlinear_layers(model) if m.weight.requires_grad]
+    if not layers:
+        raise ValueError(
+            f"gradient_mismatch needs a model with trainable BitLinear layers, got {type(model).__name__}"
+        )
+    weights = [m.weight for _, m in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        grads = {}
+        for strength in (1.0, 0.0):
+            with quant_strength_context(model, strength):
+                loss = loss_fn(model, batch)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise ValueError(f"loss_fn must return a scalar tensor, got {loss!r}")
+                grads[strength] = torch.autograd.grad(loss, weights, allow_unused=True)
+    finally:
+        model.train(was_training)
+
+    result = []
+    for (name, layer), g, g_fp in zip(layers, grads[1.0], grads[0.0]):
+        g = torch.zeros_like(layer.weight) if g is None else g.double()
+        g_fp = torch.zeros_like(layer.weight) if g_fp is None else g_fp.double()
+        fp_norm = float(g_fp.norm())
+        cosine = float(F.cosine_similarity(g.flatten(), g_fp.flatten(), dim=0, eps=1e-30))
+        result.append(
+            GradientMismatch(
+                name=name,
+                cosine=cosine,
+                norm_ratio=float(g.norm()) / fp_norm if fp_norm else math.inf,
+                relative_error=float((g - g_fp).norm()) / fp_norm if fp_norm else math.inf,
+            )
+        )
+    return result

@@ -1,0 +1,543 @@
+"""Tests for labutils.bitlinear: the forward formula, the STE, the eval cache, quantize_, warm-up, LoRA."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from labutils import bitlinear as bl
+from labutils import quant
+from labutils.bitlinear import (
+    BitLinear,
+    BitNetConfig,
+    GradientMismatch,
+    LoRA,
+    add_lora_,
+    gradient_mismatch,
+    linear_warmup_lambda,
+    quant_strength_context,
+    quantize_,
+    set_quant_strength,
+)
+
+EPS = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices: one thread is faster and gives the same numbers on any machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- reference formulas
+
+
+def ref_weight(w: torch.Tensor, bits: float, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) written out from the BitNet papers, independently of labutils.quant."""
+    reduce = dict(dim=1, keepdim=True) if per_channel else {}
+    if bits == 1.58:
+        gamma = w.abs().mean(**reduce)
+        return torch.round(torch.clamp(w / (gamma + EPS), -1, 1)), gamma
+    if bits == 1:
+        return torch.where(w >= 0, 1.0, -1.0), w.abs().mean(**reduce)
+    qp = 2 ** (int(bits) - 1) - 1
+    scale = w.abs().amax(**reduce) / qp
+    return torch.round(w / scale), scale
+
+
+def ref_forward(layer: BitLinear, x: torch.Tensor) -> torch.Tensor:
+    """norm -> per-token absmax codes -> integer matmul -> rescale once -> + bias."""
+    cfg = layer.config
+    if cfg.norm is not None:
+        if cfg.norm == "rms":
+            normed = x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.eps) * layer.norm.weight
+        else:  # "layer", SubLN
+            centered = x - x.mean(-1, keepdim=True)
+            normed = centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + cfg.eps)
+            normed = normed * layer.norm.weight + layer.norm.bias
+        torch.testing.assert_close(layer.norm(x), normed, rtol=1e-6, atol=1e-6)
+        # go on from the layer's own norm output: a 1-ulp difference can flip an activation code
+        # that lands on a rounding tie (x / s = k + 0.5), which would test float luck, not the formula
+        x = layer.norm(x).detach()
+    w_codes, w_scale = ref_weight(layer.weight.detach(), cfg.weight_bits, cfg.per_channel)
+    if cfg.act_bits is None:
+        return F.linear(x, w_codes) * w_scale.reshape(-1) + layer.bias
+    qp = 2 ** (cfg.act_bits - 1) - 1
+    x_scale = x.abs().amax(-1, keepdim=True).clamp_min(cfg.eps) / qp
+    x_codes = torch.clamp(torch.round(x / x_scale), -qp, qp)
+    return (x_codes @ w_codes.T) * x_scale * w_scale.reshape(-1) + layer.bias
+
+
+def make_layer(
+    config: BitNetConfig, in_features: int = 24, out_features: int = 10, seed: int = 0
+) -> BitLinear:
+    torch.manual_seed(seed)
+    layer = BitLinear(in_features, out_features, config=config)
+    if layer.norm is not None:  # a non-trivial norm gain, so the test sees it
+        with torch.no_grad():
+            layer.norm.weight.uniform_(0.5, 1.5)
+    return layer
+
+
+def tiny_bert(seed: int = 0, attn: str = "sdpa"):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=2,
+        attn_implementation=attn,
+    )
+    return BertForSequenceClassification(config)
+
+
+BERT_LINEARS = [
+    f"bert.encoder.layer.{i}.{name}"
+    for i in range(2)
+    for name in (
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    )
+]
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("bits", [1, 1.58])
+@pytest.mark.parametrize("act_bits", [8, None])
+@pytest.mark.parametrize("norm", ["rms", "layer", None])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_forward_equals_reference_formula(bits, act_bits, norm, per_channel):
+    layer = make_layer(BitNetConfig(weight_bits=bits, act_bits=act_bits, norm=norm, per_channel=per_channel))
+    x = torch.randn(3, 5, 24)
+    torch.testing.assert_close(layer(x), ref_forward(layer, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_k_bit_forward_equals_reference_formula(bits):
+    layer = make_layer(BitNetConfig(weight_bits=bits, act_bits=8, norm="rms"))
+    x = torch.randn(7, 24)
+    torch.testing.assert_close(layer(x), ref_forward(layer, x), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    out_features=st.integers(1, 9),
+    in_features=st.integers(1, 17),
+    bits=st.sampled_from([1, 1.58, 3]),
+    per_channel=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_quantized_weight_is_what_forward_uses(out_features, in_features, bits, per_channel, seed):
+    layer = make_layer(
+        BitNetConfig(weight_bits=bits, act_bits=None, norm=None, per_channel=per_channel),
+        in_features,
+        out_features,
+        seed,
+    )
+    codes, scale = layer.quantized_weight()
+    assert codes.dtype == torch.int8 and codes.shape == (out_features, in_features)
+    assert scale.dtype == torch.float32
+    assert scale.shape == ((out_features, 1) if per_channel else ())
+    allowed = {1: {-1, 1}, 1.58: {-1, 0, 1}, 3: set(range(-3, 4))}[bits]
+    assert set(codes.unique().tolist()) <= allowed
+    x = torch.randn(4, in_features, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(layer(x), F.linear(x, codes.float() * scale, layer.bias), rtol=0, atol=0)
+
+
+def test_forward_keeps_dtype_and_leading_dims():
+    layer = make_layer(BitNetConfig()).to(torch.bfloat16)
+    y = layer(torch.randn(2, 3, 24, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 10)
+
+
+def test_eval_forward_matches_train_forward():
+    layer = make_layer(BitNetConfig(weight_bits=1.58, act_bits=8))
+    x = torch.randn(6, 24)
+    y_train = layer.train()(x)
+    y_eval = layer.eval()(x)
+    y_eval_again = layer(x)
+    assert torch.equal(y_train, y_eval) and torch.equal(y_eval, y_eval_again)
+
+
+# --------------------------------------------------------------------------- the STE
+
+
+@pytest.mark.parametrize("bits", [1, 1.58])
+@pytest.mark.parametrize("ste", ["identity", "clipped"])
+def test_weight_gradient_is_the_ste_rule(bits, ste):
+    layer = make_layer(BitNetConfig(weight_bits=bits, act_bits=8, norm="rms", ste=ste))
+    x = torch.randn(5, 24)
+    grad_out = torch.randn(5, 10)
+    layer(x).backward(grad_out)
+
+    # the quantized activations that reach F.linear, and dL/dW_q = grad_out^T x_q
+    x_n = F.rms_norm(x, (24,), layer.norm.weight.detach(), eps=EPS)
+    codes, scale = quant.quantize_activations_absmax(x_n, 8, eps=EPS)
+    grad_wq = grad_out.T @ (codes.float() * scale)
+    w = layer.weight.detach()
+    _, w_scale = ref_weight(w, bits, per_channel=False)
+    keep = (w.abs() <= w_scale).float() if ste == "clipped" else torch.ones_like(w)
+    torch.testing.assert_close(layer.weight.grad, grad_wq * keep, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.bias.grad, grad_out.sum(0))
+    if ste == "clipped":  # the mask really zeroes something: weights with |W| > mean|W| exist
+        assert 0 < int((keep == 0).sum()) < keep.numel()
+
+
+def test_input_gradient_passes_the_activation_quantizer_unchanged():
+    layer = make_layer(BitNetConfig(weight_bits=1.58, act_bits=8, norm="rms"))
+    x = torch.randn(4, 24, requires_grad=True)
+    grad_out = torch.randn(4, 10)
+    layer(x).backward(grad_out)
+    codes, scale = layer.quantized_weight()
+    x_ref = x.detach().clone().requires_grad_(True)
+    F.linear(F.rms_norm(x_ref, (24,), layer.norm.weight.detach(), eps=EPS), codes.float() * scale).backward(
+        grad_out
+    )
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_clipped_ste_equals_identity_for_k_bit_absmax():
+    grads = []
+    for ste in ("identity", "clipped"):
+        layer = make_layer(BitNetConfig(weight_bits=4, ste=ste))
+        layer(torch.randn(3, 24, generator=torch.Generator().manual_seed(1))).sum().backward()
+        grads.append(layer.weight.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_straight_through_value_and_gradient():
+    x = torch.tensor([0.3, -1.2, 2.0], requires_grad=True)
+    x_q = torch.tensor([0.0, -1.0, 1.0])
+    keep = torch.tensor([1.0, 1.0, 0.0])
+    y = bl.straight_through(x, x_q, 1.0, keep)
+    assert torch.equal(y.detach(), x_q)
+    y.sum().backward()
+    assert torch.equal(x.grad, keep)
+
+
+# --------------------------------------------------------------------------- eval cache
+
+
+def _count_calls(monkeypatch, name: str) -> list:
+    calls = []
+    original = getattr(quant, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(quant, name, counting)
+    return calls
+
+
+def test_eval_mode_quantizes_the_weight_once(monkeypatch):
+    calls = _count_calls(monkeypatch, "ternarize_absmean")
+    layer = make_layer(BitNetConfig(weight_bits=1.58)).eval()
+    x = torch.randn(2, 24)
+    y = layer(x)
+    for _ in range(3):
+        assert torch.equal(layer(x), y)
+    layer.quantized_weight()
+    assert len(calls) == 1
+
+    with torch.no_grad():  # an in-place update bumps weight._version: the cache is stale
+        layer.weight.mul_(-1)
+    y_flipped = layer(x)
+    assert torch.equal(layer(x), y_flipped) and len(calls) == 2
+    assert not torch.equal(y_flipped, y)
+
+    layer.load_state_dict(make_layer(BitNetConfig(), seed=0).state_dict())
+    assert torch.equal(layer(x), y) and len(calls) == 3
+
+    layer.train()
+    layer(x)
+    layer(x)
+    assert len(calls) == 5  # in training, every step quantizes the changing weight
+
+
+def test_writes_through_weight_data_need_invalidate_cache(monkeypatch):
+    layer = make_layer(BitNetConfig()).eval()
+    x = torch.randn(2, 24)
+    y = layer(x)
+    layer.weight.data.mul_(-1)  # .data bypasses the version counter
+    assert torch.equal(layer(x), y)
+    layer.invalidate_cache()
+    assert not torch.equal(layer(x), y)
+
+
+def test_optimizer_step_in_eval_mode_refreshes_the_cache():
+    layer = make_layer(BitNetConfig(weight_bits=1)).eval()
+    x = torch.randn(8, 24)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=10.0)
+    before = layer.quantized_weight()[0].clone()
+    layer(x).pow(2).sum().backward()
+    optimizer.step()
+    assert not torch.equal(layer.quantized_weight()[0], before)
+    assert torch.equal(
+        layer.quantized_weight()[0], ref_weight(layer.weight.detach(), 1, False)[0].to(torch.int8)
+    )
+
+
+# --------------------------------------------------------------------------- quantize_
+
+
+def test_quantize_replaces_exactly_the_encoder_linears_of_bert():
+    model = tiny_bert()
+    original = copy.deepcopy(model)
+    report = quantize_(model, BitNetConfig())
+
+    assert report.replaced == BERT_LINEARS
+    assert report.skipped == ["bert.pooler.dense", "classifier"]
+    bit_names = [n for n, m in model.named_modules() if isinstance(m, BitLinear)]
+    assert bit_names == BERT_LINEARS
+    assert type(model.bert.pooler.dense) is nn.Linear and type(model.classifier) is nn.Linear
+    assert report.replaced_params == sum(
+        original.get_submodule(n).weight.numel() + original.get_submodule(n).bias.numel()
+        for n in BERT_LINEARS
+    )
+    assert report.norm_params == sum(original.get_submodule(n).in_features for n in BERT_LINEARS)
+    assert report.total_params == sum(p.numel() for p in model.parameters())
+
+    new_state, old_state = model.state_dict(), original.state_dict()
+    for key, value in old_state.items():  # every old tensor is kept, replaced linears included
+        assert torch.equal(new_state[key], value), key
+    extra = set(new_state) - set(old_state)
+    assert extra == {f"{n}.norm.weight" for n in BERT_LINEARS}
+
+    text = str(report)
+    assert "12 nn.Linear -> BitLinear" in text and "1.58-bit" in text
+    assert "classifier (kept in full precision)" in text
+
+
+def test_quantize_include_skip_and_filter():
+    model = tiny_bert()
+    report = quantize_(model, BitNetConfig(), include="attention.self.*")
+    assert report.replaced == [n for n in BERT_LINEARS if ".self." in n]
+
+    model = tiny_bert()
+    report = quantize_(model, BitNetConfig(weight_bits=1), filter_fn=lambda m, name: m.out_features == 64)
+    assert report.replaced == [
+        "bert.encoder.layer.0.intermediate.dense",
+        "bert.encoder.layer.1.intermediate.dense",
+    ]
+
+    model = tiny_bert()
+    report = quantize_(model, skip=())
+    assert report.replaced == BERT_LINEARS + ["bert.pooler.dense", "classifier"] and report.skipped == []
+
+
+def test_quantized_bert_trains():
+    model = tiny_bert()
+    quantize_(model, BitNetConfig(weight_bits=1.58, act_bits=8))
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1, 100, (16, 12), generator=gen)
+    labels = (input_ids < 50).sum(1).gt(6).long()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    model.train()
+    for _ in range(40):
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+    # the latent weights moved: gradients reached them through the STE
+    assert model.bert.encoder.layer[0].attention.self.query.weight.grad is None  # zeroed
+    assert not torch.equal(
+        model.bert.encoder.layer[0].attention.self.query.weight,
+        tiny_bert().bert.encoder.layer[0].attention.self.query.weight,
+    )
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("bits", [0, 1.5, 3.5, 9, 16, -1])
+def test_unsupported_weight_bits(bits):
+    with pytest.raises(ValueError, match="weight_bits"):
+        BitNetConfig(weight_bits=bits)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(weight_bits="1.58"), TypeError, "weight_bits"),
+        (dict(weight_bits=True), TypeError, "weight_bits"),
+        (dict(act_bits=1), ValueError, "act_bits"),
+        (dict(act_bits=32), ValueError, "act_bits"),
+        (dict(act_bits=8.0), TypeError, "act_bits"),
+        (dict(norm="batch"), ValueError, "norm"),
+        (dict(ste="tanh"), ValueError, "ste"),
+        (dict(per_channel=1), TypeError, "per_channel"),
+        (dict(eps=0), ValueError, "eps"),
+    ],
+)
+def test_bad_config_values(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        BitNetConfig(**kwargs)
+
+
+def test_quantize_errors():
+    with pytest.raises(TypeError, match="Embedding"):
+        quantize_(tiny_bert(), include="bert.embeddings.word_embeddings")
+    with pytest.raises(TypeError, match="LayerNorm"):
+        quantize_(tiny_bert(), include=["attention.self.query", "attention.output.LayerNorm"])
+    with pytest.raises(ValueError, match="matches no module"):
+        quantize_(tiny_bert(), include="decoder")
+    with pytest.raises(ValueError, match="nothing to replace"):
+        quantize_(nn.Sequential(nn.Embedding(10, 4), nn.ReLU()))
+    model = tiny_bert()
+    quantize_(model)
+    with pytest.raises(ValueError, match="12 already BitLinear"):
+        quantize_(model)
+    with pytest.raises(ValueError, match="from_linear"):
+        quantize_(nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="config"):
+        quantize_(tiny_bert(), {"weight_bits": 1})
+    with pytest.raises(TypeError, match="model"):
+        quantize_("bert")
+    with pytest.raises(ValueError, match=r"\[\.\.\., 24\]"):
+        make_layer(BitNetConfig())(torch.randn(2, 23))
+    with pytest.raises(ValueError, match="x must be finite"):
+        make_layer(BitNetConfig(norm=None))(torch.full((1, 24), float("nan")))
+
+
+# --------------------------------------------------------------------------- warm-up, LoRA, mismatch
+
+
+def test_quant_warmup_blends_and_keeps_the_ste_gradient():
+    cfg = BitNetConfig(weight_bits=1.58, act_bits=8, norm=None)
+    layer = make_layer(cfg)
+    x = torch.randn(5, 24)
+    w = layer.weight.detach()
+    codes, scale = layer.quantized_weight()
+    w_q = codes.float() * scale
+    a_codes, a_scale = quant.quantize_activations_absmax(x, 8)
+    x_q = a_codes.float() * a_scale
+
+    layer.quant_strength = 0.0
+    torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias), rtol=0, atol=0)
+    layer.quant_strength = 0.25
+    x_used, w_used = x + 0.25 * (x_q - x), w + 0.25 * (w_q - w)
+    y = layer(x)
+    torch.testing.assert_close(y, F.linear(x_used, w_used, layer.bias), rtol=1e-6, atol=1e-6)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    torch.testing.assert_close(layer.weight.grad, grad_out.T @ x_used, rtol=1e-5, atol=1e-6)
+
+    model = nn.Sequential(layer, nn.ReLU(), make_layer(cfg, 10, 3))
+    with quant_strength_context(model, 0.5):
+        assert [m.quant_strength for m in model if isinstance(m, BitLinear)] == [0.5, 0.5]
+    assert [m.quant_strength for m in model if isinstance(m, BitLinear)] == [0.25, 1.0]
+    assert set_quant_strength(model, 1.0) == 2
+    with pytest.raises(ValueError, match="strength"):
+        set_quant_strength(model, 1.5)
+    assert [linear_warmup_lambda(s, 4) for s in (0, 1, 4, 9)] == [0.0, 0.25, 1.0, 1.0]
+    assert linear_warmup_lambda(0, 0) == 1.0
+
+
+def test_gradient_mismatch_matches_the_two_gradients():
+    torch.manual_seed(0)
+    cfg = BitNetConfig(weight_bits=1.58, act_bits=None, norm=None)
+    model = nn.Sequential(BitLinear(6, 5, config=cfg), nn.Tanh(), BitLinear(5, 2, config=cfg))
+    x, target = torch.randn(32, 6), torch.randn(32, 2)
+
+    def loss_fn(m, batch):
+        return F.mse_loss(m(batch[0]), batch[1])
+
+    model.train()
+    result = gradient_mismatch(model, (x, target), loss_fn)
+    assert [r.name for r in result] == ["0", "2"] and all(isinstance(r, GradientMismatch) for r in result)
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+    # by hand: the STE gradient is dL/dW_q of the quantized net; the full-precision one dL/dW of the float net
+    def grads(weights):
+        ws = [w.clone().requires_grad_(True) for w in weights]
+        h = torch.tanh(F.linear(x, ws[0], model[0].bias))
+        F.mse_loss(F.linear(h, ws[1], model[2].bias), target).backward()
+        return [w.grad for w in ws]
+
+    quantized = [c.float() * s for c, s in (model[0].quantized_weight(), model[2].quantized_weight())]
+    g_ste, g_fp = grads(quantized), grads([model[0].weight.detach(), model[2].weight.detach()])
+    for r, g, gf in zip(result, g_ste, g_fp):
+        assert r.cosine == pytest.approx(
+            float(F.cosine_similarity(g.flatten(), gf.flatten(), dim=0)), abs=1e-5
+        )
+        assert r.norm_ratio == pytest.approx(float(g.norm() / gf.norm()), rel=1e-5)
+        assert r.relative_error == pytest.approx(float((g - gf).norm() / gf.norm()), rel=1e-5)
+
+    with pytest.raises(ValueError, match="BitLinear"):
+        gradient_mismatch(nn.Linear(2, 2), x, loss_fn)
+
+
+def test_gradient_mismatch_shrinks_with_more_bits():
+    x = torch.randn(64, 24)
+
+    def cosine(bits):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            BitLinear(24, 16, config=BitNetConfig(weight_bits=bits, act_bits=None)),
+            nn.GELU(),
+            BitLinear(16, 4, config=BitNetConfig(weight_bits=bits, act_bits=None)),
+        )
+        return gradient_mismatch(model, x, lambda m, b: m(b).pow(2).mean())[0].cosine
+
+    c1, c8 = cosine(1), cosine(8)
+    assert c8 > 0.99 and c1 < c8
+
+
+def test_lora_on_frozen_ternary_weights(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    quantize_(model, BitNetConfig(), skip=())
+    x = torch.randn(64, 8)
+    target = torch.sin(x.sum(1, keepdim=True))
+    before = model(x).detach()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    names = add_lora_(model, rank=4, alpha=8.0)
+    calls = _count_calls(monkeypatch, "ternarize_absmean")
+    assert names == ["0", "2"] and isinstance(model[0], LoRA) and model[0].scaling == 2.0
+    assert torch.equal(model(x), before)  # B = 0: the adapters start as the identity
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"]
+
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    first = F.mse_loss(model(x), target).item()
+    for _ in range(60):
+        loss = F.mse_loss(model(x), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 0.7 * first
+    assert len(calls) == 2  # one quantization per frozen layer, cached for all 62 forwards
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n.replace("base.", "")])
+
+    with pytest.raises(ValueError, match="rank"):
+        LoRA(BitLinear(4, 4), rank=0)
+    with pytest.raises(ValueError, match="no BitLinear"):
+        add_lora_(nn.Sequential(nn.Linear(2, 2)))

@@ -1,0 +1,187 @@
+"""The rendered book, as a reader sees it: every page in a real Chromium.
+
+The book is built once per session (executing every chapter), served on localhost and visited
+page by page. Screenshots land in test-artifacts/screenshots/.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urljoin, urlparse
+
+import pytest
+import yaml
+
+from browser_support import ARTIFACTS, browser, chromium_path, serve_directory
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(chromium_path() is None, reason="Chromium is not installed (.ci/setup installs it)"),
+]
+
+
+def _chapter_pages() -> list[str]:
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    pages = [toc["root"]]
+    for part in toc.get("parts", []):
+        pages += [c["file"] for c in part.get("chapters", [])]
+    return [p + ".html" for p in pages]
+
+
+PAGES = _chapter_pages()
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+
+
+@pytest.fixture(scope="session")
+def book_html(tmp_path_factory) -> Path:
+    """Build the executed book (fails the session on any cell error or Sphinx warning)."""
+    out = tmp_path_factory.mktemp("book")
+    cmd = [sys.executable, "-m", "jupyter_book", "build", str(ROOT), "--builder", "html",
+           "-W", "--keep-going", "--path-output", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, f"book build failed:\n{done.stdout[-6000:]}\n{done.stderr[-4000:]}"
+    return out / "_build" / "html"
+
+
+@pytest.fixture(scope="session")
+def site(book_html):
+    with serve_directory(book_html) as base:
+        yield base
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    with browser() as b:
+        yield b
+
+
+class PageVisit:
+    """A page opened in a fresh context, with its console errors and failed requests."""
+
+    def __init__(self, chromium, url: str):
+        self.context = chromium.new_context(viewport={"width": 1280, "height": 900})
+        self.page = self.context.new_page()
+        self.console_errors: list[str] = []
+        self.failed: list[str] = []
+        self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.console_errors.append(str(e)))
+        self.page.on("requestfailed", lambda r: self.failed.append(f"{r.url} ({r.failure})"))
+        self.page.on("response", lambda r: r.status >= 400 and self.failed.append(f"{r.url} ({r.status})"))
+        self.page.goto(url, wait_until="networkidle")
+
+    def close(self):
+        self.context.close()
+
+
+def _screenshot(page, name: str) -> None:
+    folder = ARTIFACTS / "screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+
+
+@pytest.mark.parametrize("page_path", PAGES)
+def test_page_renders_cleanly(chromium, site, book_html, page_path):
+    visit = PageVisit(chromium, f"{site}/{page_path}")
+    page = visit.page
+    try:
+        # Every plotly chart is drawn: an SVG with data in it.
+        charts = page.locator(".js-plotly-plot")
+        for i in range(charts.count()):
+            chart = charts.nth(i)
+            chart.scroll_into_view_if_needed()
+            chart.locator(".main-svg").first.wait_for(state="attached", timeout=15_000)
+            n_traces = chart.evaluate("el => (el.data || []).length")
+            assert n_traces > 0, f"chart {i} on {page_path} has no data"
+            assert chart.locator(".main-svg .plot *").count() > 0, f"chart {i} on {page_path} drew nothing"
+        # Every image loaded.
+        broken_images = page.evaluate(
+            "Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
+        assert not broken_images, f"broken images on {page_path}: {broken_images}"
+        # Every local link points at a file of the build (anchors too).
+        hrefs = page.evaluate("Array.from(document.querySelectorAll('a[href]')).map(a => a.href)")
+        broken = []
+        for href in hrefs:
+            url = urlparse(href)
+            if url.scheme not in ("http", "https") or url.hostname != "127.0.0.1":
+                continue
+            target = book_html / url.path.lstrip("/")
+            if url.path.endswith("/"):
+                target = target / "index.html"
+            if not target.exists():
+                broken.append(href)
+            elif url.fragment and target.suffix == ".html":
+                html = target.read_text(encoding="utf-8")
+                if f'id="{url.fragment}"' not in html:
+                    broken.append(href)
+        assert not broken, f"broken links on {page_path}: {sorted(set(broken))}"
+        assert not visit.failed, f"failed requests on {page_path}: {visit.failed}"
+        assert not visit.console_errors, f"console errors on {page_path}: {visit.console_errors}"
+        _screenshot(page, page_path.replace("/", "_").removesuffix(".html"))
+    finally:
+        visit.close()
+
+
+def _expected_launch_links(page_path: str) -> dict[str, str]:
+    repo = CONFIG["repository"]["url"].rstrip("/")
+    branch = CONFIG["repository"].get("branch", "main")
+    org_repo = urlparse(repo).path.strip("/")
+    notebook = page_path.removesuffix(".html") + ".ipynb"
+    colab = CONFIG["launch_buttons"]["colab_url"].rstrip("/")
+    binder = CONFIG["launch_buttons"]["binderhub_url"].rstrip("/")
+    return {
+        "colab": f"{colab}/github/{org_repo}/blob/{branch}/{notebook}",
+        "binder": f"{binder}/v2/gh/{org_repo}/{branch}?urlpath=lab/tree/{notebook}",
+        "repository": repo,
+    }
+
+
+@pytest.mark.parametrize("page_path", [p for p in PAGES if re.search(r"/\d\d_", p)])
+def test_launch_buttons_point_at_the_repository(chromium, site, page_path):
+    visit = PageVisit(chromium, f"{site}/{page_path}")
+    try:
+        hrefs = visit.page.evaluate("Array.from(document.querySelectorAll('a[href]')).map(a => a.href)")
+        for name, link in _expected_launch_links(page_path).items():
+            assert link in hrefs, f"{name} launch link {link} missing on {page_path}"
+    finally:
+        visit.close()
+
+
+def test_static_bitwidth_slider_changes_the_chart(chromium, site):
+    page_path = next(p for p in PAGES if "01_" in p)
+    visit = PageVisit(chromium, f"{site}/{page_path}")
+    page = visit.page
+    try:
+        slider_charts = page.locator(".js-plotly-plot:has(.slider-container)")
+        assert slider_charts.count() >= 1, "chapter 1 has no chart with a plotly slider"
+        chart = slider_charts.first
+        chart.scroll_into_view_if_needed()
+        before = chart.evaluate("el => JSON.stringify(el.data.map(t => t.y))")
+        title_before = chart.evaluate("el => JSON.stringify(el.layout.title)")
+        _screenshot(page, "slider_before")
+        rail = chart.locator(".slider-rail-touch-rect").first
+        box = rail.bounding_box()
+        # Click near the right end of the rail: the last step (16 bits).
+        page.mouse.click(box["x"] + box["width"] - 4, box["y"] + box["height"] / 2)
+        page.wait_for_timeout(1500)
+        after = chart.evaluate("el => JSON.stringify(el.data.map(t => t.y))")
+        title_after = chart.evaluate("el => JSON.stringify(el.layout.title)")
+        _screenshot(page, "slider_after")
+        assert after != before, "moving the slider did not change the chart's data"
+        assert title_after != title_before, "moving the slider did not change the metrics in the title"
+    finally:
+        visit.close()
+
+
+def test_search_finds_a_chapter_term(chromium, site):
+    visit = PageVisit(chromium, f"{site}/search.html?q=ternary")
+    try:
+        results = visit.page.locator("#search-results ul.search li")
+        results.first.wait_for(timeout=15_000)
+        text = " ".join(results.all_inner_texts())
+        assert re.search(r"[Tt]ernary", text), text
+    finally:
+        visit.close()

@@ -6,6 +6,7 @@ page by page. Screenshots land in test-artifacts/screenshots/.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -38,9 +39,14 @@ CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 
 @pytest.fixture(scope="session")
 def book_html(tmp_path_factory) -> Path:
-    """Build the executed book (fails the session on any cell error or Sphinx warning)."""
+    """Build the executed book (fails the session on any cell error or Sphinx warning).
+
+    ``LABBOOK_BOOK_HTML`` may name an already built ``_build/html`` to test instead.
+    """
+    if os.environ.get("LABBOOK_BOOK_HTML"):
+        return Path(os.environ["LABBOOK_BOOK_HTML"])
     out = tmp_path_factory.mktemp("book")
-    cmd = [sys.executable, "-m", "jupyter_book", "build", str(ROOT), "--builder", "html",
+    cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(ROOT), "--builder", "html",
            "-W", "--keep-going", "--path-output", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, f"book build failed:\n{done.stdout[-6000:]}\n{done.stderr[-4000:]}"

@@ -650,6 +650,17 @@ def _scheme_fits(weight_bits: float, scheme: str) -> bool:
 def _fit_latent_weight(module: nn.Module, codes: torch.Tensor, scale: torch.Tensor) -> bool:
     """Set ``module.weight`` so that ``module.quantized_weight()`` gives back exactly
     ``codes * scale``; True on success. See :class:`_LatentFit`."""
+    # The search makes many tiny torch calls: with several threads their start-up cost (and
+    # contention with other work) dominates, so it runs on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit_latent_weight_once(module, codes, scale)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_latent_weight_once(module: nn.Module, codes: torch.Tensor, scale: torch.Tensor) -> bool:
     fit = _LatentFit(module, codes, scale)
     if fit.rows.abs().max() <= 1:  # ternary / binary: a mean-like scale
         return fit.by_exact_sum() or fit.by_pivot()

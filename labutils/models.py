@@ -259,3 +259,30 @@ def linear_layer_weights(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[
             if key.endswith(".weight") and tensor.ndim == 2 and _IN_BLOCK.search(f".{key}")
         }
     raise TypeError(f"model must be an nn.Module or a state dict, got {type(model).__name__}.")
+
+
+class BagOfEmbeddings(torch.nn.Module):
+    """Mean token embedding -> ``depth`` x (Linear + GELU) -> Linear classifier.
+
+    The small, deep, norm-free model of chapters 3 and 4: cheap enough to train on a CPU in
+    seconds, deep enough that post-training quantization visibly hurts it.
+
+    input_ids int64 [B, L] (0 = padding, left out of the mean) -> ``ModelOutputs`` with logits
+    float32 [B, num_labels] and hidden_states: depth + 1 tensors [B, dim] (the mean embedding,
+    then each layer).
+    """
+
+    def __init__(self, vocab_size: int, dim: int = 64, depth: int = 8, seed: int = 0, num_labels: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.EmbeddingBag(vocab_size, dim, mode="mean", padding_idx=0)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(depth))
+        self.classifier = torch.nn.Linear(dim, num_labels)
+
+    def forward(self, input_ids: torch.Tensor):
+        from labutils.distill import ModelOutputs
+
+        hidden = [self.embed(input_ids)]
+        for layer in self.layers:
+            hidden.append(torch.nn.functional.gelu(layer(hidden[-1])))
+        return ModelOutputs(self.classifier(hidden[-1]), hidden_states=hidden)

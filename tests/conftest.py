@@ -28,3 +28,12 @@ def _seeded():
     torch.manual_seed(0)
     np.random.seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """One headless Chromium for every browser test (Playwright's sync API allows one loop)."""
+    from browser_support import browser
+
+    with browser() as b:
+        yield b

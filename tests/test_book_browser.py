@@ -16,7 +16,7 @@ from urllib.parse import urljoin, urlparse
 import pytest
 import yaml
 
-from browser_support import ARTIFACTS, browser, chromium_path, serve_directory
+from browser_support import ARTIFACTS, chromium_path, serve_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
@@ -59,12 +59,6 @@ def site(book_html):
         yield base
 
 
-@pytest.fixture(scope="session")
-def chromium():
-    with browser() as b:
-        yield b
-
-
 class PageVisit:
     """A page opened in a fresh context, with its console errors and failed requests."""
 
@@ -102,7 +96,8 @@ def test_page_renders_cleanly(chromium, site, book_html, page_path):
             chart.locator(".main-svg").first.wait_for(state="attached", timeout=15_000)
             n_traces = chart.evaluate("el => (el.data || []).length")
             assert n_traces > 0, f"chart {i} on {page_path} has no data"
-            assert chart.locator(".main-svg .plot *").count() > 0, f"chart {i} on {page_path} drew nothing"
+            assert chart.locator(".main-svg g.trace, .main-svg g.table").count() > 0, (
+                f"chart {i} on {page_path} drew nothing")
         # Every image loaded.
         broken_images = page.evaluate(
             "Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")

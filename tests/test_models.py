@@ -227,3 +227,16 @@ def test_bf16_copy_is_deterministic(tmp_path):
     a = models.save_bf16_copy(tmp_path / "a") / "model.safetensors"
     b = models.save_bf16_copy(tmp_path / "b") / "model.safetensors"
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_bag_of_embeddings_shapes_and_padding():
+    model = models.BagOfEmbeddings(vocab_size=50, dim=8, depth=3, seed=0)
+    ids = torch.tensor([[5, 6, 0, 0], [7, 0, 0, 0]])
+    out = model(ids)
+    assert out.logits.shape == (2, 2)
+    assert len(out.hidden_states) == 4 and out.hidden_states[0].shape == (2, 8)
+    # Padding (id 0) is left out of the mean: appending padding changes nothing.
+    padded = model(torch.tensor([[5, 6, 0, 0, 0, 0]]))
+    assert torch.allclose(padded.logits, out.logits[:1])
+    again = models.BagOfEmbeddings(vocab_size=50, dim=8, depth=3, seed=0)
+    assert torch.equal(again(ids).logits, out.logits)

@@ -18,7 +18,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from browser_support import ARTIFACTS, browser, chromium_path, free_port
+from browser_support import ARTIFACTS, chromium_path, free_port
 
 pytestmark = [
     pytest.mark.browser,
@@ -121,47 +121,46 @@ def _shot(page, name):
     page.screenshot(path=str(ARTIFACTS / "screenshots" / f"{name}.png"))
 
 
-def test_slider_moves_chart_and_metrics(jupyterlab):
+def test_slider_moves_chart_and_metrics(jupyterlab, chromium):
     base, token = jupyterlab
-    with browser() as chromium:
-        context = chromium.new_context(viewport={"width": 1400, "height": 1000})
-        page = context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(f"{base}/lab/tree/explorer.ipynb?token={token}")
-        page.locator(".jp-Notebook").wait_for(timeout=60_000)
-        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=60_000)
-        _run_first_cell(page)
-        try:
-            page.locator(".jp-OutputArea .js-plotly-plot .main-svg").first.wait_for(timeout=90_000)
-        except Exception:
-            _shot(page, "jupyterlab_explorer_failed")
-            raise AssertionError(f"the explorer did not draw; page errors: {errors}") from None
-        page.locator(".jp-OutputArea .widget-html-content").first.wait_for(timeout=30_000)
-        page.wait_for_timeout(1000)
+    context = chromium.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{base}/lab/tree/explorer.ipynb?token={token}")
+    page.locator(".jp-Notebook").wait_for(timeout=60_000)
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=60_000)
+    _run_first_cell(page)
+    try:
+        page.locator(".jp-OutputArea .js-plotly-plot .main-svg").first.wait_for(timeout=90_000)
+    except Exception:
+        _shot(page, "jupyterlab_explorer_failed")
+        raise AssertionError(f"the explorer did not draw; page errors: {errors}") from None
+    page.locator(".jp-OutputArea .widget-html-content").first.wait_for(timeout=30_000)
+    page.wait_for_timeout(1000)
 
-        data_before, text_before = _chart_state(page)
-        expected_2, info_2 = _expected(2)
-        assert data_before == pytest.approx(expected_2, abs=1e-12)
-        assert f"{info_2['sqnr_db']:.2f}" in text_before, text_before
-        _shot(page, "jupyterlab_explorer_before")
+    data_before, text_before = _chart_state(page)
+    expected_2, info_2 = _expected(2)
+    assert data_before == pytest.approx(expected_2, abs=1e-12)
+    assert f"{info_2['sqnr_db']:.2f}" in text_before, text_before
+    _shot(page, "jupyterlab_explorer_before")
 
-        handle = page.locator(".jp-OutputArea .widget-slider .noUi-handle").first
-        handle.focus()
-        page.keyboard.press("ArrowRight")  # 2 -> 3 bits
-        expected_3, info_3 = _expected(3)
-        page.wait_for_function(
-            "(sqnr) => Array.from(document.querySelectorAll('.jp-OutputArea .widget-html-content'))"
-            "  .some(el => el.innerText.includes(sqnr))",
-            arg=f"{info_3['sqnr_db']:.2f}",
-            timeout=30_000,
-        )
-        page.wait_for_timeout(500)  # the figure's update message follows the metrics'
-        data_after, text_after = _chart_state(page)
-        _shot(page, "jupyterlab_explorer_after")
-        assert data_after != data_before, "the chart did not change when the slider moved"
-        assert data_after == pytest.approx(expected_3, abs=1e-12)
-        assert f"{info_3['sqnr_db']:.2f}" in text_after, text_after
-        assert text_after != text_before
-        assert not errors, errors
-        context.close()
+    handle = page.locator(".jp-OutputArea .widget-slider .noUi-handle").first
+    handle.focus()
+    page.keyboard.press("ArrowRight")  # 2 -> 3 bits
+    expected_3, info_3 = _expected(3)
+    page.wait_for_function(
+        "(sqnr) => Array.from(document.querySelectorAll('.jp-OutputArea .widget-html-content'))"
+        "  .some(el => el.innerText.includes(sqnr))",
+        arg=f"{info_3['sqnr_db']:.2f}",
+        timeout=30_000,
+    )
+    page.wait_for_timeout(500)  # the figure's update message follows the metrics'
+    data_after, text_after = _chart_state(page)
+    _shot(page, "jupyterlab_explorer_after")
+    assert data_after != data_before, "the chart did not change when the slider moved"
+    assert data_after == pytest.approx(expected_3, abs=1e-12)
+    assert f"{info_3['sqnr_db']:.2f}" in text_after, text_after
+    assert text_after != text_before
+    assert not errors, errors
+    context.close()

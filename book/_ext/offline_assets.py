@@ -43,10 +43,23 @@ def _copy_assets(app, exception) -> None:
             shutil.copyfile(item, target / name)
 
 
+def _drop_duplicate_scripts(app, pagename, templatename, context, doctree) -> None:
+    """sphinx-thebe registers its inline config twice; a repeated ``const`` is a page error."""
+    seen, unique = set(), []
+    for script in context.get("script_files", []):
+        key = (str(script), repr(sorted(getattr(script, "attributes", {}).items())))
+        if key not in seen:
+            seen.add(key)
+            unique.append(script)
+    if "script_files" in context:
+        context["script_files"][:] = unique
+
+
 def setup(app):
     # Loaded before require.js (if a page ever adds it): plotly's UMD bundle would otherwise
     # register itself as an AMD module and never set window.Plotly.
     app.add_js_file("plotly.min.js", priority=100)
     app.config.mathjax_path = "mathjax/tex-mml-chtml.js"
     app.connect("build-finished", _copy_assets)
+    app.connect("html-page-context", _drop_duplicate_scripts, priority=900)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -47,7 +47,8 @@ def _drop_duplicate_scripts(app, pagename, templatename, context, doctree) -> No
     """sphinx-thebe registers its inline config twice; a repeated ``const`` is a page error."""
     seen, unique = set(), []
     for script in context.get("script_files", []):
-        key = (str(script), repr(sorted(getattr(script, "attributes", {}).items())))
+        # One copy is registered with filename None, the other with "": same script.
+        key = (getattr(script, "filename", None) or "", repr(sorted(getattr(script, "attributes", {}).items())))
         if key not in seen:
             seen.add(key)
             unique.append(script)

@@ -72,6 +72,12 @@ class PageVisit:
         self.page.on("requestfailed", lambda r: self.failed.append(f"{r.url} ({r.failure})"))
         self.page.on("response", lambda r: r.status >= 400 and self.failed.append(f"{r.url} ({r.status})"))
         self.page.goto(url, wait_until="networkidle")
+        # plotly draws a chart only once MathJax has typeset the page: wait for every chart.
+        self.page.wait_for_function(
+            "document.querySelectorAll('.plotly-graph-div').length"
+            " === document.querySelectorAll('.js-plotly-plot').length",
+            timeout=60_000,
+        )
 
     def close(self):
         self.context.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-MATHJAX_KEEP = ("tex-mml-chtml.js", "input", "output", "a11y", "ui", "adaptors", "core.js", "startup.js")
+MATHJAX_KEEP = ("tex-mml-chtml.js", "input", "output", "a11y", "ui", "sre", "adaptors", "core.js", "startup.js")
 
 
 def _plotly_js() -> Path:

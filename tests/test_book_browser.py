@@ -100,9 +100,12 @@ def test_page_renders_cleanly(chromium, site, book_html, page_path):
             chart = charts.nth(i)
             chart.scroll_into_view_if_needed()
             chart.locator(".main-svg").first.wait_for(state="attached", timeout=15_000)
-            n_traces = chart.evaluate("el => (el.data || []).length")
-            assert n_traces > 0, f"chart {i} on {page_path} has no data"
-            assert chart.locator(".main-svg g.trace, .main-svg g.table").count() > 0, (
+            n_items = chart.evaluate(
+                "el => (el.data || []).length + (el.layout.shapes || []).length"
+                " + (el.layout.annotations || []).length")
+            assert n_items > 0, f"chart {i} on {page_path} has no data"
+            drawn = ".main-svg g.trace, .main-svg g.table, .main-svg .shapelayer path, .main-svg g.annotation"
+            assert chart.locator(drawn).count() > 0, (
                 f"chart {i} on {page_path} drew nothing")
         # Every image loaded.
         broken_images = page.evaluate(
@@ -166,15 +169,16 @@ def test_static_bitwidth_slider_changes_the_chart(chromium, site):
         assert slider_charts.count() >= 1, "chapter 1 has no chart with a plotly slider"
         chart = slider_charts.first
         chart.scroll_into_view_if_needed()
-        before = chart.evaluate("el => JSON.stringify(el.data.map(t => t.y))")
+        before = chart.evaluate("el => JSON.stringify(el._fullData.map(t => Array.from(t.y)))")
         title_before = chart.evaluate("el => JSON.stringify(el.layout.title)")
         _screenshot(page, "slider_before")
         rail = chart.locator(".slider-rail-touch-rect").first
+        rail.scroll_into_view_if_needed()  # the full-page screenshot may have scrolled the page
         box = rail.bounding_box()
         # Click near the right end of the rail: the last step (16 bits).
         page.mouse.click(box["x"] + box["width"] - 4, box["y"] + box["height"] / 2)
         page.wait_for_timeout(1500)
-        after = chart.evaluate("el => JSON.stringify(el.data.map(t => t.y))")
+        after = chart.evaluate("el => JSON.stringify(el._fullData.map(t => Array.from(t.y)))")
         title_after = chart.evaluate("el => JSON.stringify(el.layout.title)")
         _screenshot(page, "slider_after")
         assert after != before, "moving the slider did not change the chart's data"

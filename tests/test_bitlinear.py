@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from models_support import tiny_bert
+
 from labutils import bitlinear as bl
 from labutils import quant
 from labutils.bitlinear import (
@@ -86,23 +88,6 @@ def make_layer(
         with torch.no_grad():
             layer.norm.weight.uniform_(0.5, 1.5)
     return layer
-
-
-def tiny_bert(seed: int = 0, attn: str = "sdpa"):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=2,
-        attn_implementation=attn,
-    )
-    return BertForSequenceClassification(config)
 
 
 BERT_LINEARS = [

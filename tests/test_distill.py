@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from models_support import tiny_bert
+
 from labutils.bitlinear import BitLinear, BitNetConfig, quantize_
 from labutils.distill import (
     DistillConfig,
@@ -317,23 +319,6 @@ def test_train_input_errors():
 # --------------------------------------------------------------------------- Hugging Face models
 
 
-def tiny_bert(seed: int, attn: str = "eager"):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=2,
-        attn_implementation=attn,
-    )
-    return BertForSequenceClassification(config)
-
-
 class TokenDataset(torch.utils.data.Dataset):
     """Label: does the (unpadded part of the) sequence hold more tokens < 50 than >= 50? Padding varies."""
 
@@ -358,7 +343,7 @@ class TokenDataset(torch.utils.data.Dataset):
 
 
 def test_bert_distillation_with_hidden_and_attention_losses_and_checkpoints(tmp_path):
-    teacher = tiny_bert(0).eval()
+    teacher = tiny_bert(0, attn="eager").eval()
     student = copy.deepcopy(teacher)
     report = quantize_(student, BitNetConfig(weight_bits=1.58, act_bits=8))
     distill = DistillConfig(
@@ -396,7 +381,7 @@ def test_bert_distillation_with_hidden_and_attention_losses_and_checkpoints(tmp_
             "model.safetensors",
             "trainer_state.json",
         ]
-    restored = tiny_bert(5)
+    restored = tiny_bert(5, attn="eager")
     quantize_(restored, BitNetConfig(weight_bits=1.58, act_bits=8))
     state = load_checkpoint(restored, tmp_path / "last")
     assert sorted(state["bitnet_layers"]) == sorted(report.replaced)

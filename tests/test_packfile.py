@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models_support import tiny_bert
+
 from labutils.packfile import (
     FORMAT_VERSION,
     PackedContents,
@@ -204,19 +206,9 @@ def test_size_report_of_a_float_model_counts_every_linear():
 
 
 def _tiny_bert(seed: int, bits: float, per_channel: bool):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     bitlinear = pytest.importorskip("labutils.bitlinear")
-    config = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
-    torch.manual_seed(seed)
-    model = transformers.BertForSequenceClassification(config).eval()
+    model = tiny_bert(seed, vocab_size=50).eval()
     report = bitlinear.quantize_(model, bitlinear.BitNetConfig(weight_bits=bits, per_channel=per_channel))
     assert len(report.replaced) == 12  # 2 layers x (q, k, v, attention out, intermediate, output)
     return model

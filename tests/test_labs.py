@@ -10,6 +10,7 @@ planted bugs, a tampered submission), in one module-scoped fixture per lab.
 from __future__ import annotations
 
 import copy
+import importlib
 import csv
 import re
 import shlex
@@ -25,6 +26,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
+from lab_bugs import Bug
 
 ROOT = Path(__file__).resolve().parents[1]
 LABS = ROOT / "labs"
@@ -262,15 +264,6 @@ def test_student_version_has_no_solutions_or_hidden_tests(released, lab):
 # --------------------------------------------------------------------------- planted bugs
 
 
-@dataclass(frozen=True)
-class Bug:
-    """Replace ``old`` by ``new`` in the solution cell ``cell`` (``old`` must occur there)."""
-
-    cell: str
-    old: str
-    new: str
-
-
 def plant(nb: nbformat.NotebookNode, bugs: list[Bug]) -> nbformat.NotebookNode:
     nb = copy.deepcopy(nb)
     for bug in bugs:
@@ -280,37 +273,13 @@ def plant(nb: nbformat.NotebookNode, bugs: list[Bug]) -> nbformat.NotebookNode:
     return nb
 
 
-# One bug per exercise that its visible tests catch at once ...
-VISIBLE_BUGS = {
-    "lab01_quantization": [
-        Bug("ex1-answer", "qp = 2 ** (bits - 1) - 1", "qp = 2 ** (bits - 1)"),  # off by one level
-        Bug("ex2-answer", "scale = ((hi - lo) / qmax)", "scale = ((hi - lo) / 2**bits)"),
-        Bug("ex3-answer", "amax(dim=1, keepdim=True)", "amax(dim=0, keepdim=True)"),  # per column
-        Bug("ex4-answer", "10.0 * torch.log10", "20.0 * torch.log10"),  # amplitude, not power
-    ],
-    "lab02_binary_ternary": [
-        Bug("ex1-answer", "return codes, w.abs().mean()", "return codes, w.abs().max()"),
-        Bug("ex2-answer", "torch.round(torch.clamp(w / (gamma + eps), -1.0, 1.0))", "torch.round(w / (gamma + eps))"),
-        Bug("ex3-answer", "energy = (c * c).sum()", "energy = torch.tensor(float(c.numel()))"),
-        Bug("ex4-answer", "kept = w.abs() > t * w.abs().mean()", "kept = w.abs() > t"),
-    ],
-}
-# ... and one that passes the visible tests and only the hidden tests catch.
-HIDDEN_BUGS = {
-    "lab01_quantization": [
-        Bug("ex1-answer", "qp = 2 ** (bits - 1) - 1", "qp = 7"),  # right for 4 bits only
-        Bug("ex2-answer", "lo = torch.clamp(x.min(), max=0.0)", "lo = x.min()"),  # 0.0 not exact
-        Bug("ex3-answer", "qp = 2 ** (bits - 1) - 1", "qp = 7"),
-        Bug("ex4-answer", 'granularity = "channel" if per_channel else "tensor"', 'granularity = "tensor"'),
-    ],
-    "lab02_binary_ternary": [
-        Bug("ex1-answer", "torch.where(w >= 0, 1, -1)", "torch.sign(w)"),  # 0 -> 0
-        Bug("ex2-answer", "gamma = w.abs().mean(dim=1, keepdim=True)", "gamma = w.abs().mean(dim=0).reshape(-1, 1)"),
-        Bug("ex3-answer", "if energy == 0:", "if False:"),  # 0 / 0 = NaN
-        Bug("ex4-answer", "scale = w.abs()[kept].sum() / n_kept if n_kept else torch.zeros(())",
-            "scale = w.abs()[kept].mean()"),  # mean of nothing = NaN
-    ],
-}
+def bugs(lab: str) -> tuple[list[Bug], list[Bug]]:
+    """(visible, hidden) planted bugs of ``lab`` from ``tests/lab_bugs/<lab>.py``."""
+    try:
+        module = importlib.import_module(f"lab_bugs.{lab}")
+    except ModuleNotFoundError:
+        pytest.fail(f"plant bugs for {lab} in tests/lab_bugs/{lab}.py (VISIBLE and HIDDEN)")
+    return module.VISIBLE, module.HIDDEN
 
 
 def tamper(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
@@ -329,14 +298,14 @@ def tamper(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 def graded(request, course, released) -> tuple[str, dict[str, dict[str, float]]]:
     """{submission: {grade_id: score}} for one lab, from five autograded submissions."""
     lab = request.param
-    assert lab in VISIBLE_BUGS and lab in HIDDEN_BUGS, f"plant bugs for {lab} in VISIBLE_BUGS and HIDDEN_BUGS"
+    visible, hidden = bugs(lab)
     solution = _read(source_path(lab))
-    wrong_visible = plant(solution, VISIBLE_BUGS[lab])
+    wrong_visible = plant(solution, visible)
     submissions = {
         "solution": solution,
         "blank": released[lab],
         "wrong-visible": wrong_visible,
-        "wrong-hidden": plant(solution, HIDDEN_BUGS[lab]),
+        "wrong-hidden": plant(solution, hidden),
         "tampered": tamper(wrong_visible),
     }
     return lab, {student: course.autograde(lab, student, nb) for student, nb in submissions.items()}
@@ -362,10 +331,11 @@ def test_autograde_solution_full_blank_zero(graded):
 def test_autograde_catches_every_planted_bug(graded):
     lab, scores = graded
     tests = autograded_cells(_read(source_path(lab)))
-    for bug in VISIBLE_BUGS[lab]:
+    visible, hidden = bugs(lab)
+    for bug in visible:
         exercise = bug.cell.split("-")[0]
         assert scores["wrong-visible"][f"{exercise}-tests"] == 0, f"{lab}: visible tests miss {bug}"
-    for bug in HIDDEN_BUGS[lab]:
+    for bug in hidden:
         exercise = bug.cell.split("-")[0]
         assert scores["wrong-hidden"][f"{exercise}-tests"] == tests[f"{exercise}-tests"], \
             f"{lab}: {bug} should pass the visible tests (it demonstrates the hidden ones)"

@@ -77,7 +77,8 @@ class BitNetConfig:
     Attributes:
         weight_bits: 1 (sign · mean|W|), 1.58 (ternary absmean, BitNet b1.58) or an int 2..8
             (symmetric absmax, codes in -Qp..Qp with Qp = 2^(k-1) - 1).
-        act_bits: bits of the per-token absmax activation quantizer, an int 2..16, or None for
+        act_bits: bits of the per-token activation quantizer: 1 (sign · mean|x| per token, the
+            fully binary W1A1 layer of XNOR-Net/BinaryBERT), an int 2..16 (absmax), or None for
             full-precision activations.
         per_channel: one weight scale per output row ([out, 1]) instead of one per tensor ([]).
         norm: "rms" (RMSNorm, BitNet b1.58), "layer" (LayerNorm, BitNet's SubLN) or None, applied
@@ -102,9 +103,9 @@ class BitNetConfig:
             raise ValueError(f"weight_bits must be 1, 1.58 or an int in [2, 8], got {bits!r}")
         act = self.act_bits
         if act is not None and (isinstance(act, bool) or not isinstance(act, numbers.Integral)):
-            raise TypeError(f"act_bits must be an int in [2, 16] or None, got {act!r}")
-        if act is not None and not 2 <= act <= 16:
-            raise ValueError(f"act_bits must be an int in [2, 16] or None, got {act!r}")
+            raise TypeError(f"act_bits must be 1, an int in [2, 16] or None, got {act!r}")
+        if act is not None and not 1 <= act <= 16:
+            raise ValueError(f"act_bits must be 1, an int in [2, 16] or None, got {act!r}")
         if not isinstance(self.per_channel, bool):
             raise TypeError(f"per_channel must be a bool, got {self.per_channel!r}")
         if self.norm not in NORMS:
@@ -283,10 +284,12 @@ class BitLinear(nn.Linear):
         lam = self.quant_strength
         if lam == 0:
             return F.linear(x, self.weight, self.bias)
-        if self.config.act_bits is not None:
-            codes, scale = quant.quantize_activations_absmax(
-                x.detach(), self.config.act_bits, eps=self.config.eps
-            )
+        act_bits = self.config.act_bits
+        if act_bits is not None:
+            if act_bits == 1:
+                codes, scale = quant.binarize_activations(x.detach())
+            else:
+                codes, scale = quant.quantize_activations_absmax(x.detach(), act_bits, eps=self.config.eps)
             x = straight_through(x, (codes.to(torch.float32) * scale).to(x.dtype), lam)
         q = self._cached_quantized_weight()
         w = straight_through(self.weight, q.values, lam, q.keep)

@@ -1137,14 +1137,23 @@ class PackedBitLinear(nn.Module):
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_bitlinear(cls, layer: BitLinear, *, act: str = "int8", threads: int | None = None) -> PackedBitLinear:
-        """Pack a trained BitLinear (weight_bits 1 or 1.58, act_bits <= 8 or act "binary")."""
+    def from_bitlinear(cls, layer: BitLinear, *, act: str | None = None, threads: int | None = None) -> PackedBitLinear:
+        """Pack a trained BitLinear (weight_bits 1 or 1.58; act_bits 2..8, or 1 for W1A1).
+
+        ``act`` None follows the layer: "binary" when its act_bits is 1 (then the packed layer
+        equals the BitLinear's forward), else "int8". ``act="binary"`` on a layer trained with
+        multi-bit activations is allowed (what-if: binarize a W1A8 model's inputs) but is *not* the
+        function that layer computes."""
         if not isinstance(layer, BitLinear):
             raise TypeError(f"layer must be a BitLinear, got {type(layer).__name__}")
         cfg = layer.config
+        if act is None:
+            act = "binary" if cfg.act_bits == 1 else "int8"
+        if act not in ACT_MODES:
+            raise ValueError(f"act must be one of {ACT_MODES} or None, got {act!r}")
         if cfg.weight_bits not in (1, 1.58):
             raise ValueError(f"packed kernels need weight_bits 1 or 1.58, got {cfg.weight_bits!r}")
-        if act == "int8" and (cfg.act_bits is None or cfg.act_bits > 8):
+        if act == "int8" and (cfg.act_bits is None or not 2 <= cfg.act_bits <= 8):
             raise ValueError(f"act 'int8' needs a BitLinear with act_bits in [2, 8], got {cfg.act_bits!r}")
         if act == "binary" and cfg.weight_bits != 1:
             raise ValueError(f"act 'binary' (W1A1) needs binary weights (weight_bits 1), got {cfg.weight_bits!r}")
@@ -1164,7 +1173,7 @@ class PackedBitLinear(nn.Module):
 
     def _quantize_input(self, x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """x float32 [M, K] -> (kernel input, scale float32 [M, 1])."""
-        if self.act == "binary":
+        if self.act == "binary":  # the bits and scale of quant.binarize_activations, in one pass
             return _pack_signs(x.contiguous().numpy()), x.abs().mean(dim=-1, keepdim=True)
         codes, scale = quant.quantize_activations_absmax(x, self.act_bits, eps=self.eps)
         return np.ascontiguousarray(codes.numpy()), scale
@@ -1197,18 +1206,20 @@ class PackedBitLinear(nn.Module):
         )
 
 
-def pack_model(model: nn.Module, *, act: str = "int8", inplace: bool = False, threads: int | None = None) -> nn.Module:
+def pack_model(model: nn.Module, *, act: str | None = None, inplace: bool = False, threads: int | None = None) -> nn.Module:
     """Replace every BitLinear of a trained model by a PackedBitLinear, for CPU inference.
 
     By default works on a deep copy and returns it, so the trained model stays usable (and
     comparable); ``inplace=True`` converts ``model`` itself (and returns it). The model is put in
-    eval mode. ``act`` is "int8" (each layer's own act_bits, as its BitLinear) or "binary" (W1A1,
-    binary weights only). A model that is itself a BitLinear comes back as a PackedBitLinear.
+    eval mode. ``act`` None follows each layer (binary activations where its act_bits is 1, else
+    int8 with its own act_bits: the packed model computes what the BitLinear model computes);
+    "int8" or "binary" forces one mode (see ``PackedBitLinear.from_bitlinear``). A model that is
+    itself a BitLinear comes back as a PackedBitLinear.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if act not in ACT_MODES:
-        raise ValueError(f"act must be one of {ACT_MODES}, got {act!r}")
+    if act is not None and act not in ACT_MODES:
+        raise ValueError(f"act must be one of {ACT_MODES} or None, got {act!r}")
     if isinstance(model, BitLinear):
         return PackedBitLinear.from_bitlinear(model, act=act, threads=threads)
     target = model if inplace else copy.deepcopy(model)

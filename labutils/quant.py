@@ -43,6 +43,7 @@ __all__ = [
     "ternarize_absmean",
     "ternarize_twn",
     "quantize_activations_absmax",
+    "binarize_activations",
     "mse",
     "sqnr_db",
     "sparsity",
@@ -241,6 +242,27 @@ def quantize_activations_absmax(
     scale = x32.abs().amax(dim=-1, keepdim=True).clamp_min(eps) / qp
     codes = torch.clamp(torch.round(x32 / scale), -qp, qp).to(_code_dtype(bits))
     return codes, scale
+
+
+def binarize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token binary activations (XNOR-Net's input binarization, the W1A1 layers).
+
+    For every token (slice along the last dim): ``codes = sign(x)`` with 0 -> +1 (the bit the
+    popcount kernels store), ``scale = mean|x|`` (the least-squares scale of ±1 codes), so
+    ``x ≈ codes * scale``.
+
+    Args:
+        x: float tensor [..., d] with at least 1 dim.
+
+    Returns:
+        codes: int8 in {-1, +1}, shape of ``x``.
+        scale: float32, shape [..., 1].
+    """
+    x32 = _as_float32(x, "x")
+    if x32.dim() == 0:
+        raise ValueError("x must have at least 1 dim (tokens along the last dim), got a 0-d tensor")
+    codes = torch.where(x32 >= 0, 1, -1).to(torch.int8)
+    return codes, x32.abs().mean(dim=-1, keepdim=True)
 
 
 # --------------------------------------------------------------------------- uniform affine

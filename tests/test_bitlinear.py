@@ -73,9 +73,13 @@ def ref_forward(layer: BitLinear, x: torch.Tensor) -> torch.Tensor:
     w_codes, w_scale = ref_weight(layer.weight.detach(), cfg.weight_bits, cfg.per_channel)
     if cfg.act_bits is None:
         return F.linear(x, w_codes) * w_scale.reshape(-1) + layer.bias
-    qp = 2 ** (cfg.act_bits - 1) - 1
-    x_scale = x.abs().amax(-1, keepdim=True).clamp_min(cfg.eps) / qp
-    x_codes = torch.clamp(torch.round(x / x_scale), -qp, qp)
+    if cfg.act_bits == 1:  # binary activations: sign (0 -> +1) times mean|x| per token
+        x_scale = x.abs().mean(-1, keepdim=True)
+        x_codes = torch.where(x >= 0, 1.0, -1.0)
+    else:
+        qp = 2 ** (cfg.act_bits - 1) - 1
+        x_scale = x.abs().amax(-1, keepdim=True).clamp_min(cfg.eps) / qp
+        x_codes = torch.clamp(torch.round(x / x_scale), -qp, qp)
     return (x_codes @ w_codes.T) * x_scale * w_scale.reshape(-1) + layer.bias
 
 
@@ -108,7 +112,7 @@ BERT_LINEARS = [
 
 
 @pytest.mark.parametrize("bits", [1, 1.58])
-@pytest.mark.parametrize("act_bits", [8, None])
+@pytest.mark.parametrize("act_bits", [8, 1, None])
 @pytest.mark.parametrize("norm", ["rms", "layer", None])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_forward_equals_reference_formula(bits, act_bits, norm, per_channel):
@@ -370,7 +374,7 @@ def test_unsupported_weight_bits(bits):
     [
         (dict(weight_bits="1.58"), TypeError, "weight_bits"),
         (dict(weight_bits=True), TypeError, "weight_bits"),
-        (dict(act_bits=1), ValueError, "act_bits"),
+        (dict(act_bits=0), ValueError, "act_bits"),
         (dict(act_bits=32), ValueError, "act_bits"),
         (dict(act_bits=8.0), TypeError, "act_bits"),
         (dict(norm="batch"), ValueError, "norm"),

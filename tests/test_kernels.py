@@ -390,6 +390,20 @@ def test_pack_model_matches_unpacked(config):
     torch.testing.assert_close(packed(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
+def test_pack_model_follows_binary_activations():
+    """A W1A1 BitLinear model (act_bits=1) packs onto the XNOR-popcount kernels by default and
+    computes what it computed before packing."""
+    model = _small_model(BitNetConfig(weight_bits=1, act_bits=1, norm=None))
+    packed = K.pack_model(model)
+    assert all(m.weights.scheme == "w1a1" for m in (packed[0], packed[2], packed[4]))
+    x = torch.randn(6, 70, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(packed(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    with pytest.raises(ValueError, match="act_bits"):
+        K.pack_model(model, act="int8")
+
+
 def test_pack_model_inplace_and_errors():
     model = _small_model(BitNetConfig(weight_bits=1))
     same = K.pack_model(model, act="binary", inplace=True)

@@ -145,6 +145,25 @@ def test_activation_absmax_fp16_and_bf16_match_float32_copy():
         assert scale.dtype == torch.float32
 
 
+def test_binarize_activations_per_token():
+    x = torch.tensor([[[1.0, -2.0, 0.0], [-0.0, -3.0, 3.0]]])
+    codes, scale = quant.binarize_activations(x)
+    assert codes.dtype == torch.int8 and scale.shape == (1, 2, 1) and scale.dtype == torch.float32
+    assert codes[0].tolist() == [[1, -1, 1], [1, -1, 1]]  # 0 and -0 map to +1, like the popcount bits
+    torch.testing.assert_close(scale[0, :, 0], torch.tensor([1.0, 2.0]))
+
+
+@PROPERTY
+@given(float_tensors(min_dims=1))
+def test_binarize_activations_scale_is_least_squares(x):
+    codes, scale = quant.binarize_activations(x)
+    assert set(codes.unique().tolist()) <= {-1, 1}
+    # d/ds |x - s·c|² = 0 at s = <x, c> / <c, c> = mean|x| for c = sign(x)
+    torch.testing.assert_close(scale, (x.float() * codes).mean(-1, keepdim=True), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="1 dim"):
+        quant.binarize_activations(torch.tensor(1.0))
+
+
 # --------------------------------------------------------------------------- uniform quantize
 
 

@@ -6,6 +6,7 @@ JSON-friendly result, plus one function that adds its options; both are register
 
 Subcommands:
 
+- ``imdb``: the IMDb benchmark (``labutils.benchmark``): ``--preset {ci,full} --out DIR``.
 - ``packing``: pack / unpack throughput of ``labutils.packing`` (millions of weights per second,
   best of ``--repeat``, one thread) against the targets: 200 M/s for 1-bit and 2-bit, 50 M/s
   for base 3.
@@ -38,6 +39,7 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], dict[str, Any]]
+    out_is_dir: bool = False  # --out names a folder the command fills itself (imdb)
 
 
 def single_thread() -> None:
@@ -455,7 +457,19 @@ def run_kernels(args: argparse.Namespace) -> dict[str, Any]:
 COMMANDS: dict[str, Command] = {
     "packing": Command("pack/unpack throughput of labutils.packing", _packing_arguments, run_packing),
     "kernels": Command("labutils.kernels vs torch float32 and int8 matmuls", _kernels_arguments, run_kernels),
+    "imdb": Command(
+        "the IMDb benchmark: train, measure on the CPU, report (labutils.benchmark)",
+        lambda parser: _imdb().add_arguments(parser),
+        lambda args: _imdb().run_command(args),
+        out_is_dir=True,
+    ),
 }
+
+
+def _imdb():
+    from labutils import benchmark  # imports torch and the HF stack: only when asked for
+
+    return benchmark
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -466,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, command in COMMANDS.items():
         sub = subparsers.add_parser(name, help=command.help)
         command.add_arguments(sub)
-        sub.add_argument("--out", type=Path, help="write the results as JSON here")
+        sub.add_argument("--out", type=Path, help="the output folder" if command.out_is_dir else "write the results as JSON here")
         sub.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
     result = COMMANDS[args.command].run(args)
@@ -477,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         **result,
     }
-    if args.out is not None:
+    if args.out is not None and not COMMANDS[args.command].out_is_dir:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 1 if args.strict and result.get("pass") is False else 0

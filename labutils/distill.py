@@ -53,7 +53,7 @@ __all__ = [
     "load_checkpoint",
 ]
 
-ATTENTION_TARGETS = ("probs", "scores")
+ATTENTION_TARGETS = ("probs", "scores", "kl")
 MONITORS = {"eval_accuracy": "max", "eval_loss": "min", "train_loss": "min"}
 
 
@@ -75,9 +75,12 @@ class DistillConfig:
         temperature: T of the soft targets (> 0).
         hidden_weight: weight of the hidden-state MSE.
         attention_weight: weight of the attention MSE.
-        attention_target: "probs" (attention probabilities, TernaryBERT) or "scores" (the
-            pre-softmax scores, recovered from the probabilities up to the per-row constant
-            that softmax ignores).
+        attention_target: "probs" (MSE of the attention probabilities), "scores" (MSE of the
+            pre-softmax scores, TernaryBERT; recovered from the probabilities up to the per-row
+            constant that softmax ignores) or "kl" (KL(teacher || student) of every query's
+            attention distribution, MiniLM's self-attention transfer; unlike the MSE of
+            probabilities it does not shrink as 1/L², and unlike recovered scores it ignores
+            keys the teacher gives ~0 probability).
         layer_map: student layer i (0-based) learns from teacher layer ``layer_map[i]``; None
             maps the layers uniformly (``uniform_layer_map``).
     """
@@ -315,6 +318,19 @@ def _attention_scores(probs: torch.Tensor, key_mask: torch.Tensor) -> torch.Tens
     return (log_p - row_mean) * key_mask
 
 
+def _attention_kl(
+    student: torch.Tensor, teacher: torch.Tensor, key_mask: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean over valid queries (all heads) of sum_k p_t log(p_t / p_s), keys masked; [B, h, L, L] in."""
+    p_t, p_s = teacher.float(), student.float()
+    terms = torch.xlogy(p_t, p_t) - p_t * p_s.clamp_min(1e-12).log()  # 0·log 0 = 0
+    per_query = (terms * key_mask).sum(-1)  # [B, h, L]
+    if attention_mask is None:
+        return per_query.mean()
+    query_mask = attention_mask.to(torch.float32)[:, None, :].expand_as(per_query)
+    return (per_query * query_mask).sum() / query_mask.sum().clamp_min(1)
+
+
 def attention_mse(
     student_attentions: Sequence[torch.Tensor],
     teacher_attentions: Sequence[torch.Tensor],
@@ -329,8 +345,9 @@ def attention_mse(
         student_attentions: Ls tensors [B, heads, L, L] of attention probabilities.
         teacher_attentions: Lt tensors [B, heads, L, L] (same number of heads).
         layer_map: Ls teacher layer indices (0-based); None = uniform.
-        target: "probs" (MSE of the probabilities) or "scores" (MSE of the scores, recovered
-            up to softmax's per-row constant and centered over the valid keys).
+        target: "probs" (MSE of the probabilities), "scores" (MSE of the scores, recovered
+            up to softmax's per-row constant and centered over the valid keys) or "kl" (the
+            mean over valid queries of KL(teacher row || student row), summed over keys).
         attention_mask: optional [B, L] 1/0; pairs with a padding query or key are left out.
 
     Returns:
@@ -353,6 +370,9 @@ def attention_mse(
             valid = attention_mask.to(torch.float32)
             key_mask = valid[:, None, None, :]
             pair_mask = valid[:, None, :, None] * key_mask
+        if target == "kl":
+            losses.append(_attention_kl(a_s, a_t, key_mask, attention_mask))
+            continue
         if target == "scores":
             a_s, a_t = _attention_scores(a_s, key_mask), _attention_scores(a_t, key_mask)
         losses.append(_masked_mean((a_s.float() - a_t.float()) ** 2, pair_mask))

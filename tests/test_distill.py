@@ -100,6 +100,28 @@ def test_hidden_state_mse_maps_layers_and_masks_padding():
         hidden_state_mse(student, teacher, layer_map=(0, 9))
 
 
+def test_attention_kl_is_the_mean_row_kl_over_valid_queries():
+    gen = torch.Generator().manual_seed(5)
+    scores_s = [torch.randn(2, 3, 5, 5, generator=gen) for _ in range(2)]
+    scores_t = [torch.randn(2, 3, 5, 5, generator=gen) for _ in range(2)]
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    probs_t = [(s + (mask[:, None, None, :] - 1) * 1e4).softmax(-1) for s in scores_t]  # masked keys: p = 0
+    probs_s = [(s + (mask[:, None, None, :] - 1) * 1e4).softmax(-1) for s in scores_s]
+    expected = []
+    for ps, pt in zip(probs_s, probs_t):
+        rows = []
+        for b in range(2):
+            n = int(mask[b].sum())
+            for h in range(3):
+                for q in range(n):
+                    p, r = pt[b, h, q, :n], ps[b, h, q, :n]
+                    rows.append(float((p * (p / r).log()).sum()))
+        expected.append(sum(rows) / len(rows))
+    got = attention_mse(probs_s, probs_t, target="kl", attention_mask=mask)
+    assert float(got) == pytest.approx(sum(expected) / 2, rel=1e-4)
+    assert float(attention_mse(probs_t, probs_t, target="kl", attention_mask=mask)) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_attention_mse_on_probabilities_and_scores():
     gen = torch.Generator().manual_seed(0)
     scores_s = [torch.randn(2, 2, 4, 4, generator=gen) for _ in range(2)]

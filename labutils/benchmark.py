@@ -1,0 +1,1059 @@
+"""The IMDb benchmark: full precision vs INT8 vs 1.58-bit vs 1-bit, trained, measured, reported.
+
+``python -m labutils.bench imdb --preset {ci,full} --out DIR`` runs three stages, each resumable
+(a stage's outputs in DIR are reused when the preset matches; delete them to redo a stage):
+
+1. ``train`` (on the GPU when there is one): fine-tune the FP32 teacher on IMDb; distil it into
+   the W1.58A8, W1A8 and W1A1 students (QAT from the teacher's weights, every encoder linear a
+   BitLinear; logits + hidden-state + attention distillation); write each student as a packed
+   file (``labutils.packfile``: base-3 ternary or 1-bit linears, 4-bit group embeddings) and
+   measure the test accuracy *of the model loaded back from that file*. The INT8 row (torch's
+   dynamic quantization of the teacher, a CPU-only format) is evaluated on the CPU, in a
+   subprocess that runs while the GPU trains the students.
+2. ``cpu`` (the edge target, this machine): load every row (students onto the popcount/VNNI
+   kernels of ``labutils.kernels``), check that the packed students compute what their
+   fake-quantized versions compute, and measure latency (batch 1 and 32, lengths 64-512), peak
+   memory against length (eager attention vs PyTorch SDPA), file sizes, MACs and an arithmetic
+   energy estimate (``labutils.measure``).
+3. ``report``: one ``results.json`` (provenance, preset, every row and column, the targets) that
+   ``RESULTS_SCHEMA`` validates, a printed table, and plotly charts (``charts(results)``).
+
+Rows: ``fp32`` (teacher), ``int8``, ``w1.58a8`` (BitNet b1.58), ``w1a8``, ``w1a1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from labutils.bitlinear import BitNetConfig, quantize_
+
+__all__ = [
+    "PRESETS",
+    "Preset",
+    "RESULTS_SCHEMA",
+    "ROWS",
+    "Row",
+    "TARGETS",
+    "charts",
+    "check_targets",
+    "format_table",
+    "load_results",
+    "run",
+    "validate_results",
+]
+
+SCHEMA_VERSION = 1
+
+
+# --------------------------------------------------------------------------- rows and presets
+
+
+@dataclass(frozen=True)
+class Row:
+    """One model of the benchmark: its name, its label, and (students) its BitLinear config."""
+
+    name: str
+    label: str
+    energy_scheme: str
+    bitnet: BitNetConfig | None = None
+
+    @property
+    def is_student(self) -> bool:
+        return self.bitnet is not None
+
+
+# Per-channel weight scales and no extra norm: the students start from the fine-tuned teacher,
+# whose LayerNorms already sit in front of Q/K/V and the FFN; an RMSNorm before every BitLinear
+# (BitNet's SubLN) would change the function the pretrained weights compute.
+ROWS: dict[str, Row] = {
+    "fp32": Row("fp32", "FP32 teacher", "fp32"),
+    "int8": Row("int8", "INT8 dynamic (torch)", "int8"),
+    "w1.58a8": Row("w1.58a8", "W1.58A8 (BitNet b1.58)", "w1.58a8", BitNetConfig(1.58, 8, per_channel=True, norm=None)),
+    "w1a8": Row("w1a8", "W1A8 (binary weights)", "w1a8", BitNetConfig(1, 8, per_channel=True, norm=None)),
+    "w1a1": Row("w1a1", "W1A1 (XNOR-popcount)", "w1a1", BitNetConfig(1, 1, per_channel=True, norm=None)),
+}
+STUDENTS = tuple(name for name, row in ROWS.items() if row.is_student)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything a benchmark run depends on (saved in DIR/preset.json; a resumed run must match).
+
+    Data: ``train_size`` / ``test_size`` reviews (None: the whole split), ``val_size`` of the
+    training reviews held out to pick each model's best epoch (never the test set).
+    Training: epochs and learning rates of teacher and students; the students' distillation
+    weights (``labutils.distill.DistillConfig``). Files: how students are packed. CPU: lengths,
+    batches and repeats of the latency and memory measurements, threads.
+    """
+
+    name: str
+    data_source: str = "auto"
+    train_size: int | None = None
+    val_size: int = 1000
+    test_size: int | None = None
+    max_length: int = 256
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    teacher_epochs: int = 3
+    teacher_lr: float = 5e-5
+    student_epochs: int = 3
+    student_lr: float = 1e-4
+    logit_weight: float = 1.0
+    hidden_weight: float = 1.0
+    attention_weight: float = 1.0
+    attention_target: str = "kl"
+    temperature: float = 1.0
+    task_weight: float = 0.0
+    ternary: str = "ternary3"
+    embeddings: str = "int4"
+    group_size: int = 128
+    float_dtype: str = "fp16"
+    latency_lengths: tuple[int, ...] = (64, 128, 256, 512)
+    latency_batches: tuple[int, ...] = (1, 32)
+    latency_repeat: int = 5
+    memory_lengths: tuple[int, ...] = (64, 128, 256, 512)
+    memory_batch: int = 32
+    agreement_reviews: int = 256
+    threads: int = 2
+    seed: int = 0
+
+
+PRESETS: dict[str, Preset] = {
+    # The headline run: all 25,000 training reviews (minus 1,000 for validation), all 25,000
+    # test reviews. Trained on a GPU; the CPU stage on the edge machine.
+    "full": Preset(name="full", data_source="auto", student_epochs=6),
+    # Minutes on a laptop CPU, on the embedded sample: every row and column, tiny training.
+    "ci": Preset(
+        name="ci",
+        data_source="sample",
+        train_size=320,
+        val_size=64,
+        test_size=256,
+        max_length=128,
+        batch_size=16,
+        eval_batch_size=64,
+        teacher_epochs=1,
+        teacher_lr=5e-5,
+        student_epochs=1,
+        latency_lengths=(64, 128),
+        latency_batches=(1, 8),
+        latency_repeat=3,
+        memory_lengths=(64, 128, 256),
+        memory_batch=8,
+        agreement_reviews=32,
+    ),
+}
+
+# The issue's targets for the full run, checked by check_targets: (key, text).
+TARGETS = (
+    ("teacher_accuracy", "FP32 teacher >= 89% test accuracy"),
+    ("w158a8_gap", "W1.58A8 within 1.0 point of the teacher"),
+    ("w1a8_gap", "W1A8 within 2.0 points of the teacher"),
+    ("w158a8_size", "packed W1.58A8 file >= 10x smaller than the fp32 safetensors"),
+    ("w158a8_vs_fp32_latency", "W1.58A8 CPU latency, batch 32, length 256: >= 1.5x faster than FP32"),
+    ("w158a8_vs_int8_latency", "W1.58A8 CPU latency, batch 32, length 256: no slower than INT8"),
+)
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _commit() -> str | None:
+    """The git commit of the code: ``$LABBOOK_COMMIT`` (set where the tree travels without .git),
+    else ``git rev-parse HEAD`` of this package's checkout, else None."""
+    if os.environ.get("LABBOOK_COMMIT"):
+        return os.environ["LABBOOK_COMMIT"]
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    names = ("torch", "transformers", "accelerate", "datasets", "numba", "numpy", "safetensors", "labutils")
+    found = {}
+    for name in names:
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return found
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(device: str) -> dict[str, Any]:
+    """Commit, device, library versions, date (UTC), python, CPU and its core count."""
+    return {
+        "commit": _commit(),
+        "device": device,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": _versions(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {_cpu_name()}"
+
+
+def _check_rows(rows: Iterable[str]) -> tuple[str, ...]:
+    rows = tuple(rows)
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise ValueError(f"rows must be among {tuple(ROWS)}, got {unknown}")
+    return rows
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Splits:
+    """Tokenized train / val / test datasets (torch format: input_ids, attention_mask, label)."""
+
+    train: Any
+    val: Any
+    test: Any
+
+
+def load_splits(preset: Preset, tokenizer: Any) -> Splits:
+    """IMDb for ``preset``: a seeded ``val_size`` hold-out of the training split, the test split
+    (first ``test_size`` reviews of a seeded shuffle, or all), tokenized to ``max_length``."""
+    from labutils.data import ENV_DATA_DIR, DataSourceError, load_imdb, tokenize_imdb
+
+    train = load_imdb("train", source=preset.data_source, seed=preset.seed, shuffle=True)
+    test = load_imdb("test", source=preset.data_source, seed=preset.seed, shuffle=True)
+    if preset.train_size is None and "'sample'" in train.info.description:
+        raise DataSourceError(
+            f"preset {preset.name!r} needs the full IMDb, but only the embedded sample is reachable: "
+            f"set {ENV_DATA_DIR} to a folder with train.parquet and test.parquet, or go online "
+            f"(the Hugging Face Hub's stanfordnlp/imdb)"
+        )
+    n_train = len(train) - preset.val_size if preset.train_size is None else preset.train_size
+    if n_train < 1 or n_train + preset.val_size > len(train):
+        raise ValueError(
+            f"train_size {preset.train_size} + val_size {preset.val_size} exceed the {len(train)} "
+            f"training reviews of source {preset.data_source!r}"
+        )
+    if preset.test_size is not None:
+        if preset.test_size > len(test):
+            raise ValueError(f"test_size {preset.test_size} exceeds the {len(test)} test reviews")
+        test = test.select(range(preset.test_size))
+    val = train.select(range(n_train, n_train + preset.val_size))
+    train = train.select(range(n_train))
+    tok = lambda ds: tokenize_imdb(ds, tokenizer, preset.max_length)  # noqa: E731
+    return Splits(tok(train), tok(val), tok(test))
+
+
+def _loader(dataset: Any, batch_size: int, shuffle: bool, seed: int) -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]], device: torch.device) -> float:
+    """Fraction of reviews whose argmax logit equals the label (model in eval mode, float32)."""
+    model.eval()
+    hits, total = 0, 0
+    for batch in loader:
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        hits += int((logits.argmax(-1).cpu() == batch["label"]).sum())
+        total += len(batch["label"])
+    if total == 0:
+        raise ValueError("the evaluation loader yielded no reviews")
+    return hits / total
+
+
+# --------------------------------------------------------------------------- models
+
+
+def teacher_skeleton(model_path: str | None, seed: int = 0, attn: str = "sdpa") -> nn.Module:
+    """The classifier architecture (MiniLM + a fresh head), float32, ``attn`` attention."""
+    from labutils.models import load_classifier
+
+    return load_classifier(model_path, num_labels=2, seed=seed, attn_implementation=attn)
+
+
+def student_skeleton(row: str, model_path: str | None, attn: str = "sdpa") -> nn.Module:
+    """The teacher architecture with every encoder linear replaced by ``ROWS[row]``'s BitLinear."""
+    model = teacher_skeleton(model_path, attn=attn)
+    quantize_(model, ROWS[row].bitnet)
+    return model.eval()
+
+
+def int8_dynamic(model: nn.Module) -> nn.Module:
+    """torch's dynamic INT8 quantization of every nn.Linear (int8 weights per tensor, activations
+    quantized per batch at run time): what a CPU user picks without retraining. CPU only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+def _pack_file(out: Path, row: str) -> Path:
+    return out / f"{row}.packed"
+
+
+def _teacher_file(out: Path) -> Path:
+    return out / "teacher" / "model.safetensors"
+
+
+def load_student(out: Path, row: str, model_path: str | None, attn: str = "sdpa") -> nn.Module:
+    """The student of ``row`` loaded back from its packed file in ``out`` (fake-quantized BitLinear)."""
+    from labutils.packfile import load_packed
+
+    return load_packed(_pack_file(out, row), student_skeleton(row, model_path, attn))
+
+
+def load_teacher(out: Path, model_path: str | None, attn: str = "sdpa") -> tuple[nn.Module, str]:
+    """(teacher, where its weights came from): the trained teacher from ``out`` when present, else
+    the architecture with the pretrained encoder (latency, memory and file size do not depend on
+    the weights' values, so the CPU stage can run where the teacher's file did not travel)."""
+    from safetensors.torch import load_model
+
+    model = teacher_skeleton(model_path, attn=attn)
+    path = _teacher_file(out)
+    if path.is_file():
+        load_model(model, str(path))
+        return model.eval(), "trained teacher"
+    return model.eval(), "pretrained encoder, new head (the trained teacher's file was not here)"
+
+
+# --------------------------------------------------------------------------- stage 1: train
+
+
+def _train_config(preset: Preset, epochs: int, lr: float, quiet: bool):
+    from labutils.distill import TrainConfig
+
+    return TrainConfig(
+        epochs=epochs,
+        lr=lr,
+        weight_decay=0.01,
+        warmup_ratio=0.06,
+        lr_schedule="linear",
+        monitor="eval_accuracy",
+        restore_best=True,  # the best epoch on the validation hold-out, never on the test set
+        seed=preset.seed,
+        progress=not quiet,
+    )
+
+
+def _distill_config(preset: Preset):
+    from labutils.distill import DistillConfig
+
+    return DistillConfig(
+        task_weight=preset.task_weight,
+        logit_weight=preset.logit_weight,
+        temperature=preset.temperature,
+        hidden_weight=preset.hidden_weight,
+        attention_weight=preset.attention_weight,
+        attention_target=preset.attention_target,
+    )
+
+
+def _accelerator(device: torch.device):
+    from accelerate import Accelerator
+
+    if device.type == "cuda":
+        return Accelerator(mixed_precision="bf16")
+    return Accelerator(cpu=True)
+
+
+def _train_teacher(preset: Preset, out: Path, splits: Splits, model_path: str | None, device: torch.device, quiet: bool) -> dict:
+    from safetensors.torch import save_model
+
+    from labutils.distill import train
+
+    model = teacher_skeleton(model_path, seed=preset.seed)
+    start = time.perf_counter()
+    history = train(
+        model,
+        _loader(splits.train, preset.batch_size, True, preset.seed),
+        _loader(splits.val, preset.eval_batch_size, False, preset.seed),
+        config=_train_config(preset, preset.teacher_epochs, preset.teacher_lr, quiet),
+        accelerator=_accelerator(device),
+    )
+    seconds = time.perf_counter() - start
+    model = model.float().to(device)
+    test_accuracy = accuracy(model, _loader(splits.test, preset.eval_batch_size, False, 0), device)
+    _teacher_file(out).parent.mkdir(parents=True, exist_ok=True)
+    save_model(model.cpu(), str(_teacher_file(out)))
+    return {"accuracy": test_accuracy, "train_seconds": seconds, "history": list(history)}
+
+
+def _train_student(
+    row: str, preset: Preset, out: Path, splits: Splits, model_path: str | None, device: torch.device, quiet: bool
+) -> dict:
+    from labutils.distill import train
+    from labutils.packfile import save_packed
+
+    teacher, _ = load_teacher(out, model_path, attn="eager")  # eager: attention maps for the KD loss
+    student = copy.deepcopy(teacher)
+    quantize_(student, ROWS[row].bitnet)
+    start = time.perf_counter()
+    history = train(
+        student,
+        _loader(splits.train, preset.batch_size, True, preset.seed),
+        _loader(splits.val, preset.eval_batch_size, False, preset.seed),
+        config=_train_config(preset, preset.student_epochs, preset.student_lr, quiet),
+        teacher=teacher.to(device),
+        distill=_distill_config(preset),
+        accelerator=_accelerator(device),
+    )
+    seconds = time.perf_counter() - start
+    test = _loader(splits.test, preset.eval_batch_size, False, 0)
+    student = student.float().to(device).eval()
+    before = accuracy(student, test, device)
+    file_bytes = save_packed(
+        student.cpu(),
+        _pack_file(out, row),
+        ternary=preset.ternary,
+        embeddings=preset.embeddings,
+        group_size=preset.group_size,
+        float_dtype=preset.float_dtype,
+    )
+    reloaded = load_student(out, row, model_path).to(device)
+    return {
+        "accuracy": accuracy(reloaded, test, device),  # the shipped file's model, what users get
+        "accuracy_before_packing": before,  # float embeddings and heads, same BitLinear weights
+        "file_bytes": file_bytes,
+        "train_seconds": seconds,
+        "history": list(history),
+        "bitnet": asdict(ROWS[row].bitnet),
+    }
+
+
+def _int8_accuracy(preset: Preset, out: Path, model_path: str | None, threads: int, quiet: bool) -> dict:
+    """The INT8 row's test accuracy, on the CPU (torch's dynamic quantization runs nowhere else)."""
+    from labutils.models import load_tokenizer
+
+    torch.set_num_threads(threads)
+    teacher, source = load_teacher(out, model_path)
+    if source != "trained teacher":
+        raise FileNotFoundError(f"the INT8 row needs the trained teacher at {_teacher_file(out)}")
+    splits = load_splits(preset, load_tokenizer(model_path))
+    model = int8_dynamic(teacher)
+    start = time.perf_counter()
+    loader = _loader(splits.test, preset.eval_batch_size, False, 0)
+    if not quiet:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc="INT8 accuracy (CPU)")
+    acc = accuracy(model, loader, torch.device("cpu"))
+    return {"accuracy": acc, "eval_seconds": time.perf_counter() - start, "threads": threads, "device": f"cpu: {_cpu_name()}"}
+
+
+def _row_file(out: Path, stage: str, row: str) -> Path:
+    return out / f"{stage}_{row}.json"
+
+
+def _spawn_int8(preset_file: Path, out: Path, model_path: str | None, threads: int) -> subprocess.Popen:
+    """Evaluate the INT8 row in a subprocess on ``threads`` CPU cores while the GPU trains."""
+    cmd = [sys.executable, "-m", "labutils.bench", "imdb", "--stage", "int8", "--preset-file", str(preset_file),
+           "--out", str(out), "--threads", str(threads), "--quiet"]  # fmt: skip
+    if model_path:
+        cmd += ["--model", str(model_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.Popen(cmd, env=env)
+
+
+def run_train(
+    preset: Preset,
+    out: Path,
+    *,
+    rows: Sequence[str] = tuple(ROWS),
+    model_path: str | None = None,
+    device: str = "auto",
+    quiet: bool = False,
+) -> None:
+    """Stage 1: train the teacher and the students of ``rows`` and measure their test accuracy;
+    writes ``out/train_<row>.json`` (skipping rows that already have one)."""
+    from labutils.models import load_tokenizer
+
+    rows = _check_rows(rows)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    prov = provenance(_device_name(dev))
+    splits = None
+
+    def _splits() -> Splits:
+        nonlocal splits
+        if splits is None:
+            splits = load_splits(preset, load_tokenizer(model_path))
+        return splits
+
+    if not _row_file(out, "train", "fp32").is_file() or not _teacher_file(out).is_file():
+        result = _train_teacher(preset, out, _splits(), model_path, dev, quiet)
+        _write_json(_row_file(out, "train", "fp32"), {**result, "provenance": prov})
+        print(f"[train] fp32 teacher: test accuracy {result['accuracy']:.4f} ({result['train_seconds']:.0f} s)", flush=True)
+
+    int8_job = None
+    if "int8" in rows and not _row_file(out, "train", "int8").is_file():
+        if dev.type == "cuda":  # the CPU is idle while the GPU trains: evaluate INT8 beside it
+            int8_job = _spawn_int8(out / "preset.json", out, model_path, max(1, (os.cpu_count() or 2) - 2))
+        else:
+            result = _int8_accuracy(preset, out, model_path, torch.get_num_threads(), quiet)
+            _write_json(_row_file(out, "train", "int8"), {**result, "provenance": provenance(result["device"])})
+    for row in rows:
+        if ROWS[row].is_student and not _row_file(out, "train", row).is_file():
+            result = _train_student(row, preset, out, _splits(), model_path, dev, quiet)
+            _write_json(_row_file(out, "train", row), {**result, "provenance": prov})
+            print(
+                f"[train] {row}: test accuracy {result['accuracy']:.4f} (before packing "
+                f"{result['accuracy_before_packing']:.4f}), {result['file_bytes'] / 1e6:.2f} MB, "
+                f"{result['train_seconds']:.0f} s",
+                flush=True,
+            )
+    if int8_job is not None and int8_job.wait() != 0:
+        raise RuntimeError(f"the INT8 accuracy subprocess failed with exit status {int8_job.returncode}")
+
+
+# --------------------------------------------------------------------------- stage 2: cpu
+
+
+def _inputs(vocab_size: int, batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random token ids (no padding: every position is a real token, the worst case) for timing."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, vocab_size, (batch, length), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _weights_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers the model holds in memory (packed buffers included)."""
+    from labutils.kernels import PackedBitLinear
+
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    for module in model.modules():  # torch's dynamic-quantized Linear keeps its weight in a packed object
+        packed = getattr(module, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            w, b = packed._weight_bias()
+            total += w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
+        if isinstance(module, PackedBitLinear):
+            pass  # its packed bytes are a registered buffer, counted above
+    return total
+
+
+def _cpu_models(out: Path, rows: Sequence[str], model_path: str | None, attn: str) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The inference model of every row for the CPU: FP32, INT8, and the packed students on the
+    kernels. Also {row: where its weights came from}."""
+    from labutils.kernels import pack_model
+
+    models, notes = {}, {}
+    teacher, source = load_teacher(out, model_path, attn)
+    for row in rows:
+        if row == "fp32":
+            models[row], notes[row] = teacher, source
+        elif row == "int8":
+            models[row], notes[row] = int8_dynamic(teacher), source
+        elif _pack_file(out, row).is_file():
+            models[row] = pack_model(load_student(out, row, model_path, attn), threads=None)
+            notes[row] = f"packed file {_pack_file(out, row).name}"
+    return models, notes
+
+
+def _set_attention(model: nn.Module, attn: str) -> None:
+    model.set_attn_implementation(attn)
+
+
+def _agreement(out: Path, row: str, model_path: str | None, preset: Preset, splits: Splits | None) -> dict:
+    """Packed student (kernels) vs the same student fake-quantized (BitLinear), on test reviews."""
+    from labutils.kernels import pack_model
+
+    student = load_student(out, row, model_path)
+    packed = pack_model(student)
+    n = min(preset.agreement_reviews, len(splits.test))
+    batch = splits.test[:n]
+    with torch.no_grad():
+        a = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = packed(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return {
+        "reviews": n,
+        "max_abs_logit_diff": float((a - b).abs().max()),
+        "max_abs_logit": float(a.abs().max()),
+        "same_prediction": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+    }
+
+
+def _latency(models: Mapping[str, nn.Module], preset: Preset, vocab: int, quiet: bool) -> dict[str, dict]:
+    """{row: {"b{B}": {"L{L}": median ms}}}, rows timed round-robin at every (batch, length)."""
+    from tqdm.auto import tqdm
+
+    from labutils.measure import interleaved_timings
+
+    result: dict[str, dict] = {row: {} for row in models}
+    cases = [(b, n) for b in preset.latency_batches for n in preset.latency_lengths]
+    for b, n in tqdm(cases, desc="latency", disable=quiet):
+        inputs = _inputs(vocab, b, n, preset.seed)
+        fns = {row: (lambda m=m: m(**inputs)) for row, m in models.items()}
+        with torch.inference_mode():
+            timings = interleaved_timings(fns, warmup=1, repeat=preset.latency_repeat)
+        for row, t in timings.items():
+            result[row].setdefault(f"b{b}", {})[f"L{n}"] = {"median_ms": 1e3 * t.median, "best_ms": 1e3 * t.best}
+    return result
+
+
+def _memory(models: Mapping[str, nn.Module], preset: Preset, vocab: int, quiet: bool) -> dict[str, dict]:
+    """{row: {"eager"|"sdpa": {"L{L}": peak extra MB}}} at batch ``memory_batch``, lengths ascending."""
+    from tqdm.auto import tqdm
+
+    from labutils.measure import peak_memory
+
+    result: dict[str, dict] = {row: {} for row in models}
+    cases = [(attn, row) for attn in ("eager", "sdpa") for row in models]
+    for attn, row in tqdm(cases, desc="memory", disable=quiet):
+        model = models[row]
+        _set_attention(model, attn)
+        for n in sorted(preset.memory_lengths):
+            inputs = _inputs(vocab, preset.memory_batch, n, preset.seed)
+            with torch.inference_mode():
+                peak = peak_memory(lambda: model(**inputs))
+            result[row].setdefault(attn, {})[f"L{n}"] = peak.peak_bytes / 1e6
+        _set_attention(model, "sdpa")
+    return result
+
+
+def _sizes(out: Path, rows: Sequence[str], models: Mapping[str, nn.Module], preset: Preset) -> dict[str, int]:
+    """File bytes on disk: fp32 safetensors; INT8 as save_packed with 8-bit linears (torch keeps
+    its embeddings in fp32, so does this file); the students' packed files."""
+    from safetensors.torch import save_model
+
+    from labutils.packfile import save_packed
+
+    sizes: dict[str, int] = {}
+    teacher = models.get("fp32")
+    for row in rows:
+        if row == "fp32" and teacher is not None:
+            path = out / "sizes" / "fp32.safetensors"
+            path.parent.mkdir(exist_ok=True)
+            save_model(teacher, str(path))
+            sizes[row] = path.stat().st_size
+        elif row == "int8" and teacher is not None:
+            int8 = copy.deepcopy(teacher)
+            quantize_(int8, BitNetConfig(weight_bits=8, act_bits=8, per_channel=False, norm=None))
+            path = out / "sizes" / "int8.packed"
+            path.parent.mkdir(exist_ok=True)
+            sizes[row] = save_packed(int8, path)
+        elif _pack_file(out, row).is_file():
+            sizes[row] = _pack_file(out, row).stat().st_size
+    return sizes
+
+
+def _macs_and_energy(models: Mapping[str, nn.Module], out: Path, model_path: str | None, vocab: int) -> dict[str, dict]:
+    """MACs of one review of 256 tokens and their arithmetic energy (``labutils.measure``)."""
+    from labutils.measure import count_macs, energy_estimate
+
+    result = {}
+    inputs = _inputs(vocab, 1, 256, 0)
+    for row, model in models.items():
+        macs = count_macs(model, **inputs)
+        extra = {}
+        if row == "w1.58a8" and _pack_file(out, row).is_file():
+            extra["nonzero_fraction"] = _nonzero_fraction(load_student(out, row, model_path))
+        energy = energy_estimate(macs, ROWS[row].energy_scheme, **extra)
+        result[row] = {"macs": macs, "energy": energy, **extra}
+    return result
+
+
+def _nonzero_fraction(model: nn.Module) -> float:
+    from labutils.bitlinear import bitlinear_layers
+
+    nonzero = total = 0
+    for _, layer in bitlinear_layers(model):
+        codes, _ = layer.quantized_weight()
+        nonzero += int((codes != 0).sum())
+        total += codes.numel()
+    return nonzero / total
+
+
+def run_cpu(
+    preset: Preset,
+    out: Path,
+    *,
+    rows: Sequence[str] = tuple(ROWS),
+    model_path: str | None = None,
+    threads: int | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Stage 2: agreement, latency, memory, sizes, MACs and energy on this CPU; writes ``out/cpu.json``."""
+    from labutils.measure import threads as use_threads
+    from labutils.models import load_tokenizer
+
+    rows = _check_rows(rows)
+    threads = preset.threads if threads is None else threads
+    tokenizer = load_tokenizer(model_path)
+    vocab = len(tokenizer)
+    with use_threads(threads):
+        models, notes = _cpu_models(out, rows, model_path, "sdpa")
+        students = [r for r in rows if ROWS[r].is_student and r in models]
+        splits = load_splits(preset, tokenizer) if students else None
+        agreement = {row: _agreement(out, row, model_path, preset, splits) for row in students}
+        result = {
+            "provenance": {**provenance(f"cpu: {_cpu_name()}"), "threads": threads},
+            "weights_source": notes,
+            "agreement": agreement,
+            "latency": _latency(models, preset, vocab, quiet),
+            "memory": _memory(models, preset, vocab, quiet),
+            "weights_bytes": {row: _weights_bytes(m) for row, m in models.items()},
+            "file_bytes": _sizes(out, rows, models, preset),
+            "compute": _macs_and_energy(models, out, model_path, vocab),
+        }
+    _write_json(out / "cpu.json", result)
+    return result
+
+
+# --------------------------------------------------------------------------- stage 3: report
+
+
+def _rows_of(out: Path, cpu: Mapping[str, Any], preset: Preset) -> dict[str, dict]:
+    rows = {}
+    for name, row in ROWS.items():
+        trained = _read_json(_row_file(out, "train", name)) if _row_file(out, "train", name).is_file() else {}
+        if not trained and name not in cpu.get("latency", {}):
+            continue
+        entry: dict[str, Any] = {"label": row.label, "accuracy": trained.get("accuracy")}
+        for key in ("accuracy_before_packing", "train_seconds", "history", "bitnet"):
+            if key in trained:
+                entry[key] = trained[key]
+        for key in ("latency", "memory", "weights_bytes", "file_bytes", "agreement", "compute", "weights_source"):
+            if name in cpu.get(key, {}):
+                entry[key] = cpu[key][name]
+        rows[name] = entry
+    return rows
+
+
+def check_targets(results: Mapping[str, Any]) -> list[dict]:
+    """The issue's targets against ``results``: [{key, text, value, pass}] (pass None = not measured)."""
+    rows = results["rows"]
+    get = lambda row, *keys: _dig(rows.get(row, {}), keys)  # noqa: E731
+    teacher = get("fp32", "accuracy")
+
+    def gap(row: str) -> float | None:
+        acc = get(row, "accuracy")
+        return None if acc is None or teacher is None else 100 * (teacher - acc)
+
+    def speedup(base: str) -> float | None:
+        a, b = get(base, "latency", "b32", "L256", "median_ms"), get("w1.58a8", "latency", "b32", "L256", "median_ms")
+        return None if a is None or b is None else a / b
+
+    fp32_file, w158_file = get("fp32", "file_bytes"), get("w1.58a8", "file_bytes")
+    values = {
+        "teacher_accuracy": (None if teacher is None else 100 * teacher, lambda v: v >= 89.0),
+        "w158a8_gap": (gap("w1.58a8"), lambda v: v <= 1.0),
+        "w1a8_gap": (gap("w1a8"), lambda v: v <= 2.0),
+        "w158a8_size": (None if not (fp32_file and w158_file) else fp32_file / w158_file, lambda v: v >= 10.0),
+        "w158a8_vs_fp32_latency": (speedup("fp32"), lambda v: v >= 1.5),
+        "w158a8_vs_int8_latency": (speedup("int8"), lambda v: v >= 1.0),
+    }
+    checked = []
+    for key, text in TARGETS:
+        value, ok = values[key]
+        checked.append({"key": key, "text": text, "value": value, "pass": None if value is None else bool(ok(value))})
+    return checked
+
+
+def _dig(mapping: Any, keys: Sequence[str]) -> Any:
+    for key in keys:
+        if not isinstance(mapping, Mapping) or key not in mapping:
+            return None
+        mapping = mapping[key]
+    return mapping
+
+
+def run_report(preset: Preset, out: Path) -> dict:
+    """Stage 3: merge the stages into ``out/results.json`` (validated), print the table, write charts."""
+    cpu = _read_json(out / "cpu.json") if (out / "cpu.json").is_file() else {}
+    train_prov = {}
+    for name in ROWS:
+        path = _row_file(out, "train", name)
+        if path.is_file():
+            train_prov[name] = _read_json(path).get("provenance")
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "IMDb sentiment: full precision vs INT8 vs 1.58-bit vs 1-bit",
+        "preset": asdict(preset),
+        "provenance": {"train": train_prov, "cpu": cpu.get("provenance"), "report": provenance("report")},
+        "rows": _rows_of(out, cpu, preset),
+    }
+    results["targets"] = check_targets(results)
+    validate_results(results)
+    _write_json(out / "results.json", results)
+    print(format_table(results))
+    for name, fig in charts(results).items():
+        fig.write_html(out / f"{name}.html", include_plotlyjs="cdn", full_html=True)
+    return results
+
+
+# --------------------------------------------------------------------------- results: schema, table, charts
+
+_NUM = {"type": "number"}
+_NUM_OR_NULL = {"type": ["number", "null"]}
+_BY_LENGTH = {"type": "object", "patternProperties": {"^L[0-9]+$": {}}, "additionalProperties": False}
+
+RESULTS_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "labutils IMDb benchmark results",
+    "type": "object",
+    "required": ["schema_version", "preset", "provenance", "rows", "targets"],
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "preset": {"type": "object", "required": ["name", "max_length", "latency_lengths", "latency_batches"]},
+        "provenance": {
+            "type": "object",
+            "required": ["train", "cpu"],
+            "properties": {
+                "train": {"type": "object", "additionalProperties": {
+                    "type": "object", "required": ["commit", "device", "versions", "date"]}},
+                "cpu": {"type": ["object", "null"], "required": ["commit", "device", "versions", "date", "threads"]},
+            },
+        },
+        "rows": {
+            "type": "object",
+            "propertyNames": {"enum": list(ROWS)},
+            "additionalProperties": {
+                "type": "object",
+                "required": ["label", "accuracy"],
+                "properties": {
+                    "accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                    "file_bytes": {"type": "integer", "minimum": 1},
+                    "weights_bytes": {"type": "integer", "minimum": 1},
+                    "latency": {"type": "object", "patternProperties": {"^b[0-9]+$": {
+                        "type": "object", "patternProperties": {"^L[0-9]+$": {
+                            "type": "object", "required": ["median_ms", "best_ms"],
+                            "properties": {"median_ms": _NUM, "best_ms": _NUM}}}}}},
+                    "memory": {"type": "object", "propertyNames": {"enum": ["eager", "sdpa"]},
+                               "additionalProperties": _BY_LENGTH},
+                    "agreement": {"type": "object", "required": ["reviews", "max_abs_logit_diff", "same_prediction"]},
+                    "compute": {"type": "object", "required": ["macs", "energy"]},
+                },
+            },
+        },
+        "targets": {"type": "array", "items": {
+            "type": "object", "required": ["key", "text", "value", "pass"],
+            "properties": {"value": _NUM_OR_NULL, "pass": {"type": ["boolean", "null"]}}}},
+    },
+}  # fmt: skip
+
+
+def validate_results(results: Mapping[str, Any]) -> None:
+    """Raise ``jsonschema.ValidationError`` unless ``results`` follows ``RESULTS_SCHEMA``."""
+    import jsonschema
+
+    jsonschema.validate(results, RESULTS_SCHEMA)
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    """Read and validate a ``results.json``."""
+    results = _read_json(Path(path))
+    validate_results(results)
+    return results
+
+
+def format_table(results: Mapping[str, Any], batch: int = 32, length: int = 256) -> str:
+    """The benchmark as a text table, then the targets."""
+    rows = results["rows"]
+    teacher = _dig(rows, ("fp32", "accuracy"))
+    b, n = f"b{batch}", f"L{length}"
+    lines = [f"{'row':<26}{'accuracy':>9}{'Δ pts':>7}{'file MB':>9}{f'ms {b} {n}':>13}{'MB sdpa':>9}{'MB eager':>9}{'energy µJ':>10}"]
+    for name, row in rows.items():
+        acc = row.get("accuracy")
+        delta = "" if acc is None or teacher is None or name == "fp32" else f"{100 * (acc - teacher):+.2f}"
+        ms = _dig(row, ("latency", b, n, "median_ms"))
+        mem = [_dig(row, ("memory", attn, n)) for attn in ("sdpa", "eager")]
+        energy = _dig(row, ("compute", "energy", "total_j"))
+        fmt = lambda value, spec: "" if value is None else format(value, spec)  # noqa: E731
+        file_mb = None if row.get("file_bytes") is None else row["file_bytes"] / 1e6
+        cells = [
+            f"{row['label']:<26}",
+            f"{fmt(None if acc is None else 100 * acc, '.2f'):>9}",
+            f"{delta:>7}",
+            f"{fmt(file_mb, '.2f'):>9}",
+            f"{fmt(ms, '.1f'):>13}",
+            *(f"{fmt(m, '.0f'):>9}" for m in mem),
+            f"{fmt(None if energy is None else energy * 1e6, '.1f'):>10}",
+        ]
+        lines.append("".join(cells))
+    lines.append("")
+    for t in results.get("targets", []):
+        mark = {True: "PASS", False: "MISS", None: "n/a "}[t["pass"]]
+        value = "" if t["value"] is None else f" ({t['value']:.2f})"
+        lines.append(f"[{mark}] {t['text']}{value}")
+    return "\n".join(lines)
+
+
+def charts(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Plotly figures: accuracy vs file size, latency vs length (one panel per batch), peak
+    memory vs length (eager vs SDPA)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    rows = results["rows"]
+    figs = {}
+    size = go.Figure()
+    for name, row in rows.items():
+        if row.get("file_bytes") and row.get("accuracy") is not None:
+            size.add_trace(go.Scatter(
+                x=[row["file_bytes"] / 1e6], y=[100 * row["accuracy"]], mode="markers+text", name=row["label"],
+                text=[row["label"]], textposition="top center", marker={"size": 12}))
+    size.update_layout(title="Accuracy vs file size", xaxis_title="file size on disk (MB, log)", xaxis_type="log",
+                       yaxis_title="test accuracy (%)", template="plotly_white", showlegend=False)
+    figs["accuracy_vs_size"] = size
+
+    batches = list(results["preset"]["latency_batches"])
+    lat = make_subplots(rows=1, cols=len(batches), subplot_titles=[f"batch {b}" for b in batches])
+    for name, row in rows.items():
+        for col, b in enumerate(batches, start=1):
+            series = _dig(row, ("latency", f"b{b}")) or {}
+            xs = sorted(int(k[1:]) for k in series)
+            lat.add_trace(go.Scatter(x=xs, y=[series[f"L{x}"]["median_ms"] for x in xs], mode="lines+markers",
+                                     name=row["label"], legendgroup=name, showlegend=col == 1), row=1, col=col)
+    lat.update_yaxes(title_text="median latency (ms, log)", type="log")
+    lat.update_xaxes(title_text="sequence length (tokens)", type="log")
+    lat.update_layout(title="CPU inference latency vs length", template="plotly_white")
+    figs["latency_vs_length"] = lat
+
+    mem = go.Figure()
+    for name, row in rows.items():
+        for attn, dash in (("eager", "dash"), ("sdpa", "solid")):
+            series = _dig(row, ("memory", attn)) or {}
+            xs = sorted(int(k[1:]) for k in series)
+            if xs:
+                mem.add_trace(go.Scatter(x=xs, y=[series[f"L{x}"] for x in xs], mode="lines+markers",
+                                         name=f"{row['label']}, {attn}", line={"dash": dash}))
+    mem.update_layout(title=f"Peak activation memory vs length (batch {results['preset']['memory_batch']})",
+                      xaxis_title="sequence length (tokens)", yaxis_title="peak extra resident memory (MB)",
+                      template="plotly_white")
+    figs["memory_vs_length"] = mem
+    return figs
+
+
+# --------------------------------------------------------------------------- the command
+
+
+STAGES = ("train", "cpu", "report")
+
+
+def _resolve_preset(out: Path, preset: Preset) -> Preset:
+    """Save ``preset`` in ``out/preset.json``, or check that a resumed run uses the same one."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "preset.json"
+    current = json.loads(json.dumps(asdict(preset)))
+    if path.is_file():
+        saved = _read_json(path)
+        if saved != current:
+            changed = sorted(k for k in current if saved.get(k) != current.get(k))
+            raise ValueError(
+                f"{out} holds a run of another preset (differs in {changed}); use a new --out or delete it"
+            )
+    else:
+        _write_json(path, current)
+    return preset
+
+
+def run(
+    preset: str | Preset = "ci",
+    out: str | os.PathLike = "imdb-benchmark",
+    *,
+    stages: Sequence[str] = STAGES,
+    rows: Sequence[str] = tuple(ROWS),
+    model_path: str | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    quiet: bool = False,
+    **overrides: Any,
+) -> dict | None:
+    """Run the benchmark's ``stages`` for ``preset`` (a name in PRESETS or a Preset, with field
+    ``overrides``) into ``out``; returns the results dict when "report" ran."""
+    base = PRESETS[preset] if isinstance(preset, str) else preset
+    if not isinstance(base, Preset):
+        raise TypeError(f"preset must be one of {tuple(PRESETS)} or a Preset, got {preset!r}")
+    config = replace(base, **overrides) if overrides else base
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"stages must be among {STAGES}, got {unknown}")
+    out = Path(out)
+    _resolve_preset(out, config)
+    if "train" in stages:
+        run_train(config, out, rows=rows, model_path=model_path, device=device, quiet=quiet)
+    if "cpu" in stages:
+        run_cpu(config, out, rows=rows, model_path=model_path, threads=threads, quiet=quiet)
+    if "report" in stages:
+        return run_report(config, out)
+    return None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="ci")
+    parser.add_argument("--preset-file", type=Path, help="a preset.json written by an earlier run (internal)")
+    parser.add_argument("--stage", choices=[*STAGES, "all", "int8"], default="all")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, among {','.join(ROWS)}")
+    parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: MiniLM)")
+    parser.add_argument("--device", default="auto", help="training device: auto, cpu, cuda")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for latency/memory (default: preset's)")
+    parser.add_argument("--train-size", type=int, default=None)
+    parser.add_argument("--test-size", type=int, default=None)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_command(args: argparse.Namespace) -> dict[str, Any]:
+    """``python -m labutils.bench imdb``: see the module docstring."""
+    out = Path(args.out or "imdb-benchmark")
+    if args.stage == "int8":  # the INT8 accuracy subprocess of the train stage
+        preset = Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in _read_json(args.preset_file).items()})
+        result = _int8_accuracy(preset, out, args.model, args.threads or 1, args.quiet)
+        _write_json(_row_file(out, "train", "int8"), {**result, "provenance": provenance(result["device"])})
+        print(f"[train] int8: test accuracy {result['accuracy']:.4f} ({result['eval_seconds']:.0f} s on the CPU)", flush=True)
+        return {"int8_accuracy": result["accuracy"]}
+    overrides = {k: v for k, v in (("train_size", args.train_size), ("test_size", args.test_size)) if v is not None}
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    results = run(args.preset, out, stages=stages, rows=args.rows.split(","), model_path=args.model,
+                  device=args.device, threads=args.threads, quiet=args.quiet, **overrides)  # fmt: skip
+    if results is None:
+        return {"out": str(out), "stages": list(stages)}
+    return {"out": str(out), "pass": all(t["pass"] is not False for t in results["targets"])}

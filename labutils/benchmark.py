@@ -347,7 +347,29 @@ def load_student(out: Path, row: str, model_path: str | None, attn: str = "sdpa"
     """The student of ``row`` loaded back from its packed file in ``out`` (fake-quantized BitLinear)."""
     from labutils.packfile import load_packed
 
-    return load_packed(_pack_file(out, row), student_skeleton(row, model_path, attn))
+    return load_packed(_student_file(out, row), student_skeleton(row, model_path, attn))
+
+
+def _student_file(out: Path, row: str) -> Path:
+    """The trained student's packed file, else the untrained stand-in's (see ``write_untrained_student``)."""
+    trained = _pack_file(out, row)
+    return trained if trained.is_file() else out / "untrained" / f"{row}.packed"
+
+
+def write_untrained_student(out: Path, row: str, model_path: str | None, preset: Preset) -> Path:
+    """A stand-in for a student that was not trained here: the pretrained encoder quantized to
+    ``row``'s BitLinear (no QAT), packed exactly like a trained one. Its accuracy means nothing, but
+    its file size, latency and memory are those of the trained student: none of them depends on
+    the weights' values. Written to ``out/untrained/<row>.packed``."""
+    from labutils.packfile import save_packed
+
+    model = teacher_skeleton(model_path)
+    quantize_(model, ROWS[row].bitnet)
+    path = out / "untrained" / f"{row}.packed"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_packed(model, path, ternary=preset.ternary, embeddings=preset.embeddings,
+                group_size=preset.group_size, float_dtype=preset.float_dtype)  # fmt: skip
+    return path
 
 
 def load_teacher(out: Path, model_path: str | None, attn: str = "sdpa") -> tuple[nn.Module, str]:
@@ -596,9 +618,11 @@ def _cpu_models(out: Path, rows: Sequence[str], model_path: str | None, attn: st
             models[row], notes[row] = teacher, source
         elif row == "int8":
             models[row], notes[row] = int8_dynamic(teacher), source
-        elif _pack_file(out, row).is_file():
+        elif _student_file(out, row).is_file():
             models[row] = pack_model(load_student(out, row, model_path, attn), threads=None)
-            notes[row] = f"packed file {_pack_file(out, row).name}"
+            path = _student_file(out, row)
+            trained = path == _pack_file(out, row)
+            notes[row] = f"packed file {path.relative_to(out)}" + ("" if trained else " (untrained stand-in)")
     return models, notes
 
 
@@ -684,8 +708,8 @@ def _sizes(out: Path, rows: Sequence[str], models: Mapping[str, nn.Module], pres
             path = out / "sizes" / "int8.packed"
             path.parent.mkdir(exist_ok=True)
             sizes[row] = save_packed(int8, path)
-        elif _pack_file(out, row).is_file():
-            sizes[row] = _pack_file(out, row).stat().st_size
+        elif _student_file(out, row).is_file():
+            sizes[row] = _student_file(out, row).stat().st_size
     return sizes
 
 
@@ -698,7 +722,7 @@ def _macs_and_energy(models: Mapping[str, nn.Module], out: Path, model_path: str
     for row, model in models.items():
         macs = count_macs(model, **inputs)
         extra = {}
-        if row == "w1.58a8" and _pack_file(out, row).is_file():
+        if row == "w1.58a8" and row in models:
             extra["nonzero_fraction"] = _nonzero_fraction(load_student(out, row, model_path))
         energy = energy_estimate(macs, ROWS[row].energy_scheme, **extra)
         result[row] = {"macs": macs, "energy": energy, **extra}
@@ -723,9 +747,13 @@ def run_cpu(
     rows: Sequence[str] = tuple(ROWS),
     model_path: str | None = None,
     threads: int | None = None,
+    untrained: bool = False,
     quiet: bool = False,
 ) -> dict:
-    """Stage 2: agreement, latency, memory, sizes, MACs and energy on this CPU; writes ``out/cpu.json``."""
+    """Stage 2: agreement, latency, memory, sizes, MACs and energy on this CPU; writes ``out/cpu.json``.
+
+    A student without a trained packed file in ``out`` is left out, or with ``untrained`` measured
+    on an untrained stand-in (``write_untrained_student``; its weights_source says so)."""
     from labutils.measure import threads as use_threads
     from labutils.models import load_tokenizer
 
@@ -733,6 +761,9 @@ def run_cpu(
     threads = preset.threads if threads is None else threads
     tokenizer = load_tokenizer(model_path)
     vocab = len(tokenizer)
+    for row in rows:
+        if untrained and ROWS[row].is_student and not _student_file(out, row).is_file():
+            write_untrained_student(out, row, model_path, preset)
     with use_threads(threads):
         models, notes = _cpu_models(out, rows, model_path, "sdpa")
         students = [r for r in rows if ROWS[r].is_student and r in models]
@@ -1009,6 +1040,7 @@ def run(
     model_path: str | None = None,
     device: str = "auto",
     threads: int | None = None,
+    untrained: bool = False,
     quiet: bool = False,
     **overrides: Any,
 ) -> dict | None:
@@ -1021,12 +1053,13 @@ def run(
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"stages must be among {STAGES}, got {unknown}")
+    rows = _check_rows(rows)
     out = Path(out)
     _resolve_preset(out, config)
     if "train" in stages:
         run_train(config, out, rows=rows, model_path=model_path, device=device, quiet=quiet)
     if "cpu" in stages:
-        run_cpu(config, out, rows=rows, model_path=model_path, threads=threads, quiet=quiet)
+        run_cpu(config, out, rows=rows, model_path=model_path, threads=threads, untrained=untrained, quiet=quiet)
     if "report" in stages:
         return run_report(config, out)
     return None
@@ -1042,6 +1075,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for latency/memory (default: preset's)")
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--test-size", type=int, default=None)
+    parser.add_argument("--untrained", action="store_true",
+                        help="cpu stage: measure students not trained here on untrained stand-ins (size, latency, memory only)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -1057,7 +1092,8 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {k: v for k, v in (("train_size", args.train_size), ("test_size", args.test_size)) if v is not None}
     stages = STAGES if args.stage == "all" else (args.stage,)
     results = run(args.preset, out, stages=stages, rows=args.rows.split(","), model_path=args.model,
-                  device=args.device, threads=args.threads, quiet=args.quiet, **overrides)  # fmt: skip
+                  device=args.device, threads=args.threads, untrained=args.untrained, quiet=args.quiet,
+                  **overrides)  # fmt: skip
     if results is None:
         return {"out": str(out), "stages": list(stages)}
     return {"out": str(out), "pass": all(t["pass"] is not False for t in results["targets"])}

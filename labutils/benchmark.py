@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -33,8 +34,8 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,11 @@ from labutils.bitlinear import BitNetConfig, quantize_, quantize_embeddings_
 
 __all__ = [
     "PRESETS",
-    "Preset",
     "RESULTS_SCHEMA",
     "ROWS",
-    "Row",
     "TARGETS",
+    "Preset",
+    "Row",
     "charts",
     "check_targets",
     "format_table",
@@ -193,7 +194,7 @@ def _commit() -> str | None:
         return os.environ["LABBOOK_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=root, capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -213,13 +214,9 @@ def _versions() -> dict[str, str]:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from labutils.bench import _cpu_info
+
+    return _cpu_info()["model"] or platform.machine()
 
 
 def provenance(device: str) -> dict[str, Any]:
@@ -231,7 +228,7 @@ def provenance(device: str) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "versions": _versions(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
     }
 
@@ -287,7 +284,7 @@ def load_splits(preset: Preset, tokenizer: Any) -> Splits:
         test = test.select(range(preset.test_size))
     val = train.select(range(n_train, n_train + preset.val_size))
     train = train.select(range(n_train))
-    tok = lambda ds: tokenize_imdb(ds, tokenizer, preset.max_length)  # noqa: E731
+    tok = lambda ds: tokenize_imdb(ds, tokenizer, preset.max_length)
     return Splits(tok(train), tok(val), tok(test))
 
 
@@ -361,15 +358,20 @@ def write_untrained_student(out: Path, row: str, model_path: str | None, preset:
     ``row``'s BitLinear (no QAT), packed exactly like a trained one. Its accuracy means nothing, but
     its file size, latency and memory are those of the trained student: none of them depends on
     the weights' values. Written to ``out/untrained/<row>.packed``."""
-    from labutils.packfile import save_packed
-
     model = teacher_skeleton(model_path)
     quantize_(model, ROWS[row].bitnet)
     path = out / "untrained" / f"{row}.packed"
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_packed(model, path, ternary=preset.ternary, embeddings=preset.embeddings,
-                group_size=preset.group_size, float_dtype=preset.float_dtype)  # fmt: skip
+    _save_student(model, path, preset)
     return path
+
+
+def _save_student(model: nn.Module, path: Path, preset: Preset) -> int:
+    """Write a student as the preset packs it (linears, embeddings, floats); return its bytes."""
+    from labutils.packfile import save_packed
+
+    return save_packed(model, path, ternary=preset.ternary, embeddings=preset.embeddings,
+                       group_size=preset.group_size, float_dtype=preset.float_dtype)  # fmt: skip
 
 
 def load_teacher(out: Path, model_path: str | None, attn: str = "sdpa") -> tuple[nn.Module, str]:
@@ -452,7 +454,6 @@ def _train_student(
     row: str, preset: Preset, out: Path, splits: Splits, model_path: str | None, device: torch.device, quiet: bool
 ) -> dict:
     from labutils.distill import train
-    from labutils.packfile import save_packed
 
     teacher, _ = load_teacher(out, model_path, attn="eager")  # eager: attention maps for the KD loss
     student = copy.deepcopy(teacher)
@@ -473,14 +474,7 @@ def _train_student(
     test = _loader(splits.test, preset.eval_batch_size, False, 0)
     student = student.float().to(device).eval()
     before = accuracy(student, test, device)
-    file_bytes = save_packed(
-        student.cpu(),
-        _pack_file(out, row),
-        ternary=preset.ternary,
-        embeddings=preset.embeddings,
-        group_size=preset.group_size,
-        float_dtype=preset.float_dtype,
-    )
+    file_bytes = _save_student(student.cpu(), _pack_file(out, row), preset)
     reloaded = load_student(out, row, model_path).to(device)
     return {
         "accuracy": accuracy(reloaded, test, device),  # the shipped file's model, what users get
@@ -589,8 +583,6 @@ def _inputs(vocab_size: int, batch: int, length: int, seed: int) -> dict[str, to
 
 def _weights_bytes(model: nn.Module) -> int:
     """Bytes of the parameters and buffers the model holds in memory (packed buffers included)."""
-    from labutils.kernels import PackedBitLinear
-
     seen, total = set(), 0
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.data_ptr() not in seen:
@@ -601,41 +593,41 @@ def _weights_bytes(model: nn.Module) -> int:
         if packed is not None and hasattr(packed, "_weight_bias"):
             w, b = packed._weight_bias()
             total += w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
-        if isinstance(module, PackedBitLinear):
-            pass  # its packed bytes are a registered buffer, counted above
     return total
 
 
-def _cpu_models(out: Path, rows: Sequence[str], model_path: str | None, attn: str) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """The inference model of every row for the CPU: FP32, INT8, and the packed students on the
-    kernels. Also {row: where its weights came from}."""
+@dataclass
+class CpuModels:
+    """What the CPU stage measures: {row: inference model} (FP32, INT8, packed students on the
+    kernels), {student row: the same student fake-quantized}, {row: where its weights came from}."""
+
+    inference: dict[str, nn.Module]
+    fake_quantized: dict[str, nn.Module]
+    notes: dict[str, str]
+
+
+def _cpu_models(out: Path, rows: Sequence[str], model_path: str | None) -> CpuModels:
+    """Load every row once (a student's packed file is read and fitted once, then packed)."""
     from labutils.kernels import pack_model
 
-    models, notes = {}, {}
-    teacher, source = load_teacher(out, model_path, attn)
+    models = CpuModels({}, {}, {})
+    teacher, source = load_teacher(out, model_path)
     for row in rows:
         if row == "fp32":
-            models[row], notes[row] = teacher, source
+            models.inference[row], models.notes[row] = teacher, source
         elif row == "int8":
-            models[row], notes[row] = int8_dynamic(teacher), source
+            models.inference[row], models.notes[row] = int8_dynamic(teacher), source
         elif _student_file(out, row).is_file():
-            models[row] = pack_model(load_student(out, row, model_path, attn), threads=None)
+            student = load_student(out, row, model_path)
+            models.fake_quantized[row], models.inference[row] = student, pack_model(student)
             path = _student_file(out, row)
             trained = path == _pack_file(out, row)
-            notes[row] = f"packed file {path.relative_to(out)}" + ("" if trained else " (untrained stand-in)")
-    return models, notes
+            models.notes[row] = f"packed file {path.relative_to(out)}" + ("" if trained else " (untrained stand-in)")
+    return models
 
 
-def _set_attention(model: nn.Module, attn: str) -> None:
-    model.set_attn_implementation(attn)
-
-
-def _agreement(out: Path, row: str, model_path: str | None, preset: Preset, splits: Splits | None) -> dict:
+def _agreement(student: nn.Module, packed: nn.Module, preset: Preset, splits: Splits) -> dict:
     """Packed student (kernels) vs the same student fake-quantized (BitLinear), on test reviews."""
-    from labutils.kernels import pack_model
-
-    student = load_student(out, row, model_path)
-    packed = pack_model(student)
     n = min(preset.agreement_reviews, len(splits.test))
     batch = splits.test[:n]
     with torch.no_grad():
@@ -659,7 +651,7 @@ def _latency(models: Mapping[str, nn.Module], preset: Preset, vocab: int, quiet:
     cases = [(b, n) for b in preset.latency_batches for n in preset.latency_lengths]
     for b, n in tqdm(cases, desc="latency", disable=quiet):
         inputs = _inputs(vocab, b, n, preset.seed)
-        fns = {row: (lambda m=m: m(**inputs)) for row, m in models.items()}
+        fns = {row: functools.partial(m, **inputs) for row, m in models.items()}
         with torch.inference_mode():
             timings = interleaved_timings(fns, warmup=1, repeat=preset.latency_repeat)
         for row, t in timings.items():
@@ -677,13 +669,13 @@ def _memory(models: Mapping[str, nn.Module], preset: Preset, vocab: int, quiet: 
     cases = [(attn, row) for attn in ("eager", "sdpa") for row in models]
     for attn, row in tqdm(cases, desc="memory", disable=quiet):
         model = models[row]
-        _set_attention(model, attn)
+        model.set_attn_implementation(attn)
         for n in sorted(preset.memory_lengths):
             inputs = _inputs(vocab, preset.memory_batch, n, preset.seed)
             with torch.inference_mode():
-                peak = peak_memory(lambda: model(**inputs))
+                peak = peak_memory(functools.partial(model, **inputs))
             result[row].setdefault(attn, {})[f"L{n}"] = peak.peak_bytes / 1e6
-        _set_attention(model, "sdpa")
+        model.set_attn_implementation("sdpa")
     return result
 
 
@@ -713,17 +705,17 @@ def _sizes(out: Path, rows: Sequence[str], models: Mapping[str, nn.Module], pres
     return sizes
 
 
-def _macs_and_energy(models: Mapping[str, nn.Module], out: Path, model_path: str | None, vocab: int) -> dict[str, dict]:
+def _macs_and_energy(models: CpuModels, vocab: int) -> dict[str, dict]:
     """MACs of one review of 256 tokens and their arithmetic energy (``labutils.measure``)."""
     from labutils.measure import count_macs, energy_estimate
 
     result = {}
     inputs = _inputs(vocab, 1, 256, 0)
-    for row, model in models.items():
+    for row, model in models.inference.items():
         macs = count_macs(model, **inputs)
         extra = {}
-        if row == "w1.58a8" and row in models:
-            extra["nonzero_fraction"] = _nonzero_fraction(load_student(out, row, model_path))
+        if row == "w1.58a8":  # zero weights cost no add
+            extra["nonzero_fraction"] = _nonzero_fraction(models.fake_quantized[row])
         energy = energy_estimate(macs, ROWS[row].energy_scheme, **extra)
         result[row] = {"macs": macs, "energy": energy, **extra}
     return result
@@ -765,19 +757,19 @@ def run_cpu(
         if untrained and ROWS[row].is_student and not _student_file(out, row).is_file():
             write_untrained_student(out, row, model_path, preset)
     with use_threads(threads):
-        models, notes = _cpu_models(out, rows, model_path, "sdpa")
-        students = [r for r in rows if ROWS[r].is_student and r in models]
+        models = _cpu_models(out, rows, model_path)
+        students = models.fake_quantized
         splits = load_splits(preset, tokenizer) if students else None
-        agreement = {row: _agreement(out, row, model_path, preset, splits) for row in students}
+        agreement = {row: _agreement(students[row], models.inference[row], preset, splits) for row in students}
         result = {
             "provenance": {**provenance(f"cpu: {_cpu_name()}"), "threads": threads},
-            "weights_source": notes,
+            "weights_source": models.notes,
             "agreement": agreement,
-            "latency": _latency(models, preset, vocab, quiet),
-            "memory": _memory(models, preset, vocab, quiet),
-            "weights_bytes": {row: _weights_bytes(m) for row, m in models.items()},
-            "file_bytes": _sizes(out, rows, models, preset),
-            "compute": _macs_and_energy(models, out, model_path, vocab),
+            "latency": _latency(models.inference, preset, vocab, quiet),
+            "memory": _memory(models.inference, preset, vocab, quiet),
+            "weights_bytes": {row: _weights_bytes(m) for row, m in models.inference.items()},
+            "file_bytes": _sizes(out, rows, models.inference, preset),
+            "compute": _macs_and_energy(models, vocab),
         }
     _write_json(out / "cpu.json", result)
     return result
@@ -786,7 +778,7 @@ def run_cpu(
 # --------------------------------------------------------------------------- stage 3: report
 
 
-def _rows_of(out: Path, cpu: Mapping[str, Any], preset: Preset) -> dict[str, dict]:
+def _rows_of(out: Path, cpu: Mapping[str, Any]) -> dict[str, dict]:
     rows = {}
     for name, row in ROWS.items():
         trained = _read_json(_row_file(out, "train", name)) if _row_file(out, "train", name).is_file() else {}
@@ -806,7 +798,7 @@ def _rows_of(out: Path, cpu: Mapping[str, Any], preset: Preset) -> dict[str, dic
 def check_targets(results: Mapping[str, Any]) -> list[dict]:
     """The issue's targets against ``results``: [{key, text, value, pass}] (pass None = not measured)."""
     rows = results["rows"]
-    get = lambda row, *keys: _dig(rows.get(row, {}), keys)  # noqa: E731
+    get = lambda row, *keys: _dig(rows.get(row, {}), keys)
     teacher = get("fp32", "accuracy")
 
     def gap(row: str) -> float | None:
@@ -854,7 +846,7 @@ def run_report(preset: Preset, out: Path) -> dict:
         "benchmark": "IMDb sentiment: full precision vs INT8 vs 1.58-bit vs 1-bit",
         "preset": asdict(preset),
         "provenance": {"train": train_prov, "cpu": cpu.get("provenance"), "report": provenance("report")},
-        "rows": _rows_of(out, cpu, preset),
+        "rows": _rows_of(out, cpu),
     }
     results["targets"] = check_targets(results)
     validate_results(results)
@@ -942,7 +934,7 @@ def format_table(results: Mapping[str, Any], batch: int = 32, length: int = 256)
         ms = _dig(row, ("latency", b, n, "median_ms"))
         mem = [_dig(row, ("memory", attn, n)) for attn in ("sdpa", "eager")]
         energy = _dig(row, ("compute", "energy", "total_j"))
-        fmt = lambda value, spec: "" if value is None else format(value, spec)  # noqa: E731
+        fmt = lambda value, spec: "" if value is None else format(value, spec)
         file_mb = None if row.get("file_bytes") is None else row["file_bytes"] / 1e6
         cells = [
             f"{row['label']:<26}",

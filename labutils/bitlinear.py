@@ -499,11 +499,11 @@ class GroupQuantEmbedding(nn.Embedding):
             norm_type=embedding.norm_type,
             scale_grad_by_freq=embedding.scale_grad_by_freq,
             sparse=embedding.sparse,
-            _weight=embedding.weight,
+            _weight=embedding.weight.detach(),  # no fresh random table
             bits=bits,
             group_size=group_size,
         )
-        new.weight = embedding.weight
+        new.weight = embedding.weight  # the same Parameter: ties and optimizer state carry over
         return new.train(embedding.training)
 
     def quantized_weight(self) -> torch.Tensor:

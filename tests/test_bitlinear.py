@@ -530,3 +530,44 @@ def test_lora_on_frozen_ternary_weights(monkeypatch):
         LoRA(BitLinear(4, 4), rank=0)
     with pytest.raises(ValueError, match="no BitLinear"):
         add_lora_(nn.Sequential(nn.Linear(2, 2)))
+
+
+# --------------------------------------------------------------------------- quantized embeddings
+
+
+def test_group_quant_embedding_looks_up_the_k_bit_table_and_packs_exactly(tmp_path):
+    from labutils import quant
+    from labutils.bitlinear import GroupQuantEmbedding, quantize_embeddings_
+    from labutils.packfile import load_packed, save_packed
+    from models_support import tiny_bert
+
+    model = tiny_bert(seed=0)
+    word = model.bert.embeddings.word_embeddings
+    names = quantize_embeddings_(model, bits=4, group_size=16)
+    assert "bert.embeddings.word_embeddings" in names
+    emb = model.bert.embeddings.word_embeddings
+    assert isinstance(emb, GroupQuantEmbedding) and emb.weight is word.weight
+    ids = torch.tensor([[1, 5, 7], [2, 2, 9]])
+    table = quant.dequantize(quant.quantize(emb.weight.detach(), 4, granularity="group", axis=0, group_size=16))
+    torch.testing.assert_close(emb(ids), table[ids], rtol=0, atol=0)
+    emb(ids).sum().backward()  # straight-through: the latent table gets the gradient
+    assert emb.weight.grad is not None and emb.weight.grad[5].abs().sum() > 0
+
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    save_packed(model, tmp_path / "m.packed", embeddings="int4", group_size=16)
+    reloaded = load_packed(tmp_path / "m.packed", tiny_bert(seed=1)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, before, rtol=0, atol=0)
+
+
+def test_group_quant_embedding_errors():
+    from labutils.bitlinear import GroupQuantEmbedding, quantize_embeddings_
+
+    with pytest.raises(ValueError, match="bits"):
+        GroupQuantEmbedding(10, 8, bits=1)
+    with pytest.raises(ValueError, match="divide"):
+        GroupQuantEmbedding(10, 12, group_size=5)
+    with pytest.raises(ValueError, match="no nn.Embedding"):
+        quantize_embeddings_(nn.Sequential(nn.Linear(2, 2)))

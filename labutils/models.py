@@ -274,10 +274,27 @@ class BagOfEmbeddings(torch.nn.Module):
 
     def __init__(self, vocab_size: int, dim: int = 64, depth: int = 8, seed: int = 0, num_labels: int = 2) -> None:
         super().__init__()
-        torch.manual_seed(seed)
-        self.embed = torch.nn.EmbeddingBag(vocab_size, dim, mode="mean", padding_idx=0)
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(depth))
-        self.classifier = torch.nn.Linear(dim, num_labels)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        # The modules' default inits draw from the global generator: fork it so that building a
+        # model leaves the caller's random state untouched, then draw the real init from a local
+        # generator (same order and distributions as PyTorch's defaults).
+        with torch.random.fork_rng(devices=[]):
+            self.embed = torch.nn.EmbeddingBag(vocab_size, dim, mode="mean", padding_idx=0)
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(depth))
+            self.classifier = torch.nn.Linear(dim, num_labels)
+        self.reset_parameters(torch.Generator().manual_seed(seed))
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Re-draw every parameter from ``generator``: N(0, 1) embeddings (padding row 0), and
+        ``nn.Linear``'s default Kaiming-uniform weights and uniform(±1/sqrt(fan_in)) biases."""
+        torch.nn.init.normal_(self.embed.weight, generator=generator)
+        self.embed.weight[0].zero_()  # padding_idx
+        for linear in [*self.layers, self.classifier]:
+            torch.nn.init.kaiming_uniform_(linear.weight, a=5**0.5, generator=generator)
+            bound = 1 / linear.in_features**0.5
+            torch.nn.init.uniform_(linear.bias, -bound, bound, generator=generator)
 
     def forward(self, input_ids: torch.Tensor):
         from labutils.distill import ModelOutputs

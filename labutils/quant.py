@@ -5,7 +5,8 @@ Everything here maps a float tensor ``x`` onto a small set of levels ``codes * s
 - **uniform affine** (``quantize`` / ``dequantize`` / ``fake_quantize``): integer codes of 2 to
   16 bits, symmetric (``x ≈ q·s``) or asymmetric (``x ≈ (q - z)·s``), one scale per tensor, per
   channel or per group, rounded to nearest or stochastically;
-- **binary** (``binarize_sign``): ``x ≈ sign(x)·mean|x|`` (XNOR-Net, BitNet);
+- **binary** (``binarize_sign``): ``x ≈ sign(x)·mean|x|`` (XNOR-Net; ``centered=True``:
+  ``sign(x - mean x)·mean|x|``, BitNet);
 - **ternary** (``ternarize_absmean``, BitNet b1.58, and ``ternarize_twn``, Ternary Weight
   Networks): ``x ≈ t·s`` with ``t ∈ {-1, 0, +1}``;
 - **activations** (``quantize_activations_absmax``): per-token absmax to k bits, as BitNet does;
@@ -142,22 +143,39 @@ def _mean_abs(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
 # --------------------------------------------------------------------------- binary, ternary
 
 
-def binarize_sign(w: torch.Tensor, *, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def binarize_sign(
+    w: torch.Tensor, *, per_channel: bool = False, centered: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """1-bit weights: ``w ≈ codes * scale`` with ``codes = sign(w)`` and ``scale = mean|w|``.
 
-    mean|w| is the scale that minimises ``||w - s·sign(w)||²`` (XNOR-Net); BitNet uses it too.
-    Zero (and -0.0) maps to +1, so every weight gets one of two codes.
+    mean|w| is the scale that minimises ``||w - s·sign(w)||²`` (XNOR-Net). Zero (and -0.0) maps
+    to +1, so every weight gets one of two codes.
+
+    ``centered=True`` is BitNet's form (Wang et al., 2023): ``codes = sign(w - mean(w))``, the
+    sign taken after centring the weights on their mean (per tensor, or per row with
+    ``per_channel``), so that the codes are balanced between -1 and +1; the scale stays
+    ``mean|w|`` (the paper's β = ||W||₁ / nm). The book and ``BitLinear`` use the uncentred
+    XNOR-Net form: for trained weights, whose mean is tiny next to mean|w|, the two give almost
+    the same codes (chapter 2 measures how few differ), and the uncentred codes are exactly the
+    signs the popcount kernels store.
 
     Args:
         w: float tensor, any shape (per_channel needs at least 1 dim; channels are dim 0).
-        per_channel: one scale per slice ``w[i]`` instead of one for the whole tensor.
+        per_channel: one scale (and one mean, if centered) per slice ``w[i]`` instead of one for
+            the whole tensor.
+        centered: subtract the mean of ``w`` before taking the sign (BitNet).
 
     Returns:
         codes: int8, shape of ``w``, values in {-1, +1}.
         scale: float32, shape [] per tensor, or [C, 1, ..., 1] (``w.dim()`` dims) per channel.
     """
     x = _as_float32(w, "w")
+    if not isinstance(centered, bool):
+        raise TypeError(f"centered must be a bool, got {centered!r}")
     scale = _mean_abs(x, per_channel)
+    if centered:
+        mean = _channel_rows(x, per_channel).mean(dim=1).reshape(_row_stat_shape(x, per_channel))
+        x = x - mean
     codes = torch.where(x >= 0, 1, -1).to(torch.int8)
     return codes, scale
 
@@ -188,7 +206,7 @@ def ternarize_absmean(
 
 
 def ternarize_twn(w: torch.Tensor, *, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ternary Weight Networks (Li & Liu, 2016): threshold at ``Δ = 0.7·mean|w|``.
+    """Ternary Weight Networks (Li, Zhang & Liu, 2016, arXiv:1605.04711): threshold at ``Δ = 0.7·mean|w|``.
 
     ``codes = sign(w)·[|w| > Δ]`` and ``scale = mean(|w| over |w| > Δ)`` (0 where no weight
     passes), the closed-form approximation TWN derives for Gaussian-like weights.

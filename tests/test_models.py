@@ -240,3 +240,14 @@ def test_bag_of_embeddings_shapes_and_padding():
     assert torch.allclose(padded.logits, out.logits[:1])
     again = models.BagOfEmbeddings(vocab_size=50, dim=8, depth=3, seed=0)
     assert torch.equal(again(ids).logits, out.logits)
+
+
+def test_bag_of_embeddings_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = models.BagOfEmbeddings(vocab_size=50, dim=8, depth=3, seed=0)
+    assert torch.equal(torch.rand(3), expected)  # building a model did not reseed or advance it
+    second = models.BagOfEmbeddings(vocab_size=50, dim=8, depth=3, seed=1)
+    assert not torch.equal(first.layers[0].weight, second.layers[0].weight)
+    assert torch.all(first.embed.weight[0] == 0)  # the padding row

@@ -112,6 +112,31 @@ def test_binarize_sign_scale_is_l2_optimal(w):
     assert error(scale) <= error(scale * 0.99) * (1 + 1e-5) + 1e-12
 
 
+def test_binarize_sign_centered_is_bitnets_sign_of_w_minus_mean():
+    # mean = 0.5: the uncentred signs are all +1 but 0.1 and 0.2 fall below the mean.
+    w = torch.tensor([[0.1, 0.2, 0.7, 1.0], [-1.0, -0.5, 0.5, 1.0]])
+    codes, scale = quant.binarize_sign(w[0], centered=True)
+    assert codes.tolist() == [-1, -1, 1, 1]
+    assert quant.binarize_sign(w[0])[0].tolist() == [1, 1, 1, 1]
+    assert float(scale) == pytest.approx(0.5)  # β = mean|w|, as in BitNet, not mean|w - mean|
+    # Per channel, each row is centred on its own mean; row 1 has mean 0 and keeps its signs.
+    codes_pc, scale_pc = quant.binarize_sign(w, per_channel=True, centered=True)
+    assert codes_pc.tolist() == [[-1, -1, 1, 1], [-1, -1, 1, 1]]
+    assert scale_pc.shape == (2, 1)
+    assert torch.allclose(scale_pc[:, 0], w.abs().mean(dim=1))
+
+
+def test_binarize_sign_centered_balances_the_codes_of_shifted_weights():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 256, generator=gen) + 0.3  # a mean far from 0
+    plain, _ = quant.binarize_sign(w)
+    centered, _ = quant.binarize_sign(w, centered=True)
+    assert float(plain.float().mean()) > 0.2  # mostly +1
+    assert abs(float(centered.float().mean())) < 0.01  # balanced
+    with pytest.raises(TypeError, match="centered must be a bool"):
+        quant.binarize_sign(w, centered=1)
+
+
 # --------------------------------------------------------------------------- activations
 
 

@@ -7,7 +7,9 @@ The IMDb benchmark (``labutils.benchmark``), chapter 7 and lab 7 use these.
   Timings are noisy on a shared machine: compare models with ``interleaved_timings``
   (round-robin, so a load spike hits every model alike) and report ratios.
 - ``peak_memory``: the peak of resident memory above its level before the call, read from the
-  Linux kernel (``VmHWM``), so torch, numpy and Numba allocations all count.
+  Linux kernel (``VmHWM``), so torch, numpy and Numba allocations all count; on macOS and
+  Windows from the process's lifetime peak or RSS polled during the call
+  (``peak_memory_support()`` says which, and why).
 - ``count_macs``: multiply-accumulates of one forward pass, linear layers and attention apart.
 - ``energy_estimate``: those MACs times published per-operation energies (Horowitz, ISSCC 2014:
   the table BitNet and BitNet b1.58 use). Arithmetic only: no memory traffic, no control.
@@ -20,6 +22,8 @@ import gc
 import numbers
 import re
 import statistics
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -39,7 +43,9 @@ __all__ = [
     "count_macs",
     "energy_estimate",
     "interleaved_timings",
+    "PEAK_METHODS",
     "peak_memory",
+    "peak_memory_support",
     "threads",
     "time_callable",
 ]
@@ -212,7 +218,11 @@ class MemoryPeak:
     Attributes:
         peak_bytes: high-water mark of RSS during the call minus RSS just before it.
         baseline_bytes: RSS just before the call (interpreter, libraries, weights, ...).
-        method: how it was measured: "linux-vmhwm" (the kernel's VmHWM after a reset).
+        method: how it was measured (``PEAK_METHODS``): "linux-vmhwm" (the kernel's VmHWM after
+            a reset: exact to the page); "lifetime-peak" (elsewhere: the process's lifetime peak,
+            ``ru_maxrss`` or Windows' PeakWorkingSetSize, rose during the call, so it is the
+            call's peak); "sampled-rss" (it did not: RSS polled every millisecond during the
+            call, which can miss a spike shorter than that).
     """
 
     peak_bytes: int
@@ -223,12 +233,14 @@ class MemoryPeak:
         return asdict(self)
 
 
+PEAK_METHODS = ("linux-vmhwm", "lifetime-peak", "sampled-rss")
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 _MMAP_THRESHOLD_BYTES = (
     128 * 1024
 )  # glibc's default threshold, pinned so it stops adapting
+_SAMPLE_SECONDS = 0.001
 
 
 def _status_kib(field: str) -> int:
@@ -238,64 +250,185 @@ def _status_kib(field: str) -> int:
     return int(match.group(1))
 
 
-def _glibc() -> ctypes.CDLL:
+def _glibc() -> ctypes.CDLL | None:
+    """glibc with mallopt and malloc_trim, or None (musl, macOS, Windows)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt, libc.malloc_trim  # noqa: B018 - musl has no malloc_trim
-    except (OSError, AttributeError) as err:
-        raise RuntimeError(
-            "peak_memory needs glibc (libc.so.6 with mallopt and malloc_trim)"
-        ) from err
+    except (OSError, AttributeError):
+        return None
     return libc
 
 
-def peak_memory(fn: Callable[[], Any]) -> MemoryPeak:
-    """Peak extra resident memory while ``fn()`` runs, measured by the Linux kernel.
+def _linux_reset_works() -> bool:
+    """True where the kernel's VmHWM can be reset: Linux >= 4.0 with a writable clear_refs."""
+    if not _CLEAR_REFS.exists() or not _STATUS.exists():
+        return False
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:  # some containers mount /proc read-only
+        return False
+    return True
 
-    Steps: pin glibc's mmap threshold at 128 KiB (``mallopt(M_MMAP_THRESHOLD, 131072)``: glibc
-    otherwise raises it after large frees, and then big buffers land on the heap and stay
+
+def _windows_memory() -> tuple[int, int] | None:
+    """(WorkingSetSize, PeakWorkingSetSize) in bytes from psapi, or None off Windows."""
+    if sys.platform != "win32":
+        return None
+
+    class Counters(ctypes.Structure):  # PROCESS_MEMORY_COUNTERS (psapi.h)
+        _fields_ = [("cb", ctypes.c_ulong), ("PageFaultCount", ctypes.c_ulong)] + [
+            (name, ctypes.c_size_t)
+            for name in ("PeakWorkingSetSize", "WorkingSetSize", "QuotaPeakPagedPoolUsage",
+                         "QuotaPagedPoolUsage", "QuotaPeakNonPagedPoolUsage",
+                         "QuotaNonPagedPoolUsage", "PagefileUsage", "PeakPagefileUsage")
+        ]
+
+    counters = Counters()
+    counters.cb = ctypes.sizeof(Counters)
+    windll = ctypes.windll  # type: ignore[attr-defined]
+    handle = windll.kernel32.GetCurrentProcess()
+    if not windll.psapi.GetProcessMemoryInfo(handle, ctypes.byref(counters), counters.cb):
+        return None
+    return int(counters.WorkingSetSize), int(counters.PeakWorkingSetSize)
+
+
+def _current_rss_reader() -> Callable[[], int] | None:
+    """A function returning this process's RSS in bytes (psutil, or psapi on Windows), or None."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        process = psutil.Process()
+        return lambda: int(process.memory_info().rss)
+    if _windows_memory() is not None:
+        return lambda: _windows_memory()[0]  # type: ignore[index]
+    return None
+
+
+def _lifetime_peak_bytes() -> int | None:
+    """The process's peak RSS since it started, in bytes, or None where no API gives it.
+
+    ``ru_maxrss`` is in KiB on Linux and the BSDs, in bytes on macOS; Windows has
+    PeakWorkingSetSize instead. Neither can be reset, hence the comparison in peak_memory.
+    """
+    windows = _windows_memory()
+    if windows is not None:
+        return windows[1]
+    try:
+        import resource
+    except ImportError:  # Windows without psapi, or an exotic platform
+        return None
+    maxrss = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
+
+
+def peak_memory_support() -> tuple[str | None, str]:
+    """How ``peak_memory`` will measure on this machine: (method or None, a sentence why).
+
+    The method is "linux-vmhwm" where the kernel's peak can be reset, else "lifetime-peak" /
+    "sampled-rss" (decided per call, see ``MemoryPeak``), reported here as
+    "lifetime-peak or sampled-rss"; None where nothing can be measured (then ``peak_memory``
+    raises RuntimeError with the same sentence). Chapters print the sentence and skip the
+    memory column instead of failing.
+    """
+    if _linux_reset_works():
+        return "linux-vmhwm", "Linux: the kernel's resident high-water mark (VmHWM), reset before each call"
+    reader = _current_rss_reader()
+    if reader is None:
+        return None, (
+            f"peak memory cannot be measured on {sys.platform}: the per-call reset needs Linux's "
+            "/proc/self/clear_refs, and the fallback needs the current RSS, from psutil "
+            "(pip install psutil) or, on Windows, psapi"
+        )
+    lifetime = "a lifetime peak" if _lifetime_peak_bytes() is not None else "no lifetime peak"
+    return "lifetime-peak or sampled-rss", (
+        f"{sys.platform}: no resettable peak (Linux's /proc/self/clear_refs); the call's peak is the "
+        f"process's lifetime peak where the call raised it ({lifetime} available here), else RSS "
+        f"polled every {_SAMPLE_SECONDS * 1e3:g} ms, which can miss a shorter spike"
+    )
+
+
+def _sampled_call(fn: Callable[[], Any], read_rss: Callable[[], int]) -> int:
+    """Run fn while a thread polls read_rss; return the largest RSS seen (bytes)."""
+    highest = [read_rss()]
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            highest[0] = max(highest[0], read_rss())
+            done.wait(_SAMPLE_SECONDS)
+
+    poller = threading.Thread(target=poll, name="peak_memory-sampler", daemon=True)
+    poller.start()
+    try:
+        result = fn()
+        highest[0] = max(highest[0], read_rss())  # what fn still holds when it returns
+        del result
+    finally:
+        done.set()
+        poller.join()
+    return highest[0]
+
+
+def peak_memory(fn: Callable[[], Any]) -> MemoryPeak:
+    """Peak extra resident memory while ``fn()`` runs: exact on Linux, approximate elsewhere.
+
+    On Linux: pin glibc's mmap threshold at 128 KiB (``mallopt(M_MMAP_THRESHOLD, 131072)``:
+    glibc otherwise raises it after large frees, and then big buffers land on the heap and stay
     resident; pinned, every buffer above 128 KiB is its own mapping and goes back to the OS when
-    freed, so one measurement does not reuse memory an earlier one left behind), ``gc.collect()``,
-    ``malloc_trim(0)``, reset the kernel's high-water mark (write "5" to /proc/self/clear_refs),
-    read VmRSS, run ``fn``, read VmHWM. The difference counts every allocation of the process,
-    torch, numpy and Numba alike, and every thread (unlike torch's profiler).
+    freed, so one measurement does not reuse memory an earlier one left behind),
+    ``gc.collect()``, ``malloc_trim(0)``, reset the kernel's high-water mark (write "5" to
+    /proc/self/clear_refs), read VmRSS, run ``fn``, read VmHWM. The difference counts every
+    allocation of the process, torch, numpy and Numba alike, and every thread (unlike torch's
+    profiler).
+
+    Elsewhere (macOS, Windows, Linux with a read-only /proc), no peak can be reset. RSS is read
+    before the call (psutil, or psapi on Windows) and polled every millisecond during it; if the
+    process's lifetime peak (``ru_maxrss``, PeakWorkingSetSize) rose during the call, that is
+    the call's peak ("lifetime-peak"), else the polled maximum is ("sampled-rss", which can miss
+    a spike shorter than a millisecond). ``peak_memory_support()`` says which applies here.
 
     The pinned threshold stays set for the rest of the process (it is glibc's default value).
     ``fn``'s return value is dropped. Pages are counted when touched: ``torch.empty`` of 1 GB
     that is never written costs nothing.
 
     Returns:
-        MemoryPeak(peak_bytes, baseline_bytes, "linux-vmhwm"), in bytes (kernel pages: KiB
-        resolution).
+        MemoryPeak(peak_bytes, baseline_bytes, method), in bytes (kernel pages: KiB resolution).
 
     Raises:
         TypeError: fn is not callable.
-        RuntimeError: not Linux >= 4.0 with glibc: it needs /proc/self/clear_refs (writable) to
-            reset the peak, /proc/self/status for VmRSS/VmHWM, and glibc's mallopt/malloc_trim.
+        RuntimeError: nothing can measure RSS here: not Linux with /proc/self/clear_refs, and
+            neither psutil nor (on Windows) psapi is available. The message says what is missing.
     """
     _check_callable(fn, "fn")
-    if not _CLEAR_REFS.exists() or not _STATUS.exists():
-        raise RuntimeError(
-            "peak_memory needs Linux: /proc/self/clear_refs (to reset the resident-memory "
-            "high-water mark, kernel >= 4.0) and /proc/self/status (VmRSS, VmHWM)"
-        )
     libc = _glibc()
-    libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
     gc.collect()  # free unreachable tensors first, so trimming can hand their memory back
-    libc.malloc_trim(0)
-    try:
-        _CLEAR_REFS.write_text("5")
-    except OSError as err:
-        raise RuntimeError(
-            f"peak_memory could not reset the peak via /proc/self/clear_refs: {err}"
-        ) from err
-    before = _status_kib("VmRSS")
-    result = fn()
-    peak = _status_kib("VmHWM")
-    del result
-    return MemoryPeak(
-        peak_bytes=max(0, peak - before) * 1024, baseline_bytes=before * 1024
-    )
+    if libc is not None:
+        libc.malloc_trim(0)
+    if _linux_reset_works():  # the reset itself: VmHWM := VmRSS
+        before = _status_kib("VmRSS")
+        result = fn()
+        peak = _status_kib("VmHWM")
+        del result
+        return MemoryPeak(
+            peak_bytes=max(0, peak - before) * 1024, baseline_bytes=before * 1024
+        )
+    read_rss = _current_rss_reader()
+    if read_rss is None:
+        raise RuntimeError(peak_memory_support()[1])
+    lifetime_before = _lifetime_peak_bytes()
+    before = read_rss()
+    sampled = _sampled_call(fn, read_rss)
+    lifetime_after = _lifetime_peak_bytes()
+    if lifetime_before is not None and lifetime_after is not None and lifetime_after > lifetime_before:
+        peak, method = max(lifetime_after, sampled), "lifetime-peak"
+    else:
+        peak, method = sampled, "sampled-rss"
+    return MemoryPeak(peak_bytes=max(0, peak - before), baseline_bytes=before, method=method)
 
 
 # --------------------------------------------------------------------------- MACs

@@ -167,12 +167,97 @@ def test_peak_memory_needs_a_callable():
         peak_memory(torch.ones(3))
 
 
-def test_peak_memory_says_what_it_needs_without_clear_refs(monkeypatch, tmp_path):
+def _without_clear_refs(monkeypatch, tmp_path):
+    """Make this Linux process look like macOS/Windows to peak_memory: no resettable peak."""
     from labutils import measure
 
     monkeypatch.setattr(measure, "_CLEAR_REFS", tmp_path / "missing")
-    with pytest.raises(RuntimeError, match="clear_refs"):
+    return measure
+
+
+def test_peak_memory_support_on_linux_says_vmhwm():
+    from labutils.measure import peak_memory_support
+
+    method, why = peak_memory_support()
+    assert method == "linux-vmhwm" and "VmHWM" in why
+
+
+def test_peak_memory_without_clear_refs_falls_back_and_sees_200mb(monkeypatch, tmp_path):
+    measure = _without_clear_refs(monkeypatch, tmp_path)
+    method, why = measure.peak_memory_support()
+    assert method == "lifetime-peak or sampled-rss" and "clear_refs" in why
+    peak = peak_memory(lambda: torch.ones(50_000_000))  # 200 MB, every page written
+    assert peak.method in ("lifetime-peak", "sampled-rss")
+    assert peak.peak_bytes == pytest.approx(200 * MB, rel=0.15)
+    assert peak.baseline_bytes > 10 * MB
+
+
+def test_peak_memory_sampled_rss_sees_a_freed_buffer(monkeypatch, tmp_path):
+    """With no lifetime peak (as if ru_maxrss were missing), polling alone still sees a buffer
+    that lived 50 ms, far longer than the 1 ms poll, and reports the method it used."""
+    measure = _without_clear_refs(monkeypatch, tmp_path)
+    monkeypatch.setattr(measure, "_lifetime_peak_bytes", lambda: None)
+
+    def allocate_hold_free():
+        x = torch.ones(25_000_000)  # 100 MB
+        time.sleep(0.05)
+        del x
+
+    peak = peak_memory(allocate_hold_free)
+    assert peak.method == "sampled-rss"
+    assert peak.peak_bytes == pytest.approx(100 * MB, rel=0.15)
+
+
+def test_peak_memory_prefers_a_lifetime_peak_that_rose(monkeypatch, tmp_path):
+    """A spike between two polls: only the lifetime peak (which rose during the call) sees it."""
+    measure = _without_clear_refs(monkeypatch, tmp_path)
+    rss = iter([1000, 1000, 1200, 1200, 1200, 1200])  # before, then polls: at most 1200
+    monkeypatch.setattr(measure, "_current_rss_reader", lambda: lambda: next(rss, 1200))
+    lifetime = iter([5000, 9000])  # before, after the call
+    monkeypatch.setattr(measure, "_lifetime_peak_bytes", lambda: next(lifetime))
+    peak = peak_memory(lambda: None)
+    assert (peak.method, peak.peak_bytes, peak.baseline_bytes) == ("lifetime-peak", 8000, 1000)
+
+
+def test_peak_memory_ignores_a_lifetime_peak_set_before_the_call(monkeypatch, tmp_path):
+    measure = _without_clear_refs(monkeypatch, tmp_path)
+    rss = iter([1000, 1000, 1300])
+    monkeypatch.setattr(measure, "_current_rss_reader", lambda: lambda: next(rss, 1100))
+    monkeypatch.setattr(measure, "_lifetime_peak_bytes", lambda: 50_000)  # from earlier work
+    peak = peak_memory(lambda: None)
+    assert (peak.method, peak.peak_bytes) == ("sampled-rss", 300)
+
+
+def test_ru_maxrss_units_follow_the_platform(monkeypatch):
+    """ru_maxrss is KiB on Linux and bytes on macOS."""
+    import resource
+
+    from labutils import measure
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    monkeypatch.setattr(measure.sys, "platform", "darwin")
+    assert measure._lifetime_peak_bytes() >= maxrss  # bytes as they come
+    monkeypatch.setattr(measure.sys, "platform", "linux")
+    assert measure._lifetime_peak_bytes() >= 1024 * maxrss
+
+
+def test_peak_memory_says_what_it_cannot_measure(monkeypatch, tmp_path):
+    """No clear_refs and no way to read RSS (no psutil, not Windows): a clear error, and
+    peak_memory_support says the same without raising."""
+    measure = _without_clear_refs(monkeypatch, tmp_path)
+    monkeypatch.setattr(measure, "_current_rss_reader", lambda: None)
+    method, why = measure.peak_memory_support()
+    assert method is None and "psutil" in why and "clear_refs" in why
+    with pytest.raises(RuntimeError, match="cannot be measured.*psutil"):
         peak_memory(lambda: None)
+
+
+def test_peak_memory_on_windows_reads_psapi(monkeypatch):
+    """Off Windows the psapi reader is absent, so it cannot be mistaken for a measurement."""
+    from labutils import measure
+
+    monkeypatch.setattr(measure.sys, "platform", "linux")
+    assert measure._windows_memory() is None
 
 
 # --------------------------------------------------------------------------- MACs

@@ -1,0 +1,93 @@
+"""What the CPU can run: the LLVM features Numba compiles for, and the kernel paths they allow.
+
+The features are read from LLVM, not from ``/proc/cpuinfo``, so they agree with the code Numba
+emits: with ``NUMBA_CPU_NAME`` set (compiling for another CPU), they are ``NUMBA_CPU_FEATURES``,
+which should then be given explicitly (LLVM does not say which features a CPU name implies).
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import llvmlite.binding as llvm
+import numba
+
+PATHS = ("avx512", "avx2", "generic")
+"""The kernel paths, fastest first: AVX-512 (VPOPCNTDQ + VNNI), AVX2 (256-bit), plain loops."""
+
+# LLVM feature -> the name Linux's /proc/cpuinfo (and the book) uses for it.
+_FLAG_NAMES = {
+    "avx2": "avx2",
+    "avx512f": "avx512f",
+    "avx512bw": "avx512bw",
+    "avx512vpopcntdq": "avx512_vpopcntdq",
+    "avx512vnni": "avx512_vnni",
+    "avxvnni": "avx_vnni",
+    "popcnt": "popcnt",
+    "neon": "neon",
+    "fp-armv8": "asimd",
+}
+
+# What each path's kernels need, in /proc/cpuinfo names.
+PATH_REQUIREMENTS: dict[str, tuple[str, ...]] = {
+    "avx512": ("avx512f", "avx512bw", "avx512_vpopcntdq", "avx512_vnni"),
+    "avx2": ("avx2",),
+    "generic": (),
+}
+
+
+def _target_features() -> str:
+    """LLVM feature string of the CPU Numba compiles for (NUMBA_CPU_NAME/FEATURES if set)."""
+    if numba.config.CPU_NAME not in (None, "", "host"):
+        return numba.config.CPU_FEATURES or ""
+    return llvm.get_host_cpu_features().flatten()
+
+
+def _enabled_llvm_features() -> set[str]:
+    return {f[1:] for f in _target_features().split(",") if f.startswith("+")}
+
+
+def target_flags() -> list[str]:
+    """The kernel-relevant features of the compile target, sorted, in /proc/cpuinfo names."""
+    enabled = _enabled_llvm_features()
+    return sorted({name for llvm_name, name in _FLAG_NAMES.items() if llvm_name in enabled})
+
+
+def missing_features(path: str) -> list[str]:
+    """The features ``path`` needs that the compile target lacks (ValueError for an unknown path)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    flags = set(target_flags())
+    return [f for f in PATH_REQUIREMENTS[path] if f not in flags]
+
+
+def available_paths() -> tuple[str, ...]:
+    """The paths this CPU can execute, fastest first; always ends with "generic"."""
+    return tuple(p for p in PATHS if not missing_features(p))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key in ("model name", "Model", "Hardware") and value:
+                return value
+    except OSError:
+        pass
+    return platform.processor() or llvm.get_host_cpu_name()
+
+
+def _base_features() -> dict[str, Any]:
+    flags = target_flags()
+    return {
+        "arch": platform.machine(),
+        "cpu": _cpu_model(),
+        "llvm_cpu": numba.config.CPU_NAME or llvm.get_host_cpu_name(),
+        "flags": flags,
+        "avx2": "avx2" in flags,
+        "avx512_vpopcntdq": "avx512_vpopcntdq" in flags,
+        "avx512_vnni": "avx512_vnni" in flags,
+        "avx_vnni": "avx_vnni" in flags,
+    }

@@ -1,0 +1,201 @@
+"""The packed layer: ``PackedBitLinear`` (a BitLinear on prepacked weights and the integer
+kernels, for CPU inference) and ``pack_model``.
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+
+import numpy as np
+import torch
+from numba import njit
+from torch import nn
+
+from labutils import packing, quant
+from labutils.bitlinear import BitLinear
+from labutils.kernels.layout import PackedWeights, _check_threads, prepack_w1a1, prepack_w1a8, prepack_w158a8
+from labutils.kernels.matmul import packed_matmul
+
+@njit(cache=True, boundscheck=False, error_model="numpy")
+def _pack_signs(x):  # pragma: no cover - compiled
+    """float [M, K] -> uint64 [M, ceil(K/64)]: bit k%64 of word k//64 is 1 where x >= 0.
+
+    ``pack_binary_rows`` of ``sign(x)`` (0 -> +1) in one pass, for the W1A1 activations.
+    """
+    m, k = x.shape
+    words = (k + 63) // 64
+    out = np.empty((m, words), dtype=np.uint64)
+    for r in range(m):
+        for w in range(words):
+            word = np.uint64(0)
+            for b in range(min(64, k - 64 * w)):
+                word |= np.uint64(x[r, 64 * w + b] >= 0) << np.uint64(b)
+            out[r, w] = word
+    return out
+
+
+ACT_MODES = ("int8", "binary")
+
+
+class PackedBitLinear(nn.Module):
+    """Inference-only BitLinear on packed weights and integer kernels (CPU).
+
+    The forward pass, for x ``[..., in_features]`` (float)::
+
+        x -> norm (the BitLinear's, if any)
+          -> act "int8":   codes_x, s_x = per-token absmax (quant.quantize_activations_absmax)
+             act "binary": codes_x = sign(x) (0 -> +1), s_x = mean|x| per token      (W1A1)
+          -> y = kernel(codes_x, W_packed) * s_x * s_W + bias        (int32 dot, scaled once)
+
+    With act "int8" this equals the BitLinear's fake-quantized forward up to float rounding
+    (the integer matmul is exact; BitLinear multiplies the same codes in floating point).
+    act "binary" needs binary weights and is the fully binary W1A1 layer: it is *not* what a
+    BitLinear with 8-bit activations computes.
+
+    Buffers: ``packed`` (the kernel tiles as bytes), ``weight_scale`` (float32 [] or [out]),
+    ``bias`` (float32 [out] or None). Output dtype = input dtype.
+    """
+
+    def __init__(
+        self,
+        weights: PackedWeights,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        norm: nn.Module | None = None,
+        act: str = "int8",
+        act_bits: int = 8,
+        eps: float = 1e-5,
+        threads: int | None = None,
+    ) -> None:
+        """Args:
+        weights: PackedWeights of W [out_features, in_features]: "w1a8" or "w1.58a8" for act
+            "int8", "w1a1" for act "binary".
+        weight_scale: s_W, float, one element (per tensor) or out_features (per channel).
+        bias: float [out_features] or None.
+        norm: applied to x before activation quantization (a copy of the BitLinear's), or None.
+        act: "int8" (per-token absmax, ``act_bits`` bits, ``eps``) or "binary" (sign, mean|x|).
+        threads: Numba threads for the kernel (None: Numba's current setting).
+        """
+        super().__init__()
+        if not isinstance(weights, PackedWeights):
+            raise TypeError(f"weights must be PackedWeights, got {type(weights).__name__}")
+        if act not in ACT_MODES:
+            raise ValueError(f"act must be one of {ACT_MODES}, got {act!r}")
+        schemes = ("w1a1",) if act == "binary" else ("w1a8", "w1.58a8")
+        if weights.scheme not in schemes:
+            raise ValueError(f"act={act!r} needs weights prepacked for {schemes}, got {weights.scheme!r}")
+        if act == "int8" and (isinstance(act_bits, bool) or not isinstance(act_bits, numbers.Integral)
+                              or not 2 <= act_bits <= 8):  # fmt: skip
+            raise ValueError(f"act_bits must be an int in [2, 8] for the int8 kernels, got {act_bits!r}")
+        _check_threads(threads)
+        scale = torch.as_tensor(weight_scale, dtype=torch.float32).detach().cpu()
+        if scale.numel() not in (1, weights.n):
+            raise ValueError(f"weight_scale must have 1 or out_features={weights.n} elements, got {tuple(scale.shape)}")
+        if bias is not None:
+            bias = torch.as_tensor(bias, dtype=torch.float32).detach().cpu().reshape(-1).clone()
+            if bias.numel() != weights.n:
+                raise ValueError(f"bias must have out_features={weights.n} elements, got {bias.numel()}")
+        self.in_features, self.out_features = weights.k, weights.n
+        self.weights, self.act, self.act_bits, self.eps = weights, act, int(act_bits), float(eps)
+        self.threads = threads
+        self.norm = norm
+        self.register_buffer("packed", torch.from_numpy(weights.data.view(np.uint8)))  # shares memory
+        self.register_buffer("weight_scale", scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1))
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_bitlinear(cls, layer: BitLinear, *, act: str | None = None, threads: int | None = None) -> PackedBitLinear:
+        """Pack a trained BitLinear (weight_bits 1 or 1.58; act_bits 2..8, or 1 for W1A1).
+
+        ``act`` None follows the layer: "binary" when its act_bits is 1 (then the packed layer
+        equals the BitLinear's forward), else "int8". ``act="binary"`` on a layer trained with
+        multi-bit activations is allowed (what-if: binarize a W1A8 model's inputs) but is *not* the
+        function that layer computes."""
+        if not isinstance(layer, BitLinear):
+            raise TypeError(f"layer must be a BitLinear, got {type(layer).__name__}")
+        cfg = layer.config
+        if act is None:
+            act = "binary" if cfg.act_bits == 1 else "int8"
+        if act not in ACT_MODES:
+            raise ValueError(f"act must be one of {ACT_MODES} or None, got {act!r}")
+        if cfg.weight_bits not in (1, 1.58):
+            raise ValueError(f"packed kernels need weight_bits 1 or 1.58, got {cfg.weight_bits!r}")
+        if act == "int8" and (cfg.act_bits is None or not 2 <= cfg.act_bits <= 8):
+            raise ValueError(f"act 'int8' needs a BitLinear with act_bits in [2, 8], got {cfg.act_bits!r}")
+        if act == "binary" and cfg.weight_bits != 1:
+            raise ValueError(f"act 'binary' (W1A1) needs binary weights (weight_bits 1), got {cfg.weight_bits!r}")
+        if layer.quant_strength != 1:
+            raise ValueError(f"packing needs a fully quantized layer (quant_strength 1), got {layer.quant_strength}")
+        codes, scale = layer.quantized_weight()
+        codes = codes.cpu()
+        if cfg.weight_bits == 1.58:
+            weights = prepack_w158a8(codes)
+        else:
+            rows = packing.pack_binary_rows(codes)
+            weights = (prepack_w1a1 if act == "binary" else prepack_w1a8)(rows, layer.in_features)
+        norm = copy.deepcopy(layer.norm).cpu().float() if layer.norm is not None else None
+        bias = layer.bias.detach().float() if layer.bias is not None else None
+        act_bits = cfg.act_bits if act == "int8" else 8
+        return cls(weights, scale, bias, norm=norm, act=act, act_bits=act_bits, eps=cfg.eps, threads=threads)
+
+    def _quantize_input(self, x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """x float32 [M, K] -> (kernel input, scale float32 [M, 1])."""
+        if self.act == "binary":  # the bits and scale of quant.binarize_activations, in one pass
+            return _pack_signs(x.contiguous().numpy()), x.abs().mean(dim=-1, keepdim=True)
+        codes, scale = quant.quantize_activations_absmax(x, self.act_bits, eps=self.eps)
+        return np.ascontiguousarray(codes.numpy()), scale
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., in_features] float -> [..., out_features] in x's dtype (CPU only, no autograd)."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a float tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"x must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}")
+        if x.device.type != "cpu":
+            raise ValueError(f"PackedBitLinear runs on the CPU, got x on {x.device}")
+        h = x.reshape(-1, self.in_features).float()
+        if self.norm is not None:
+            h = self.norm(h)
+        codes, x_scale = self._quantize_input(h)
+        if not torch.isfinite(x_scale).all():  # a NaN or inf anywhere in a token reaches its scale
+            raise ValueError("x must be finite: it holds NaN or inf, which per-token scales cannot quantize")
+        dots = torch.from_numpy(packed_matmul(codes, self.weights, threads=self.threads))
+        y = dots.float() * x_scale * self.weight_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.weights.scheme}, "
+            f"act={self.act}, bias={self.bias is not None}, {self.weights.nbytes:,} weight bytes"
+        )
+
+
+def pack_model(model: nn.Module, *, act: str | None = None, inplace: bool = False, threads: int | None = None) -> nn.Module:
+    """Replace every BitLinear of a trained model by a PackedBitLinear, for CPU inference.
+
+    By default works on a deep copy and returns it, so the trained model stays usable (and
+    comparable); ``inplace=True`` converts ``model`` itself (and returns it). The model is put in
+    eval mode. ``act`` None follows each layer (binary activations where its act_bits is 1, else
+    int8 with its own act_bits: the packed model computes what the BitLinear model computes);
+    "int8" or "binary" forces one mode (see ``PackedBitLinear.from_bitlinear``). A model that is
+    itself a BitLinear comes back as a PackedBitLinear.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if act is not None and act not in ACT_MODES:
+        raise ValueError(f"act must be one of {ACT_MODES} or None, got {act!r}")
+    if isinstance(model, BitLinear):
+        return PackedBitLinear.from_bitlinear(model, act=act, threads=threads)
+    target = model if inplace else copy.deepcopy(model)
+    layers = [(name, m) for name, m in target.named_modules() if isinstance(m, BitLinear)]
+    if not layers:
+        raise ValueError(f"pack_model found no BitLinear in {type(model).__name__}")
+    for name, layer in layers:
+        parent, _, child = name.rpartition(".")
+        setattr(target.get_submodule(parent), child, PackedBitLinear.from_bitlinear(layer, act=act, threads=threads))
+    return target.eval()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as _dt
 import functools
 import json
@@ -99,7 +100,12 @@ class Preset:
     Data: ``train_size`` / ``test_size`` reviews (None: the whole split), ``val_size`` of the
     training reviews held out to pick each model's best epoch (never the test set).
     Training: epochs and learning rates of teacher and students; the students' distillation
-    weights (``labutils.distill.DistillConfig``). Files: how students are packed. CPU: lengths,
+    weights (``labutils.distill.DistillConfig``); ``quant_warmup_ratio``, the share of the
+    students' steps over which BitLinear's quantization strength λ ramps from 0 to 1;
+    ``student_init`` and ``student_teacher``, where a student starts and whom it imitates:
+    "fp32" (the trained teacher) or a student row trained earlier in the same folder (its latent
+    weights in ``latent/<row>.safetensors``, its packed file as the teacher): multi-step
+    distillation, FP32 -> W1.58A8 -> W1A8 -> W1A1, as BiT (Liu et al., 2022) does. Files: how students are packed. CPU: lengths,
     batches and repeats of the latency and memory measurements, threads.
     """
 
@@ -122,6 +128,9 @@ class Preset:
     attention_target: str = "kl"
     temperature: float = 1.0
     task_weight: float = 0.0
+    quant_warmup_ratio: float = 0.0
+    student_init: str = "fp32"
+    student_teacher: str = "fp32"
     ternary: str = "ternary3"
     embeddings: str = "int4"
     group_size: int = 128
@@ -336,6 +345,17 @@ def _pack_file(out: Path, row: str) -> Path:
     return out / f"{row}.packed"
 
 
+def _latent_file(out: Path, row: str) -> Path:
+    """A trained student's latent (float) weights: where a multi-step distillation continues."""
+    return out / "latent" / f"{row}.safetensors"
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} needs {path}: train that row first, in the same --out folder")
+    return path
+
+
 def _teacher_file(out: Path) -> Path:
     return out / "teacher" / "model.safetensors"
 
@@ -391,7 +411,7 @@ def load_teacher(out: Path, model_path: str | None, attn: str = "sdpa") -> tuple
 # --------------------------------------------------------------------------- stage 1: train
 
 
-def _train_config(preset: Preset, epochs: int, lr: float, quiet: bool):
+def _train_config(preset: Preset, epochs: int, lr: float, quiet: bool, quant_warmup_ratio: float = 0.0):
     from labutils.distill import TrainConfig
 
     return TrainConfig(
@@ -399,6 +419,7 @@ def _train_config(preset: Preset, epochs: int, lr: float, quiet: bool):
         lr=lr,
         weight_decay=0.01,
         warmup_ratio=0.06,
+        quant_warmup_ratio=quant_warmup_ratio,
         lr_schedule="linear",
         monitor="eval_accuracy",
         restore_best=True,  # the best epoch on the validation hold-out, never on the test set
@@ -453,6 +474,8 @@ def _train_teacher(preset: Preset, out: Path, splits: Splits, model_path: str | 
 def _train_student(
     row: str, preset: Preset, out: Path, splits: Splits, model_path: str | None, device: torch.device, quiet: bool
 ) -> dict:
+    from safetensors.torch import load_model, save_model
+
     from labutils.distill import train
 
     teacher, _ = load_teacher(out, model_path, attn="eager")  # eager: attention maps for the KD loss
@@ -460,12 +483,17 @@ def _train_student(
     quantize_(student, ROWS[row].bitnet)
     if preset.embeddings != "float":  # QAT of the embeddings: train with the rounding the file applies
         quantize_embeddings_(student, bits=int(preset.embeddings[3:]), group_size=preset.group_size)
+    if preset.student_init != "fp32":  # multi-step distillation: start where a higher-precision student ended
+        load_model(student, str(_require(_latent_file(out, preset.student_init), f"student_init={preset.student_init!r}")))
+    if preset.student_teacher != "fp32":
+        _require(_pack_file(out, preset.student_teacher), f"student_teacher={preset.student_teacher!r}")
+        teacher = load_student(out, preset.student_teacher, model_path, attn="eager")
     start = time.perf_counter()
     history = train(
         student,
         _loader(splits.train, preset.student_batch_size, True, preset.seed),
         _loader(splits.val, preset.eval_batch_size, False, preset.seed),
-        config=_train_config(preset, preset.student_epochs, preset.student_lr, quiet),
+        config=_train_config(preset, preset.student_epochs, preset.student_lr, quiet, preset.quant_warmup_ratio),
         teacher=teacher.to(device),
         distill=_distill_config(preset),
         accelerator=_accelerator(device),
@@ -474,6 +502,10 @@ def _train_student(
     test = _loader(splits.test, preset.eval_batch_size, False, 0)
     student = student.float().to(device).eval()
     before = accuracy(student, test, device)
+    _latent_file(out, row).parent.mkdir(parents=True, exist_ok=True)
+    tmp = _latent_file(out, row).with_suffix(".tmp")  # the next step of a distillation chain starts here
+    save_model(student.cpu(), str(tmp))
+    os.replace(tmp, _latent_file(out, row))
     file_bytes = _save_student(student.cpu(), _pack_file(out, row), preset)
     reloaded = load_student(out, row, model_path).to(device)
     return {
@@ -1046,6 +1078,12 @@ def run(
     if unknown:
         raise ValueError(f"stages must be among {STAGES}, got {unknown}")
     rows = _check_rows(rows)
+    for field in ("student_init", "student_teacher"):
+        source = getattr(config, field)
+        if source != "fp32" and source not in STUDENTS:
+            raise ValueError(f"{field} must be 'fp32' or a student row among {STUDENTS}, got {source!r}")
+        if source != "fp32" and source in rows and "train" in stages:
+            raise ValueError(f"{field}={source!r}: train that row first (its own run), then the rows that start from it")
     out = Path(out)
     _resolve_preset(out, config)
     if "train" in stages:
@@ -1069,7 +1107,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-size", type=int, default=None)
     parser.add_argument("--untrained", action="store_true",
                         help="cpu stage: measure students not trained here on untrained stand-ins (size, latency, memory only)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a preset field (repeatable), e.g. --set student_epochs=8 "
+                             "--set student_lr=1e-4; recorded in DIR/preset.json")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["student_epochs=8", "latency_lengths=[64,128]"]`` -> ``{"student_epochs": 8, ...}``.
+
+    Values are read as JSON where they parse (numbers, null, true, lists; lists become tuples),
+    else as strings. Unknown fields and the preset's name are rejected before any work starts."""
+    fields = {f.name for f in dataclasses.fields(Preset)} - {"name"}
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set takes FIELD=VALUE, got {item!r}")
+        if key not in fields:
+            raise ValueError(f"--set {key}: not a preset field; fields are {sorted(fields)}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        overrides[key] = tuple(value) if isinstance(value, list) else value
+    return overrides
 
 
 def run_command(args: argparse.Namespace) -> dict[str, Any]:
@@ -1082,6 +1145,7 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[train] int8: test accuracy {result['accuracy']:.4f} ({result['eval_seconds']:.0f} s on the CPU)", flush=True)
         return {"int8_accuracy": result["accuracy"]}
     overrides = {k: v for k, v in (("train_size", args.train_size), ("test_size", args.test_size)) if v is not None}
+    overrides.update(parse_overrides(getattr(args, "overrides", [])))
     stages = STAGES if args.stage == "all" else (args.stage,)
     results = run(args.preset, out, stages=stages, rows=args.rows.split(","), model_path=args.model,
                   device=args.device, threads=args.threads, untrained=args.untrained, quiet=args.quiet,

@@ -184,3 +184,42 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(KeyError):
         B.run("nano", tmp_path / "c")
     assert not any(tmp_path.iterdir()), "nothing is written before the arguments are checked"
+
+
+def test_set_overrides_parse_and_reject_unknown_fields():
+    got = B.parse_overrides(["student_epochs=8", "student_lr=1e-4", "student_init=w1a8", "latency_lengths=[64,128]", "train_size=null"])
+    assert got == {"student_epochs": 8, "student_lr": 1e-4, "student_init": "w1a8", "latency_lengths": (64, 128), "train_size": None}
+    with pytest.raises(ValueError, match="not a preset field"):
+        B.parse_overrides(["student_epoch=8"])
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        B.parse_overrides(["student_epochs"])
+    with pytest.raises(ValueError, match="not a preset field"):
+        B.parse_overrides(["name=full"])
+
+
+def test_distillation_chain_is_checked_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="student_init must be 'fp32' or a student row"):
+        B.run("ci", tmp_path / "a", stages=("train",), rows=("w1a1",), student_init="int8")
+    with pytest.raises(ValueError, match="train that row first"):
+        B.run("ci", tmp_path / "b", stages=("train",), rows=("w1a8", "w1a1"), student_teacher="w1a8")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_multi_step_distillation_starts_from_the_earlier_student(tiny_run, tmp_path):
+    """A W1A1 student initialised from the trained W1A8 student's latent weights and distilled
+    from its packed file: the chain's second step runs from files the first step left."""
+    import shutil
+
+    out, _ = tiny_run
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    for name in ("teacher", "latent"):
+        shutil.copytree(out / name, chain / name)
+    for name in ("train_fp32.json", "w1a8.packed"):
+        shutil.copy(out / name, chain / name)
+    B.run("ci", chain, stages=("train",), rows=("w1a1",), quiet=True, student_init="w1a8", student_teacher="w1a8", **TINY)
+    result = json.loads((chain / "train_w1a1.json").read_text())
+    assert 0 <= result["accuracy"] <= 1
+    assert json.loads((chain / "preset.json").read_text())["student_init"] == "w1a8"
+    assert (chain / "latent" / "w1a1.safetensors").is_file()

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The train stage of the IMDb benchmark's `full` preset and its ablations, on one GPU.
+#
+# Reproduces results/imdb-full/train_*.json and results/imdb-full/ablations.json: the teacher
+# once, then every student recipe as its own process on the same GPU (they share it at nearly
+# full speed: one MiniLM student leaves most of an H200 idle), each in its own folder with the
+# trained teacher linked in, so every folder's preset.json records exactly the recipe it ran.
+#
+#   bash results/imdb-full/gpu_sweep.sh start OUT   # teacher (foreground), then students (background)
+#   bash results/imdb-full/gpu_sweep.sh status OUT  # which runs finished, best validation accuracy so far
+#   bash results/imdb-full/gpu_sweep.sh collect OUT DEST   # JSONs as one tarball + the packed students
+#
+# Needs: LABBOOK_IMDB_DIR (train/test.parquet), MODEL (a MiniLM folder, e.g. the bf16 copy of
+# labutils.models.save_bf16_copy), python with labutils importable. Variants are chosen on the
+# validation hold-out (1,000 training reviews), never on the test set.
+set -euo pipefail
+cmd=${1:?start|status|collect}
+out=${2:?OUT folder}
+MODEL=${MODEL:?set MODEL to the MiniLM folder}
+bench=(python -m labutils.bench imdb --preset full --model "$MODEL" --quiet)
+
+# name | rows | --set overrides ("-" for none) | after (a run whose student this one starts from)
+VARIANTS=(
+  "base-w1.58a8|w1.58a8|-|-"
+  "base-w1a8|w1a8|-|-"
+  "base-w1a1|w1a1|-|-"
+  "epochs6-w1.58a8|w1.58a8|student_epochs=6|-"
+  "lr4e-4-w1.58a8|w1.58a8|student_lr=4e-4|-"
+  "lr1e-4-w1.58a8|w1.58a8|student_lr=1e-4|-"
+  "labels-w1.58a8|w1.58a8|task_weight=1.0|-"
+  "epochs6-w1a1|w1a1|student_epochs=6|-"
+  "chain-w1a8|w1a8|student_init=w1.58a8|base-w1.58a8"
+  "chain-w1a1|w1a1|student_init=w1a8|base-w1a8"
+  "chain2-w1a1|w1a1|student_init=w1a8 student_teacher=w1a8|base-w1a8"
+)
+
+prepare() {  # folder with the trained teacher linked in (and, for a chain, the earlier student)
+  local dir=$1 after=$2 row
+  mkdir -p "$dir/latent"
+  ln -sfn "$out/teacher/teacher" "$dir/teacher"
+  cp "$out/teacher/train_fp32.json" "$dir/"
+  if [ "$after" != "-" ]; then
+    row=${after#*-}
+    cp "$out/$after/latent/$row.safetensors" "$dir/latent/"
+    cp "$out/$after/$row.packed" "$dir/"
+  fi
+}
+
+run_variant() {  # name rows sets after
+  local name=$1 rows=$2 sets=$3 after=$4 args=()
+  if [ "$after" != "-" ]; then
+    while [ ! -f "$out/$after/train_${after#*-}.json" ]; do sleep 10; done
+  fi
+  prepare "$out/$name" "$after"
+  if [ "$sets" != "-" ]; then for s in $sets; do args+=(--set "$s"); done; fi
+  "${bench[@]}" --stage train --rows "$rows" --out "$out/$name" "${args[@]}" >"$out/$name.log" 2>&1 \
+    && echo ok >"$out/$name.done" || echo "failed: $?" >"$out/$name.done"
+}
+
+case $cmd in
+start)
+  mkdir -p "$out"
+  # The teacher, then the INT8 row on the host CPU beside the students.
+  "${bench[@]}" --stage train --rows fp32 --out "$out/teacher"
+  (setsid "${bench[@]}" --stage train --rows int8 --out "$out/teacher" >"$out/int8.log" 2>&1 &)
+  for v in "${VARIANTS[@]}"; do
+    IFS='|' read -r name rows sets after <<<"$v"
+    (export -f run_variant prepare; export out MODEL; setsid bash -c "$(declare -p bench); run_variant '$name' '$rows' '$sets' '$after'" &)
+  done
+  echo "started ${#VARIANTS[@]} runs in $out"
+  ;;
+status)
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader || true
+  for v in "${VARIANTS[@]}"; do
+    IFS='|' read -r name rows _ _ <<<"$v"
+    f="$out/$name/train_$rows.json"
+    if [ -f "$f" ]; then
+      python - "$f" "$name" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+val = max(h.get("eval_accuracy", 0) for h in r["history"])
+print(f"{sys.argv[2]:18s} val {val:.4f}  test {r['accuracy']:.4f}  ({r['train_seconds']:.0f} s)")
+PY
+    else
+      echo "$name: $(cat "$out/$name.done" 2>/dev/null || echo running) $(tail -c 200 "$out/$name.log" 2>/dev/null | tr '\r\n' '  ' | tail -c 120)"
+    fi
+  done
+  [ -f "$out/teacher/train_int8.json" ] && echo "int8 done" || echo "int8 running"
+  ;;
+collect)
+  dest=${3:?DEST folder}
+  mkdir -p "$dest"
+  (cd "$out" && tar czf "$dest/sweep.tgz" --exclude='*.safetensors' --exclude='*.packed' --exclude=teacher/teacher \
+      $(ls -d */ | tr -d /) *.log *.done 2>/dev/null || true)
+  ;;
+*) echo "unknown command $cmd" >&2; exit 2 ;;
+esac

@@ -169,6 +169,37 @@ class _QuantizedWeight:
     keep: torch.Tensor | None  # clipped-STE mask, weight dtype, or None
 
 
+@dataclass
+class _Pin:
+    """Codes and scale loaded from a packed file, used instead of quantizing the latent weight.
+
+    BitNet's quantizers measure their scale from the latent weight (mean|W|, max|W|), so no
+    latent weight in bf16/fp16 need quantize back to a given float32 scale; the pin sidesteps the
+    search. It holds while the latent weight is the one ``pin_quantized_weight`` wrote (moved or
+    cast to another device or dtype counts as the same); the first change (an optimizer step, a
+    state-dict load) drops it and the layer quantizes its latent weight again.
+    """
+
+    codes: torch.Tensor  # int8 [out, in], on the CPU
+    scale: torch.Tensor  # float32 [] or [out, 1], on the CPU
+    dtype: torch.dtype  # the latent weight's dtype when pinned
+    key: tuple | None  # the weight's identity when last verified (see BitLinear._weight_key)
+
+    def latent(self) -> torch.Tensor:
+        """The latent weight written at pin time, in ``dtype``: ``codes * scale`` rescaled per group
+        so that quantizing it again gives back (to rounding) the same codes and scale."""
+        codes = self.codes.to(torch.float32)
+        groups = codes.reshape(self.scale.numel(), -1)
+        if groups.abs().max() <= 1:  # mean-like scales (ternary, sign): mean|W| must come out as scale
+            mean = groups.abs().mean(dim=1, keepdim=True).clamp_min(1e-12)
+            return (groups * (self.scale.reshape(-1, 1) / mean)).reshape(codes.shape).to(self.dtype)
+        return (codes * self.scale).to(self.dtype)  # max-like scales (k-bit absmax): max|W| = Qp·scale
+
+    def holds_for(self, weight: torch.Tensor) -> bool:
+        """Whether ``weight`` is still the pinned latent (possibly cast to another dtype or moved)."""
+        return torch.equal(weight.detach().cpu(), self.latent().to(weight.dtype))
+
+
 class BitLinear(nn.Linear):
     """``nn.Linear`` with quantized weights and activations in the forward pass (see module doc).
 
@@ -208,6 +239,7 @@ class BitLinear(nn.Linear):
         self.quant_strength = 1.0
         self._cache: _QuantizedWeight | None = None
         self._cache_key: tuple | None = None
+        self._pin: _Pin | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: BitNetConfig | None = None) -> BitLinear:
@@ -233,9 +265,12 @@ class BitLinear(nn.Linear):
     # ---- weight quantization
 
     def _quantize_weight(self) -> _QuantizedWeight:
-        """Codes, scale, ``codes * scale`` and the clipped-STE mask of the current weight."""
+        """Codes, scale, ``codes * scale`` and the clipped-STE mask of the current weight (or of
+        the pinned codes and scale, see ``pin_quantized_weight``)."""
         cfg, w = self.config, self.weight.detach()
-        if cfg.weight_bits == 1.58:
+        if self._pin is not None:
+            codes, scale = self._pin.codes.to(w.device), self._pin.scale.to(w.device)
+        elif cfg.weight_bits == 1.58:
             codes, scale = quant.ternarize_absmean(w, per_channel=cfg.per_channel, eps=cfg.eps)
         elif cfg.weight_bits == 1:
             codes, scale = quant.binarize_sign(w, per_channel=cfg.per_channel)
@@ -254,11 +289,24 @@ class BitLinear(nn.Linear):
             keep = (w.to(torch.float32).abs() <= cfg.saturation * scale).to(w.dtype)
         return _QuantizedWeight(codes.to(torch.int8), scale, values, keep)
 
-    def _cached_quantized_weight(self) -> _QuantizedWeight:
+    def _weight_key(self) -> tuple:
         w = self.weight
+        return (id(w), w.data_ptr(), w._version, w.dtype, w.device)
+
+    def _check_pin(self, key: tuple) -> None:
+        """Drop the pin once the latent weight is no longer the pinned one. Compared only when the
+        weight's identity changed (an optimizer step, a move, a cast), so the common case is free."""
+        if self._pin is not None and self._pin.key != key:
+            if self._pin.holds_for(self.weight):
+                self._pin.key = key
+            else:
+                self._pin = None
+
+    def _cached_quantized_weight(self) -> _QuantizedWeight:
+        w, key = self.weight, self._weight_key()
+        self._check_pin(key)
         if self.training and w.requires_grad:
             return self._quantize_weight()  # the weight changes at every step
-        key = (id(w), w.data_ptr(), w._version, w.dtype, w.device)
         if self._cache is None or self._cache_key != key:
             self._cache, self._cache_key = self._quantize_weight(), key
         return self._cache
@@ -266,6 +314,70 @@ class BitLinear(nn.Linear):
     def invalidate_cache(self) -> None:
         """Forget the cached quantized weight (needed only after writing through ``weight.data``)."""
         self._cache, self._cache_key = None, None
+        if self._pin is not None:
+            self._pin.key = None  # re-verify the pin against the weight at the next use
+
+    @property
+    def pinned(self) -> bool:
+        """True while the layer uses codes and scale given to ``pin_quantized_weight``."""
+        self._check_pin(self._weight_key())
+        return self._pin is not None
+
+    def pin_quantized_weight(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        """Use exactly ``codes * scale`` as the quantized weight, e.g. as loaded from a packed file.
+
+        The latent weight becomes ``codes * scale`` rescaled so that quantizing it gives back
+        these codes and (to rounding) this scale, so training can resume from it; the forward pass
+        uses the pinned codes and scale themselves, bit for bit, in every dtype, until the latent
+        weight changes (an optimizer step, ``load_state_dict``; moving or casting the layer
+        keeps the pin).
+
+        Args:
+            codes: integer tensor [out_features, in_features] with values the config allows
+                ({-1, 0, 1} for 1.58 bits, {-1, 1} for 1 bit, [-Qp, Qp] for k bits).
+            scale: float tensor [] (per tensor) or [out_features, 1] / [out_features]
+                (``config.per_channel``), finite and >= 0.
+
+        Raises:
+            TypeError / ValueError: a wrong dtype, shape or value, before anything changes.
+        """
+        pin = self._checked_pin(codes, scale)
+        with torch.no_grad():
+            self.weight.copy_(pin.latent().to(self.weight.device))
+        self.invalidate_cache()
+        pin.key = self._weight_key()
+        self._pin = pin
+
+    def check_quantized_weight(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        """Raise TypeError / ValueError unless ``pin_quantized_weight(codes, scale)`` would accept
+        them; changes nothing (lets a loader validate every layer before it assigns any)."""
+        self._checked_pin(codes, scale)
+
+    def _checked_pin(self, codes: torch.Tensor, scale: torch.Tensor) -> _Pin:
+        shape = (self.out_features, self.in_features)
+        if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
+            raise TypeError(f"codes must be an integer tensor, got {getattr(codes, 'dtype', type(codes))}")
+        if tuple(codes.shape) != shape:
+            raise ValueError(f"codes must have shape {list(shape)}, got {list(codes.shape)}")
+        if not isinstance(scale, torch.Tensor) or not scale.dtype.is_floating_point:
+            raise TypeError(f"scale must be a float tensor, got {getattr(scale, 'dtype', type(scale))}")
+        groups = self.out_features if self.config.per_channel else 1
+        if scale.numel() != groups or (self.config.per_channel and scale.dim() not in (1, 2)):
+            raise ValueError(
+                f"scale must have {'shape [out_features, 1]' if self.config.per_channel else 'one element'} "
+                f"({self.config.describe()}), got shape {list(scale.shape)}"
+            )
+        scale = scale.detach().to("cpu", torch.float32).reshape((-1, 1) if self.config.per_channel else ())
+        if not (torch.isfinite(scale).all() and (scale >= 0).all()):
+            raise ValueError("scale must be finite and >= 0")
+        bits = self.config.weight_bits
+        high = 1 if bits in (1, 1.58) else 2 ** (int(bits) - 1) - 1
+        codes = codes.detach().cpu()
+        if codes.numel() and (int(codes.min()) < -high or int(codes.max()) > high):
+            raise ValueError(f"codes must lie in [{-high}, {high}] for {bits}-bit weights")
+        if bits == 1 and (codes == 0).any():
+            raise ValueError("1-bit codes must be -1 or +1, found 0")
+        return _Pin(codes.to(torch.int8, copy=True), scale.clone(), self.weight.dtype, None)
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes int8 [out, in], scale float32 [] or [out, 1]); ``codes.float() * scale`` is the
@@ -287,7 +399,7 @@ class BitLinear(nn.Linear):
         if lam == 0:
             return F.linear(x, self.weight, self.bias)
         act_bits = self.config.act_bits
-        if act_bits is not None:
+        if act_bits is not None and x.numel():  # an empty batch has nothing to quantize (as nn.Linear)
             if act_bits == 1:
                 codes, scale = quant.binarize_activations(x.detach())
             else:
@@ -305,6 +417,7 @@ class BitLinear(nn.Linear):
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self.invalidate_cache()
+        self._pin = None  # new latent weights: quantize them
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -28,9 +28,11 @@ together with the manifest's own sha256, so every byte of the file is checked on
 
 ``load_packed(path)`` reads the bytes once, checks everything (header, version, checksums,
 shapes, codes) and raises :class:`PackedFileError`, and only that, for any damaged or foreign
-file. With a model it loads into the model; BitLinear latent weights become ``codes * k`` with
-``k`` chosen so that the layer's own quantizer returns exactly the stored ``codes * scale``, which
-makes the loaded model's forward pass bit-identical to the saved one's.
+file. With a model it checks that the file fits the model completely before it changes
+anything, then loads: labutils' BitLinear layers are pinned to the stored codes and scales
+(``BitLinear.pin_quantized_weight``), which makes the loaded model's forward pass bit-identical to
+the saved one's in every dtype; other BitLinear-like modules get latent weights ``codes * k`` with
+``k`` searched so that their own quantizer returns exactly the stored ``codes * scale``.
 
 ``size_report(model)`` gives the bytes of the same model stored as fp32, fp16, int8, 2-bit,
 1.6-bit and 1-bit, split into embeddings, linear layers and the rest; the formulas are exactly
@@ -559,11 +561,15 @@ def load_packed(path: str | os.PathLike | bytes, model: nn.Module | None = None)
 
     Args:
         path: the file, or its bytes.
-        model: optional; the same architecture the file was saved from. Its state dict is
-            replaced by the file's: floats as stored, packed weights as ``codes * scale``, and
-            every BitLinear's latent weight set to ``codes * k``, ``k`` found so that its own
-            ``quantized_weight()`` gives back exactly the stored ``codes * scale`` (BitNet's
-            absmean scale is not idempotent: mean|codes * s| = s * mean|codes|).
+        model: optional; the same architecture the file was saved from. Everything is checked
+            against it first (names, shapes, bit widths, scale shapes, code ranges): a file that
+            does not fit leaves the model untouched. Then its state dict is replaced by the
+            file's: floats as stored, packed weights as ``codes * scale``; every labutils
+            BitLinear is pinned to the stored codes and scale (its forward pass uses exactly them,
+            in any dtype, until its latent weight is trained again); any other module with
+            ``quantized_weight()`` gets the latent weight ``codes * k``, ``k`` found so that its
+            own quantizer gives back exactly ``codes * scale`` (BitNet's absmean scale is not
+            idempotent: mean|codes * s| = s * mean|codes|).
 
     Returns:
         ``model`` (loaded) if given, else a :class:`PackedContents` (float state dict plus the
@@ -620,19 +626,31 @@ def _load_into(model: nn.Module, contents: PackedContents) -> nn.Module:
                 f"the file does not fit this model: {_module_of(name)!r} quantizes to "
                 f"{module.config.weight_bits} bits, the file holds {entry['scheme']} codes"
             )
-    state = {n: t.to(own[n].dtype) for n, t in contents.state_dict.items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise PackedFileError(f"the file does not fit this model: {exc}") from None
-    for name, module in bitlinears.items():
+        check = getattr(module, "check_quantized_weight", None)
+        if callable(check):  # labutils' BitLinear checks scale shape (per_channel) and code range
+            try:
+                check(contents.codes[name], contents.scales[name])
+            except (TypeError, ValueError) as exc:
+                _fail(f"the file does not fit this model: {_module_of(name)!r}: {exc}")
+            continue
+        # Other modules: their own scale shape from their current weight (read only).
         model_scale = tuple(module.quantized_weight()[1].shape)
         if model_scale != tuple(contents.scales[name].shape):
             _fail(
                 f"the file does not fit this model: {_module_of(name)!r} has scales of shape "
                 f"{list(model_scale)}, the file {list(contents.scales[name].shape)} (per_channel?)"
             )
-        if not _fit_latent_weight(module, contents.codes[name], contents.scales[name]):
+    # Everything is checked: from here on the model changes.
+    state = {n: t.to(own[n].dtype) for n, t in contents.state_dict.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise PackedFileError(f"the file does not fit this model: {exc}") from None
+    for name, module in bitlinears.items():
+        pin = getattr(module, "pin_quantized_weight", None)
+        if callable(pin):  # labutils' BitLinear: use the stored codes and scale as they are
+            pin(contents.codes[name], contents.scales[name])
+        elif not _fit_latent_weight(module, contents.codes[name], contents.scales[name]):
             warnings.warn(
                 f"{_module_of(name)!r}: found no latent weight whose quantization is exactly the "
                 "stored codes * scale; its forward pass may differ in the last bits",

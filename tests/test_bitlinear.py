@@ -571,3 +571,67 @@ def test_group_quant_embedding_errors():
         GroupQuantEmbedding(10, 12, group_size=5)
     with pytest.raises(ValueError, match="no nn.Embedding"):
         quantize_embeddings_(nn.Sequential(nn.Linear(2, 2)))
+
+
+# --------------------------------------------------------------------------- empty batches, pins (issue 13)
+
+
+@pytest.mark.parametrize("act_bits", [None, 1, 8])
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8), (0, 3, 8)])
+def test_empty_batches_behave_like_nn_linear(act_bits, shape):
+    torch.manual_seed(0)
+    layer = BitLinear(8, 4, config=BitNetConfig(act_bits=act_bits))
+    reference = nn.Linear(8, 4)
+    x = torch.empty(shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == reference(x).shape == (*shape[:-1], 4)
+    y.sum().backward()  # gradients exist (zeros), as for nn.Linear
+    assert x.grad.shape == x.shape and layer.weight.grad is not None
+    assert torch.count_nonzero(layer.weight.grad) == 0
+
+
+@pytest.mark.parametrize("bits", [1, 1.58, 4])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_pinned_weights_are_used_exactly_until_trained(bits, per_channel):
+    config = BitNetConfig(weight_bits=bits, per_channel=per_channel)
+    source = make_layer(config).to(torch.bfloat16)
+    codes, scale = source.quantized_weight()
+    layer = make_layer(config, seed=5).to(torch.bfloat16)
+    layer.load_state_dict(source.state_dict())  # same norm and bias; the weight is replaced next
+    layer.pin_quantized_weight(codes, scale)
+    assert layer.pinned and not torch.equal(layer.weight, source.weight)
+    got_codes, got_scale = layer.quantized_weight()
+    assert torch.equal(got_codes, codes) and torch.equal(got_scale, scale)
+    # The latent weight quantizes back to the same codes, so training resumes where it was.
+    assert torch.equal(_unpinned(layer).quantized_weight()[0], codes)
+    x = torch.randn(3, 24, dtype=torch.bfloat16)
+    assert torch.equal(layer.eval()(x), source.eval()(x))
+    with torch.no_grad():
+        layer.weight.mul_(1.5)  # a change of the latent weight ends the pin
+    assert not layer.pinned
+
+
+def _unpinned(layer: BitLinear) -> BitLinear:
+    twin = copy.deepcopy(layer)
+    twin._pin = None
+    return twin
+
+
+def test_pin_rejects_bad_codes_and_scales_without_changing_anything():
+    layer = make_layer(BitNetConfig(weight_bits=4, per_channel=True))
+    weight = layer.weight.detach().clone()
+    codes = torch.zeros(10, 24, dtype=torch.int8)
+    for bad_codes, bad_scale, error, match in [
+        (codes.float(), torch.ones(10, 1), TypeError, "integer"),
+        (codes[:, :3], torch.ones(10, 1), ValueError, r"shape \[10, 24\]"),
+        (codes - 8, torch.ones(10, 1), ValueError, r"\[-7, 7\]"),
+        (codes, torch.ones(()), ValueError, r"\[out_features, 1\]"),
+        (codes, torch.full((10, 1), float("nan")), ValueError, "finite"),
+        (codes, -torch.ones(10, 1), ValueError, ">= 0"),
+    ]:
+        with pytest.raises(error, match=match):
+            layer.pin_quantized_weight(bad_codes, bad_scale)
+        assert torch.equal(layer.weight, weight) and not layer.pinned
+    binary = make_layer(BitNetConfig(weight_bits=1))
+    with pytest.raises(ValueError, match="-1 or \\+1"):
+        binary.pin_quantized_weight(codes, torch.ones(()))

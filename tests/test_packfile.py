@@ -13,6 +13,8 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from models_support import tiny_bert
@@ -410,3 +412,142 @@ def test_an_unreproducible_quantizer_loads_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="'up': found no latent weight"):
         load_packed(tmp_path / "m.st", fresh)
     assert torch.equal(fresh.norm.weight, model.norm.weight)
+
+
+# --- real BitLinear in every dtype, scheme and granularity (issue 13) -----------------------
+
+_SCHEMES = {  # scheme -> (weight_bits, save_packed's ternary option)
+    "binary": (1, "ternary2"),
+    "ternary2": (1.58, "ternary2"),
+    "ternary3": (1.58, "ternary3"),
+    **{f"int{k}": (k, "ternary2") for k in range(2, 9)},
+}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_LOSSLESS_FLOAT = {"fp32": ["fp32"], "bf16": ["fp32", "bf16"], "fp16": ["fp32", "fp16"]}
+
+
+class BitNet(nn.Module):
+    """Embedding (plain, or trained with the int-k rounding its packed file applies) -> BitLinear
+    -> ReLU -> BitLinear, all in ``dtype``: a real-BitLinear model for the round trip."""
+
+    def __init__(self, config, dtype, *, vocab=7, dim=8, hidden=12, embedding_bits=None, group_size=4, seed=0):
+        super().__init__()
+        from labutils.bitlinear import BitLinear, GroupQuantEmbedding
+
+        torch.manual_seed(seed)
+        if embedding_bits is None:
+            self.embed = nn.Embedding(vocab, dim)
+        else:
+            self.embed = GroupQuantEmbedding(vocab, dim, bits=embedding_bits, group_size=group_size)
+        self.up = BitLinear(dim, hidden, config=config)
+        self.down = BitLinear(hidden, dim, config=config)
+        with torch.no_grad():  # latent weights of a trained model are not Kaiming-uniform
+            for layer in (self.up, self.down):
+                layer.weight.mul_(torch.exp(torch.randn_like(layer.weight)))
+        self.to(dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(self.embed(ids))))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    scheme=st.sampled_from(sorted(_SCHEMES)),
+    dtype=st.sampled_from(sorted(_DTYPES)),
+    per_channel=st.booleans(),
+    act_bits=st.sampled_from([None, 1, 8]),
+    norm=st.sampled_from(["rms", "layer", None]),
+    embeddings=st.sampled_from(["float", "int4"]),
+    dims=st.tuples(st.integers(1, 9), st.integers(1, 13)).map(lambda d: (4 * d[0], d[1])),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_property_round_trip_reproduces_the_forward_pass_exactly(
+    tmp_path_factory, scheme, dtype, per_channel, act_bits, norm, embeddings, dims, seed, data
+):
+    """Every dtype the format stores, per tensor and per channel, every packing scheme, with and
+    without int4 embeddings: the reloaded model computes bit for bit what the saved one computes
+    (the float parts are stored losslessly; int4 embeddings are trained with their rounding, so
+    the saved model already computes with the table the file stores)."""
+    from labutils.bitlinear import BitNetConfig
+
+    bits, ternary = _SCHEMES[scheme]
+    config = BitNetConfig(weight_bits=bits, act_bits=act_bits, per_channel=per_channel, norm=norm)
+    float_dtype = data.draw(st.sampled_from(_LOSSLESS_FLOAT[dtype]), label="float_dtype")
+    dim, hidden = dims
+    emb_bits = None if embeddings == "float" else 4
+    model = BitNet(config, _DTYPES[dtype], dim=dim, hidden=hidden, embedding_bits=emb_bits, seed=seed).eval()
+    path = tmp_path_factory.mktemp("prop") / "m.packed"
+    save_packed(model, path, ternary=ternary, embeddings=embeddings, group_size=4, float_dtype=float_dtype)
+    assert load_packed(path).entries["up.weight"]["scheme"] == scheme
+    fresh = BitNet(config, _DTYPES[dtype], dim=dim, hidden=hidden, seed=seed + 1).eval()  # plain embedding
+    loaded = load_packed(path, fresh)
+    ids = torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    for name in ("up", "down"):
+        for a, b in zip(getattr(model, name).quantized_weight(), getattr(loaded, name).quantized_weight()):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_half_precision_bitlinear_reloads_with_its_scale(tmp_path, dtype):
+    """Issue 13's reproducer: the bf16 scale came back as 0.741 of the saved one."""
+    from labutils.bitlinear import BitLinear
+
+    torch.manual_seed(0)
+    a = BitLinear(37, 29).to(dtype).eval()
+    save_packed(a, tmp_path / "m")
+    b = load_packed(tmp_path / "m", BitLinear(37, 29).to(dtype).eval())
+    assert float(b.quantized_weight()[1] / a.quantized_weight()[1]) == 1.0
+    x = torch.randn(4, 37).to(dtype)
+    assert torch.equal(b(x), a(x))
+    # A cast or a move keeps the loaded weights; training the latent weight again drops them.
+    assert torch.equal(b.float()(x.float()), a.float()(x.float()))
+    optimizer = torch.optim.SGD(b.parameters(), lr=0.1)
+    b.train()
+    b(x.float()).sum().backward()
+    optimizer.step()
+    assert not b.pinned
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def test_a_failed_load_leaves_the_model_untouched(tmp_path):
+    """Every way a file may not fit: each parameter and buffer keeps its value, dtype and object."""
+    from labutils.bitlinear import BitNetConfig
+
+    per_channel = BitNet(BitNetConfig(per_channel=True), torch.float32, seed=1)
+    save_packed(per_channel, tmp_path / "per_channel")
+    save_packed(BitNet(BitNetConfig(), torch.float32, hidden=10, seed=1), tmp_path / "hidden10")
+    save_packed(BitNet(BitNetConfig(weight_bits=1), torch.float32, seed=1), tmp_path / "binary")
+    int4 = BitNet(BitNetConfig(weight_bits=4), torch.float32, seed=1)
+    save_packed(int4, tmp_path / "int4")
+
+    def forge_code(metadata, manifest, tensors):  # -8: a valid int4 stream value, not a 4-bit code
+        codes = tensors["down.weight:codes"]
+        codes[-1] = 0x00
+        manifest["sha256"]["down.weight:codes"] = hashlib.sha256(codes.numpy().tobytes()).hexdigest()
+
+    (tmp_path / "forged").write_bytes(_rewrite((tmp_path / "int4").read_bytes(), forge_code))
+    cases = [
+        ("per_channel", BitNetConfig(), r"'up'.*scale must have one element"),
+        ("hidden10", BitNetConfig(), r"'up.weight' is \[10, 8\] in the file, \[12, 8\] in the model"),
+        ("binary", BitNetConfig(), "quantizes to 1.58 bits, the file holds binary codes"),
+        ("forged", BitNetConfig(weight_bits=4), r"'down'.*codes must lie in \[-7, 7\]"),
+    ]
+    for file, config, message in cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            model = BitNet(config, dtype, seed=2)
+            before, objects = _state(model), dict(model.named_parameters())
+            pinned = [m.pinned for m in (model.up, model.down)]
+            with pytest.raises(PackedFileError, match=message):
+                load_packed(tmp_path / file, model)
+            after = _state(model)
+            assert after.keys() == before.keys()
+            for name, tensor in before.items():
+                assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), (file, name)
+            assert all(a is b for a, b in zip(dict(model.named_parameters()).values(), objects.values()))
+            assert [m.pinned for m in (model.up, model.down)] == pinned

@@ -164,13 +164,26 @@ def _sha256(paths: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
+def _read_parquet(path: Path) -> pa.Table:
+    """``pq.read_table(path)``; an unreadable file (truncated, empty, not Parquet, no permission)
+    raises DataSourceError naming the file and what pyarrow found wrong."""
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        size = path.stat().st_size if path.is_file() else None
+        raise DataSourceError(
+            f"{str(path)!r} ({size} bytes) cannot be read as Parquet: {str(err).rstrip('.')}. The file is truncated "
+            "or corrupt: copy or download it again (the IMDb split files are tens of MB)."
+        ) from None
+
+
 def _dataset_from_parquet(files: Sequence[Path], split: str, source: str) -> datasets.Dataset:
     """Read and validate Parquet ``files`` into an in-memory Dataset.
 
     Its fingerprint is derived from the files' bytes, so tokenization caches stay valid across
     sessions and are invalidated when the files change.
     """
-    tables = [_validate_table(pq.read_table(path), origin=str(path)) for path in files]
+    tables = [_validate_table(_read_parquet(path), origin=str(path)) for path in files]
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     fingerprint = f"imdb-{source}-{split}-{_sha256(files)[:32]}"
     info = datasets.DatasetInfo(features=IMDB_FEATURES)
@@ -564,7 +577,7 @@ def make_imdb_sample(
     for src in sources:
         if not src.is_file():
             raise DataSourceError(_sources_help(f"make-sample: {str(src)!r} does not exist."))
-    tables = [_validate_table(pq.read_table(src), origin=str(src)) for src in sources]
+    tables = [_validate_table(_read_parquet(src), origin=str(src)) for src in sources]
     for split_number, (split, src, table, eligible) in enumerate(
         zip(SPLITS, sources, tables, _unique_text_masks(tables), strict=True)
     ):

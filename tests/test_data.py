@@ -476,3 +476,35 @@ def test_tokenize_cache_dir_from_env(tokenizer, tmp_path, monkeypatch):
 def test_tokenize_rejects_bad_max_length(tokenizer):
     with pytest.raises(ValueError, match="max_length must be an int >= 2, got 0"):
         tokenize_imdb(load_imdb("test", source="sample", sample=4), tokenizer, max_length=0)
+
+
+# ----------------------------------------------------------------------------- damaged files (issue 13)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b[: len(b) // 2],  # a copy cut short
+        lambda b: b[:-9],  # only the footer's end missing
+        lambda b: b"",  # an empty file
+        lambda b: b"PAR1" + bytes(64),  # a header and nothing else
+        lambda b: b"<html>rate limited</html>",  # what a failed download saves
+    ],
+)
+def test_truncated_or_corrupt_parquet_names_the_file_and_never_falls_back(imdb_dir, monkeypatch, damage):
+    path = imdb_dir / "train.parquet"
+    path.write_bytes(damage(path.read_bytes()))
+    monkeypatch.setenv("LABBOOK_IMDB_DIR", str(imdb_dir))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("no hub when a folder is set"))
+    for source in ("auto", "local"):
+        with pytest.raises(DataSourceError, match="cannot be read as Parquet") as info:
+            load_imdb("train", source=source)
+        assert str(path) in str(info.value) and "truncated or corrupt" in str(info.value)
+    assert len(load_imdb("test")) == 40  # the intact split still loads
+
+
+def test_a_parquet_file_of_another_data_set_names_the_file_and_the_columns(imdb_dir, monkeypatch):
+    pq.write_table(pa.table({"sentence": ["a", "b"], "label": [0, 1]}), imdb_dir / "test.parquet")
+    monkeypatch.setenv("LABBOOK_IMDB_DIR", str(imdb_dir))
+    with pytest.raises(ValueError, match=r"test.parquet: missing column\(s\) \['text'\]; found columns \['sentence', 'label'\]"):
+        load_imdb("test")

@@ -29,7 +29,23 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["COMMANDS", "Command", "main", "run_packing", "single_thread"]
+__all__ = ["COMMANDS", "Command", "UsageError", "main", "positive_int", "run_packing", "single_thread"]
+
+
+class UsageError(ValueError):
+    """A nonsensical argument or preset value, found before any work starts; ``main`` reports it
+    like argparse does (``prog: error: ...``, exit status 2) instead of a traceback."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (thread counts, sizes, repeats)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -69,8 +85,8 @@ PACKING_TARGETS = {"binary": 200.0, "binary_rows": 200.0, "ternary2": 200.0, "te
 
 
 def _packing_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, default=16 * 2**20, help="weights per scheme (default 16M)")
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs; the best is reported")
+    parser.add_argument("--n", type=positive_int, default=16 * 2**20, help="weights per scheme (default 16M)")
+    parser.add_argument("--repeat", type=positive_int, default=5, help="timed runs; the best is reported")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -477,13 +493,17 @@ def main(argv: list[str] | None = None) -> int:
     target is missed."""
     parser = argparse.ArgumentParser(prog="python -m labutils.bench", description=__doc__.split("\n\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
+    subs = {}
     for name, command in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=command.help)
+        sub = subs[name] = subparsers.add_parser(name, help=command.help)
         command.add_arguments(sub)
         sub.add_argument("--out", type=Path, help="the output folder" if command.out_is_dir else "write the results as JSON here")
         sub.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)
-    result = COMMANDS[args.command].run(args)
+    try:
+        result = COMMANDS[args.command].run(args)
+    except UsageError as exc:
+        subs[args.command].error(str(exc))  # exits with status 2
     result = {
         "command": args.command,
         "python": platform.python_version(),

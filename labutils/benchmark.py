@@ -92,6 +92,70 @@ ROWS: dict[str, Row] = {
 }
 STUDENTS = tuple(name for name, row in ROWS.items() if row.is_student)
 
+# The encoder's position table (BERT, MiniLM): no sequence may be longer.
+MAX_POSITIONS = 512
+
+
+def _validate_preset(preset: Any) -> None:
+    """Raise ``labutils.bench.UsageError`` (a ValueError) naming the first out-of-range field of
+    ``preset``: checked when a Preset is made, so nothing runs with a nonsensical value. Fields
+    not named here are left to their own checks."""
+    import math
+
+    from labutils.bench import UsageError
+    from labutils.data import SOURCES
+    from labutils.distill import ATTENTION_TARGETS
+    from labutils.packfile import FLOAT_DTYPES, TERNARY_SCHEMES
+
+    def fail(field: str, wanted: str) -> None:
+        raise UsageError(f"preset {preset.name!r}: {field} must be {wanted}, got {getattr(preset, field)!r}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_real(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    values = vars(preset)
+    if not isinstance(preset.name, str) or not preset.name:
+        fail("name", "a non-empty string")
+    choices = {"data_source": SOURCES, "attention_target": ATTENTION_TARGETS, "ternary": TERNARY_SCHEMES,
+               "float_dtype": tuple(FLOAT_DTYPES),
+               "embeddings": ("float", *(f"int{k}" for k in range(2, 9)))}  # fmt: skip
+    for field, allowed in choices.items():
+        if field in values and values[field] not in allowed:
+            fail(field, f"one of {allowed}")
+    for field in ("train_size", "test_size"):
+        if field in values and values[field] is not None and not (is_int(values[field]) and values[field] >= 1):
+            fail(field, "an int >= 1, or None for the whole split")
+    for field in ("val_size", "batch_size", "eval_batch_size", "student_batch_size", "teacher_epochs",
+                  "student_epochs", "group_size", "latency_repeat", "memory_batch", "agreement_reviews", "threads"):
+        if field in values and not (is_int(values[field]) and values[field] >= 1):
+            fail(field, "an int >= 1")
+    if "quant_warmup_ratio" in values and not (is_real(preset.quant_warmup_ratio) and 0 <= preset.quant_warmup_ratio <= 1):
+        fail("quant_warmup_ratio", "a number in [0, 1]")
+    if "seed" in values and not (is_int(preset.seed) and preset.seed >= 0):
+        fail("seed", "an int >= 0")
+    if "max_length" in values and not (is_int(preset.max_length) and 2 <= preset.max_length <= MAX_POSITIONS):
+        fail("max_length", f"an int in [2, {MAX_POSITIONS}] (tokens, [CLS] and [SEP] included)")
+    for field in ("teacher_lr", "student_lr", "temperature"):
+        if field in values and not (is_real(values[field]) and values[field] > 0):
+            fail(field, "a finite number > 0")
+    weights = [f for f in ("task_weight", "logit_weight", "hidden_weight", "attention_weight") if f in values]
+    for field in weights:
+        if not (is_real(values[field]) and values[field] >= 0):
+            fail(field, "a finite number >= 0")
+    teacher_terms = [values[f] for f in ("logit_weight", "hidden_weight", "attention_weight") if f in values]
+    if teacher_terms and sum(teacher_terms) <= 0:
+        fail("logit_weight", "> 0, or hidden_weight or attention_weight > 0 (the students are distilled)")
+    for field, low, high in (("latency_lengths", 2, MAX_POSITIONS), ("memory_lengths", 2, MAX_POSITIONS),
+                             ("latency_batches", 1, None)):  # fmt: skip
+        v = values.get(field, ())
+        if field in values and not (
+            isinstance(v, (tuple, list)) and v and all(is_int(x) and x >= low and (high is None or x <= high) for x in v)
+        ):
+            fail(field, f"a non-empty tuple of ints in [{low}, {high or 'inf'}]")
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -144,6 +208,9 @@ class Preset:
     threads: int = 2
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _validate_preset(self)
+
 
 PRESETS: dict[str, Preset] = {
     # The headline run: all 25,000 training reviews (minus 1,000 for validation), all 25,000
@@ -187,9 +254,25 @@ TARGETS = (
 
 
 def _write_json(path: Path, payload: Any) -> None:
+    """Write ``payload`` as JSON atomically: a killed run never leaves a half-written file that a
+    resumed run would take for a finished stage (``labutils.packfile.write_atomic``)."""
+    from labutils.packfile import write_atomic
+
+    write_atomic(path, (json.dumps(payload, indent=2, default=str) + "\n").encode())
+
+
+def _save_safetensors(model: nn.Module, path: Path) -> int:
+    """``safetensors.torch.save_model`` (tied weights stored once), but atomic like ``_write_json``:
+    written to ``path.tmp``, fsynced, renamed. Returns the file's bytes."""
+    from safetensors.torch import save_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    save_model(model, str(tmp))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    return path.stat().st_size
 
 
 def _read_json(path: Path) -> Any:
@@ -249,10 +332,12 @@ def _device_name(device: torch.device) -> str:
 
 
 def _check_rows(rows: Iterable[str]) -> tuple[str, ...]:
+    from labutils.bench import UsageError
+
     rows = tuple(rows)
     unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise ValueError(f"rows must be among {tuple(ROWS)}, got {unknown}")
+    if unknown or not rows:
+        raise UsageError(f"rows must be among {tuple(ROWS)} (at least one), got {unknown or list(rows)}")
     return rows
 
 
@@ -450,8 +535,6 @@ def _accelerator(device: torch.device):
 
 
 def _train_teacher(preset: Preset, out: Path, splits: Splits, model_path: str | None, device: torch.device, quiet: bool) -> dict:
-    from safetensors.torch import save_model
-
     from labutils.distill import train
 
     model = teacher_skeleton(model_path, seed=preset.seed)
@@ -466,8 +549,7 @@ def _train_teacher(preset: Preset, out: Path, splits: Splits, model_path: str | 
     seconds = time.perf_counter() - start
     model = model.float().to(device)
     test_accuracy = accuracy(model, _loader(splits.test, preset.eval_batch_size, False, 0), device)
-    _teacher_file(out).parent.mkdir(parents=True, exist_ok=True)
-    save_model(model.cpu(), str(_teacher_file(out)))
+    _save_safetensors(model.cpu(), _teacher_file(out))
     return {"accuracy": test_accuracy, "train_seconds": seconds, "history": list(history)}
 
 
@@ -714,18 +796,13 @@ def _memory(models: Mapping[str, nn.Module], preset: Preset, vocab: int, quiet: 
 def _sizes(out: Path, rows: Sequence[str], models: Mapping[str, nn.Module], preset: Preset) -> dict[str, int]:
     """File bytes on disk: fp32 safetensors; INT8 as save_packed with 8-bit linears (torch keeps
     its embeddings in fp32, so does this file); the students' packed files."""
-    from safetensors.torch import save_model
-
     from labutils.packfile import save_packed
 
     sizes: dict[str, int] = {}
     teacher = models.get("fp32")
     for row in rows:
         if row == "fp32" and teacher is not None:
-            path = out / "sizes" / "fp32.safetensors"
-            path.parent.mkdir(exist_ok=True)
-            save_model(teacher, str(path))
-            sizes[row] = path.stat().st_size
+            sizes[row] = _save_safetensors(teacher, out / "sizes" / "fp32.safetensors")
         elif row == "int8" and teacher is not None:
             int8 = copy.deepcopy(teacher)
             quantize_(int8, BitNetConfig(weight_bits=8, act_bits=8, per_channel=False, norm=None))
@@ -1038,13 +1115,49 @@ def charts(results: Mapping[str, Any]) -> dict[str, Any]:
 STAGES = ("train", "cpu", "report")
 
 
+def _with_overrides(base: Preset, overrides: Mapping[str, Any]) -> Preset:
+    """``base`` with some fields replaced (and validated by ``Preset.__post_init__``)."""
+    import dataclasses
+
+    from labutils.bench import UsageError
+
+    names = [f.name for f in dataclasses.fields(Preset)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise UsageError(f"unknown preset field(s) {unknown}; the fields are {names}")
+    return replace(base, **overrides) if overrides else base
+
+
+def _check_run_options(stages: Sequence[str], threads: int | None, device: str) -> None:
+    """Reject bad stages, thread counts and devices before anything is written or trained."""
+    from labutils.bench import UsageError
+
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise UsageError(f"stages must be among {STAGES} (at least one), got {list(stages)}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UsageError(f"threads must be an int >= 1 (or None: the preset's), got {threads!r}")
+    if device != "auto":
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise UsageError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r} ({exc})") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"device {device!r} was asked for, but torch sees no CUDA device")
+        if dev.type not in ("cpu", "cuda"):
+            raise UsageError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+
+
 def _resolve_preset(out: Path, preset: Preset) -> Preset:
     """Save ``preset`` in ``out/preset.json``, or check that a resumed run uses the same one."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "preset.json"
     current = json.loads(json.dumps(asdict(preset)))
     if path.is_file():
-        saved = _read_json(path)
+        try:
+            saved = _read_json(path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path} is unreadable ({exc}); delete it (or the folder) to start over") from None
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current.get(k))
             raise ValueError(
@@ -1073,10 +1186,8 @@ def run(
     base = PRESETS[preset] if isinstance(preset, str) else preset
     if not isinstance(base, Preset):
         raise TypeError(f"preset must be one of {tuple(PRESETS)} or a Preset, got {preset!r}")
-    config = replace(base, **overrides) if overrides else base
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ValueError(f"stages must be among {STAGES}, got {unknown}")
+    config = _with_overrides(base, overrides)
+    _check_run_options(stages, threads, device)
     rows = _check_rows(rows)
     for field in ("student_init", "student_teacher"):
         source = getattr(config, field)

@@ -68,6 +68,7 @@ __all__ = [
     "load_packed",
     "save_packed",
     "size_report",
+    "write_atomic",
 ]
 
 FORMAT = "labutils.packfile"
@@ -247,7 +248,7 @@ def save_packed(
         model: any nn.Module; its BitLinear layers are stored packed (the codes and scale of
             ``quantized_weight()``, i.e. the fully quantized layer, quant_strength 1), everything
             else as is.
-        path: where to write (written to ``path + ".tmp"`` first, then renamed).
+        path: where to write (atomically: see :func:`write_atomic`).
         ternary: packing of 1.58-bit weights: "ternary2" (2 bits) or "ternary3" (base 3, 1.6 bits).
         embeddings: "float" (stored in ``float_dtype``) or "int2".."int8": k-bit symmetric
             absmax group quantization of every nn.Embedding weight (lossy).
@@ -326,11 +327,28 @@ def save_packed(
         "manifest_sha256": hashlib.sha256(manifest_json.encode()).hexdigest(),
     }
     data = safetensors.torch.save(stored, metadata=metadata)
+    write_atomic(path, data)
+    return len(data)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is never seen half-written, even when the
+    process is killed or the machine loses power mid-write: write ``path.tmp`` in the same folder,
+    fsync it, rename it over ``path`` (atomic on POSIX and Windows), fsync the folder. A kill
+    leaves at most a stale ``.tmp``, which the next write replaces."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
-    return len(data)
+    if os.name == "posix":  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _stored_keys(name: str, entry: dict) -> list[str]:

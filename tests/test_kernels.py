@@ -1,9 +1,16 @@
-"""Tests for labutils.kernels: exact integer kernels, the packed layer, bad input, the benchmark."""
+"""Tests for labutils.kernels: every kernel exact on every path this CPU runs, the SIMD
+vocabulary, the path switches (use(), LABBOOK_KERNEL_PATH), and the assembly each path gets.
+
+(Bad input, the packed layer and the benchmark: tests/test_kernels_layer.py.)
+"""
 
 from __future__ import annotations
 
 import contextlib
-import json
+import os
+import platform
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,14 +21,23 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
-from torch import nn
 
 from labutils import kernels as K
 from labutils import packing
-from labutils.bitlinear import BitLinear, BitNetConfig, quantize_
+from labutils.kernels import asm, dispatch, simd
 
 THREADS = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]
-FAST = settings(max_examples=25, deadline=None)
+FAST = settings(max_examples=15, deadline=None)
+DATA = Path(__file__).parent / "data"
+
+
+def _path_param(path: str):
+    missing = K.cpu.missing_features(path) if hasattr(K, "cpu") else []
+    reason = f"this CPU lacks {', '.join(missing)} for the {path} path"
+    return pytest.param(path, marks=pytest.mark.skipif(bool(missing), reason=reason), id=path)
+
+
+PATHS = [_path_param(p) for p in K.PATHS]
 
 # --------------------------------------------------------------------------- helpers
 
@@ -38,29 +54,25 @@ def _reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 @contextlib.contextmanager
 def _kernel_for(threads: int) -> Iterator[None]:
     """threads 1: the serial kernel; more: the parallel kernel, even on inputs this small."""
-    old = dict(K._PARALLEL_MIN_MACS)
+    old = dict(dispatch._PARALLEL_MIN_MACS)
     if threads > 1:
-        K._PARALLEL_MIN_MACS.update(dict.fromkeys(old, 0))
+        dispatch._PARALLEL_MIN_MACS.update(dict.fromkeys(old, 0))
     try:
         yield
     finally:
-        K._PARALLEL_MIN_MACS.update(old)
+        dispatch._PARALLEL_MIN_MACS.update(old)
 
 
-def _run(scheme: str, x: np.ndarray, w: np.ndarray, threads: int) -> np.ndarray:
-    """x and w as int8 codes -> the scheme's kernel on their packed forms."""
-    with _kernel_for(threads):
-        return _run_kernel(scheme, x, w, threads)
-
-
-def _run_kernel(scheme: str, x: np.ndarray, w: np.ndarray, threads: int) -> np.ndarray:
+def _run(scheme: str, x: np.ndarray, w: np.ndarray, threads: int, path: str) -> np.ndarray:
+    """x and w as int8 codes -> the scheme's kernel on ``path`` on their packed forms."""
     k = x.shape[1]
-    if scheme == "w1a1":
-        packed = K.prepack_w1a1(packing.pack_binary_rows(w), k)
-        return K.w1a1_gemm(packing.pack_binary_rows(x), packed, threads=threads)
-    if scheme == "w1a8":
-        return K.w1a8_gemm(x, K.prepack_w1a8(packing.pack_binary_rows(w), k), threads=threads)
-    return K.w158a8_gemm(x, K.prepack_w158a8(w), threads=threads)
+    with _kernel_for(threads), K.use(path):
+        if scheme == "w1a1":
+            packed = K.prepack_w1a1(packing.pack_binary_rows(w), k)
+            return K.w1a1_gemm(packing.pack_binary_rows(x), packed, threads=threads)
+        if scheme == "w1a8":
+            return K.w1a8_gemm(x, K.prepack_w1a8(packing.pack_binary_rows(w), k), threads=threads)
+        return K.w158a8_gemm(x, K.prepack_w158a8(w), threads=threads)
 
 
 def _operands(scheme: str, m: int, k: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,45 +82,60 @@ def _operands(scheme: str, m: int, k: int, n: int, seed: int) -> tuple[np.ndarra
     return x, w
 
 
-# --------------------------------------------------------------------------- exactness
+# --------------------------------------------------------------------------- exactness, every path
 
-# Sizes around every block edge: 4-row tiles, 16/32/64-wide k groups, 32/64-column tiles.
+# Sizes around every block edge: 4-row tiles, 16/32/64-wide k groups, 8/16/32/64-column blocks.
 SIZES = st.sampled_from([1, 2, 3, 4, 5, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129])
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("scheme", K.SCHEMES)
 @given(m=st.integers(1, 11), k=SIZES, n=SIZES, threads=st.sampled_from(THREADS), seed=st.integers(0, 2**16))
 @FAST
-def test_gemm_equals_int64_reference(scheme, m, k, n, threads, seed):
+def test_gemm_equals_int64_reference(path, scheme, m, k, n, threads, seed):
     x, w = _operands(scheme, m, k, n, seed)
-    out = _run(scheme, x, w, threads)
+    out = _run(scheme, x, w, threads, path)
     assert out.dtype == np.int32 and out.shape == (m, n) and out.flags.c_contiguous
     np.testing.assert_array_equal(out, _reference(x, w))
 
 
+# K = 1; M = 1 and N = 1; odd K with padding bits; 4-row blocks and leftovers; the 16-row panel;
+# K beyond 31 words (W1A1 byte counters) and beyond 63 int16 steps (AVX2 A8) and 128-row tasks.
+EDGE_SHAPES = [(1, 1, 1), (3, 1, 5), (1, 64, 1), (1, 4097, 1), (261, 200, 70), (6, 1000, 3), (2, 4096, 130),
+               (20, 2049, 65), (131, 333, 33)]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("scheme", K.SCHEMES)
 @pytest.mark.parametrize("threads", THREADS)
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 64, 1), (261, 200, 70), (6, 1000, 3), (2, 4096, 130)])
-def test_gemm_edge_shapes(scheme, threads, m, k, n):
+@pytest.mark.parametrize("m,k,n", EDGE_SHAPES)
+def test_gemm_edge_shapes(path, scheme, threads, m, k, n):
     x, w = _operands(scheme, m, k, n, seed=m * k * n)
-    np.testing.assert_array_equal(_run(scheme, x, w, threads), _reference(x, w))
+    np.testing.assert_array_equal(_run(scheme, x, w, threads, path), _reference(x, w))
 
 
-def test_extreme_values_are_exact():
-    """All activations -128 or +127, all weights one sign: the largest sums, no overflow or saturation."""
+@pytest.mark.parametrize("path", PATHS)
+def test_extreme_values_are_exact(path):
+    """All activations -128 or +127, all weights one sign, K long enough to fill the int16 sums
+    of the AVX2 path many times over: the largest sums, no overflow or saturation."""
     k, n = 4096, 64
     for value in (-128, 127):
-        x = np.full((5, k), value, dtype=np.int8)
+        x = np.full((20, k), value, dtype=np.int8)  # 20 rows: the decoded panel and the leftovers
         for sign in (-1, 1):
             w = np.full((n, k), sign, dtype=np.int8)
-            np.testing.assert_array_equal(_run("w1a8", x, w, 1), _reference(x, w))
-            np.testing.assert_array_equal(_run("w1.58a8", x, w, 1), _reference(x, w))
+            np.testing.assert_array_equal(_run("w1a8", x, w, 1, path), _reference(x, w))
+            np.testing.assert_array_equal(_run("w1.58a8", x, w, 1, path), _reference(x, w))
+    x = np.full((5, k), -128, dtype=np.int8)
+    w = np.ones((n, k), dtype=np.int8)
+    w[:, ::2] = 0  # codes 1 and 2 alternate: pairs of 2*(-128) + 1*(-128)
+    np.testing.assert_array_equal(_run("w1.58a8", x, w, 1, path), _reference(x, w))
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("scheme", K.SCHEMES)
-def test_gemv_and_packed_matmul_agree_with_gemm(scheme):
+def test_gemv_and_packed_matmul_agree_with_gemm(path, scheme):
     x, w = _operands(scheme, 3, 150, 70, seed=1)
-    gemm = _run(scheme, x, w, 1)
+    gemm = _run(scheme, x, w, 1, path)
     if scheme == "w1a1":
         packed, xs = K.prepack_w1a1(packing.pack_binary_rows(w), 150), packing.pack_binary_rows(x)
         gemv = K.w1a1_gemv
@@ -116,11 +143,12 @@ def test_gemv_and_packed_matmul_agree_with_gemm(scheme):
         packed, xs, gemv = K.prepack_w1a8(packing.pack_binary_rows(w), 150), x, K.w1a8_gemv
     else:
         packed, xs, gemv = K.prepack_w158a8(w), x, K.w158a8_gemv
-    for i in range(3):
-        np.testing.assert_array_equal(gemv(xs[i], packed), gemm[i])
-        np.testing.assert_array_equal(K.packed_matmul(xs[i], packed), gemm[i])
-    np.testing.assert_array_equal(K.packed_matmul(xs, packed, threads=1), gemm)
-    np.testing.assert_array_equal(K.packed_matmul(torch.from_numpy(xs), packed), gemm)  # torch in
+    with K.use(path):
+        for i in range(3):
+            np.testing.assert_array_equal(gemv(xs[i], packed), gemm[i])
+            np.testing.assert_array_equal(K.packed_matmul(xs[i], packed), gemm[i])
+        np.testing.assert_array_equal(K.packed_matmul(xs, packed, threads=1), gemm)
+        np.testing.assert_array_equal(K.packed_matmul(torch.from_numpy(xs), packed), gemm)  # torch in
 
 
 def test_simple_kernel_equals_reference():
@@ -128,6 +156,24 @@ def test_simple_kernel_equals_reference():
     x, w = _signs(rng, (7, 130)), _signs(rng, (9, 130))
     out = K.w1a1_gemm_simple(packing.pack_binary_rows(x), packing.pack_binary_rows(w), 130)
     np.testing.assert_array_equal(out, _reference(x, w))
+
+
+def test_forced_generic_path_in_a_fresh_process():
+    """LABBOOK_KERNEL_PATH=generic: a new process runs the generic kernels, exactly."""
+    program = "\n".join([
+        "import numpy as np", "from labutils import kernels as K, packing",
+        "assert K.active_path() == 'generic' and K.cpu_features()['path'] == 'generic'",
+        "rng = np.random.default_rng(0)", "x = rng.integers(-128, 128, (5, 77), dtype=np.int8)",
+        "w = rng.integers(-1, 2, (9, 77), dtype=np.int8)",
+        "assert (K.w158a8_gemm(x, K.prepack_w158a8(w)) == x.astype(np.int64) @ w.T.astype(np.int64)).all()",
+        "print('ok')",
+    ])  # fmt: skip
+    env = {**os.environ, "LABBOOK_KERNEL_PATH": "generic"}
+    done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- the SIMD vocabulary
 
 
 @njit
@@ -147,17 +193,17 @@ def test_popcount_intrinsic(values):
 
 @njit
 def _dpbusd_both(u8, s8, acc):
-    fast = K._dpbusd(acc, u8, s8)
-    portable = K._dpbusd_portable(acc, u8, s8)
+    fast = simd._dpbusd(acc, u8, s8)
+    portable = simd._dpbusd_portable(acc, u8, s8)
     out = np.empty((2, 16), dtype=np.int32)
-    K._store_affine(out, 0, fast, 1, 0)
-    K._store_affine(out, 16, portable, 1, 0)
+    simd._store_affine(out, 0, fast, 1, 0)
+    simd._store_affine(out, 16, portable, 1, 0)
     return out
 
 
 @njit
 def _vnni_once(u8, s8_bytes):
-    return _dpbusd_both(K._vload(u8, 0), K._vload(s8_bytes, 0), K._vzeros_i32())
+    return _dpbusd_both(simd._vload(u8, 0), simd._vload(s8_bytes, 0), simd._vzeros_i32())
 
 
 def test_dpbusd_fallback_equals_vnni():
@@ -171,265 +217,175 @@ def test_dpbusd_fallback_equals_vnni():
     np.testing.assert_array_equal(out[1], expected)
 
 
+@njit
+def _maddubs_steps(u8, s8_bytes, steps):
+    """``steps`` times vpmaddubsw into int16, then one vpmaddwd into int32 (the AVX2 A8 step)."""
+    acc = simd._vzeros_i16x16()
+    w, a = simd._vload32(u8, 0), simd._vload32(s8_bytes, 0)
+    for _ in range(steps):
+        acc = simd._maddubs_add(acc, w, a)
+    out = np.empty(8, dtype=np.int32)
+    simd._store_affine(out.reshape(1, 8), 0, simd._madd_ones_add(simd._vzeros_i32x8(), acc), 1, 0)
+    return out
+
+
+@njit
+def _nibble_counts(a, w, words):
+    """The AVX2 popcount: byte counts of ``words`` XORs, then vpsadbw into 4 uint64 lanes."""
+    b = simd._vzeros_u8x32()
+    for i in range(words):
+        b = simd._xor_nibble_add(b, simd._vload32(a, 4 * i), simd._vload32(w, 4 * i))
+    out = np.empty((1, 4), dtype=np.int32)
+    simd._store_xnor(out, 0, simd._sad_u64(simd._vzeros_u64x4(), b), 0)
+    return out[0]
+
+
+@pytest.mark.skipif("avx2" not in K.available_paths(), reason="this CPU lacks avx2 (vpmaddubsw, vpshufb)")
+def test_avx2_building_blocks_at_their_limits():
+    """vpmaddubsw summed 63 times in int16 (the most the AVX2 kernels do for ternary codes), with
+    codes 2 and activations -128 or +127; byte popcounts of 31 all-ones words (248 per byte)."""
+    for value in (-128, 127):
+        u8 = np.full(32, 2, dtype=np.uint8)
+        s8 = np.full(32, value, dtype=np.int8)
+        np.testing.assert_array_equal(_maddubs_steps(u8, s8.view(np.uint8), 63), np.full(8, 63 * 4 * 2 * value))
+    rng = np.random.default_rng(5)
+    u8 = rng.integers(0, 3, 32, dtype=np.uint8)
+    s8 = rng.integers(-128, 128, 32, dtype=np.int8)
+    expected = 5 * (u8.astype(np.int64) * s8).reshape(8, 4).sum(axis=1)
+    np.testing.assert_array_equal(_maddubs_steps(u8, s8.view(np.uint8), 5), expected)
+    a = np.full(4 * 31, 2**64 - 1, dtype=np.uint64)
+    np.testing.assert_array_equal(_nibble_counts(a, np.zeros_like(a), 31), -2 * np.full(4, 31 * 64))
+    w = rng.integers(0, 2**63, 4 * 31, dtype=np.uint64)
+    expected = [sum(int(v).bit_count() for v in (a ^ w)[lane::4]) for lane in range(4)]
+    np.testing.assert_array_equal(_nibble_counts(a, w, 31), -2 * np.array(expected))
+
+
+# --------------------------------------------------------------------------- the path switches
+
+
+def test_paths_and_cpu_features():
+    features = K.cpu_features()
+    assert K.PATHS == ("avx512", "avx2", "generic")
+    assert K.available_paths()[-1] == "generic" and set(K.available_paths()) <= set(K.PATHS)
+    assert features["path"] == K.active_path() and features["available_paths"] == list(K.available_paths())
+    assert features["arch"] == platform.machine() and features["flags"] == sorted(features["flags"])
+    for flag in ("avx2", "avx512_vpopcntdq", "avx512_vnni", "avx_vnni"):
+        assert features[flag] == (flag in features["flags"])
+    assert ("avx2" in K.available_paths()) == features["avx2"]
+    assert ("avx512" in K.available_paths()) == (features["avx512_vpopcntdq"] and features["avx512_vnni"])
+    assert K.HAS_VNNI == features["avx512_vnni"]
+    if not os.environ.get(K.ENV_VAR):
+        assert K.active_path() == K.available_paths()[0]
+
+
+def test_use_forces_a_path_and_restores():
+    before = K.active_path()
+    with K.use("generic") as path:
+        assert path == "generic" and K.active_path() == "generic"
+        with K.use(K.available_paths()[0]):
+            assert K.active_path() == K.available_paths()[0]
+        assert K.active_path() == "generic"
+    assert K.active_path() == before
+    with pytest.raises(ValueError, match="one of"):
+        K.use("sse2").__enter__()
+    assert K.active_path() == before
+
+
+@pytest.mark.parametrize("path", [p for p in K.PATHS if p not in K.available_paths()] or ["none-missing"])
+def test_paths_this_cpu_cannot_run_are_refused(path, monkeypatch):
+    if path == "none-missing":
+        pytest.skip("this CPU runs every path")
+    missing = K.cpu.missing_features(path)
+    with pytest.raises(RuntimeError, match=missing[0]):
+        K.use(path).__enter__()
+    monkeypatch.setenv(K.ENV_VAR, path)
+    with pytest.raises(RuntimeError, match=f"{K.ENV_VAR}.*{missing[0]}"):
+        K.active_path()
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv(K.ENV_VAR, "generic")
+    assert K.active_path() == "generic" and K.cpu_features()["path"] == "generic"
+    with K.use(K.available_paths()[0]):  # a use() block wins over the variable
+        assert K.active_path() == K.available_paths()[0]
+    monkeypatch.setenv(K.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match=f"{K.ENV_VAR}='fastest'"):
+        K.active_path()
+    monkeypatch.setenv(K.ENV_VAR, "")
+    assert K.active_path() == K.available_paths()[0]
+
+
+def test_bad_environment_variable_fails_at_import():
+    env = {**os.environ, K.ENV_VAR: "avx1024"}
+    done = subprocess.run([sys.executable, "-c", "import labutils.kernels"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "avx1024" in done.stderr
+
+
 # --------------------------------------------------------------------------- assembly
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    flags = [line for line in text.splitlines() if line.startswith("flags")]
-    return set(flags[0].split(":", 1)[1].split()) if flags else set()
+def _recorded(name: str) -> list[str]:
+    return [line for line in (DATA / name).read_text().splitlines() if line and not line.startswith(";")]
+
+
+RECORDED = [("asm_avx512_w1a1.txt", "avx512", "popcount"), ("asm_avx512_w158a8.txt", "avx512", "dot"),
+            ("asm_avx2_w1a1.txt", "avx2", "popcount"), ("asm_avx2_w158a8.txt", "avx2", "dot")]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,path,kind", RECORDED)
+def test_expected_instructions_match_recorded_assembly(name, path, kind):
+    """Assembly recorded from each path's kernel (AVX-512: compiled for Zen 4; AVX2: Zen 3) holds
+    what expected_instructions says, and not the other path's instructions."""
+    found = asm.mnemonics(_recorded(name))
+    assert set(K.expected_instructions(path)[kind]) <= found
+    other = K.expected_instructions("avx2" if path == "avx512" else "avx512")[kind]
+    assert not set(other) & found - {"vpshufb"}  # vpshufb also moves bytes in AVX-512 code
+
+
+def test_expected_instructions_errors_and_generic():
+    with pytest.raises(ValueError, match="path"):
+        K.expected_instructions("neon")
+    assert K.expected_instructions("generic", ["neon", "asimd"]) == {"popcount": ["cnt"], "dot": ["mla"]}
+    assert K.expected_instructions("generic", ["popcnt", "avx2"]) == {"popcount": ["popcntq"], "dot": ["vpmulld"]}
 
 
 @pytest.mark.slow
-def test_assembly_has_popcount_and_vnni():
-    lines = K.popcount_asm_lines("w1a1")
-    assert lines and all("popcnt" in line for line in lines)
-    if "avx512_vpopcntdq" in _cpu_flags():
-        assert any(line.startswith("vpopcntq") for line in lines)
-    vnni = K.vnni_asm_lines(K.w158a8_gemm)
-    assert K.HAS_VNNI == ("avx512_vnni" in _cpu_flags() or not _cpu_flags())
-    if K.HAS_VNNI:
-        assert any(line.startswith("vpdpbusd") for line in vnni)
+@pytest.mark.parametrize("path", PATHS)
+def test_live_assembly_of_this_cpu(path):
+    """What this CPU's kernels on ``path`` contain: the expected popcount and dot instructions."""
+    expected = K.expected_instructions(path)
+    popcount = asm.mnemonics(K.asm_lines("w1a1", r"^\s*[a-z]", path))
+    dot = asm.mnemonics(K.dot_asm_lines("w1.58a8", path))
+    assert set(expected["popcount"]) <= popcount, popcount
+    assert set(expected["dot"]) <= dot, dot
+    if path == "avx512":
+        assert K.popcount_asm_lines("w1a1", path) and K.vnni_asm_lines(K.w158a8_gemm, path)
+    if path == "avx2":
+        assert not K.popcount_asm_lines("w1a1", path)  # no popcount instruction on this path
+        assert {"vpmaddubsw", "vpmaddwd"} <= asm.mnemonics(K.vnni_asm_lines("w1a8", path))
 
 
-# --------------------------------------------------------------------------- bad input
-
-
-@pytest.fixture(scope="module")
-def packed_all():
-    rng = np.random.default_rng(4)
-    w = _signs(rng, (40, 70))
-    rows = packing.pack_binary_rows(w)
-    return {
-        "w1a1": K.prepack_w1a1(rows, 70),
-        "w1a8": K.prepack_w1a8(rows, 70),
-        "w1.58a8": K.prepack_w158a8(rng.integers(-1, 2, (40, 70), dtype=np.int8)),
-        "rows": rows,
-        "signs": w,
-    }
-
-
-def test_unpacked_weights_are_refused(packed_all):
-    x8 = np.zeros((2, 70), dtype=np.int8)
-    with pytest.raises(TypeError, match="prepack_w1a1"):
-        K.w1a1_gemm(np.zeros((2, 2), np.uint64), packed_all["rows"])
-    with pytest.raises(TypeError, match="PackedWeights"):
-        K.w1a8_gemm(x8, packed_all["signs"])
-    with pytest.raises(TypeError, match="PackedWeights"):
-        K.packed_matmul(x8, packed_all["signs"])
-    with pytest.raises(ValueError, match="prepacked for 'w1a8'"):
-        K.w158a8_gemm(x8, packed_all["w1a8"])
-    with pytest.raises(TypeError, match="uint64"):
-        K.prepack_w1a1(packed_all["signs"], 70)  # int8 signs, not pack_binary_rows words
-    with pytest.raises(TypeError, match="uint64"):
-        K.prepack_w1a8(packed_all["signs"].astype(np.int64), 70)
-
-
-def test_mismatched_k_and_dtypes(packed_all):
-    with pytest.raises(ValueError, match=r"\[M, 70\]"):
-        K.w1a8_gemm(np.zeros((2, 71), np.int8), packed_all["w1a8"])
-    with pytest.raises(ValueError, match=r"\[M, 2\]"):
-        K.w1a1_gemm(np.zeros((2, 3), np.uint64), packed_all["w1a1"])
-    with pytest.raises(TypeError, match="int8"):
-        K.w158a8_gemm(np.zeros((2, 70), np.uint8), packed_all["w1.58a8"])
-    with pytest.raises(TypeError, match="int8"):
-        K.w1a8_gemm(np.zeros((2, 70), np.float32), packed_all["w1a8"])
-    with pytest.raises(TypeError, match="uint64"):
-        K.w1a1_gemm(np.zeros((2, 2), np.int64), packed_all["w1a1"])
-    with pytest.raises(ValueError, match="shape"):
-        K.prepack_w1a1(packed_all["rows"], 200)  # K disagrees with the words
-    with pytest.raises(ValueError, match="1-D"):
-        K.w1a8_gemv(np.zeros((2, 70), np.int8), packed_all["w1a8"])
-    with pytest.raises(ValueError, match=r"\[M, 70\]"):
-        K.w1a8_gemm(np.zeros(70, np.int8), packed_all["w1a8"])
-    with pytest.raises(TypeError, match="numpy array"):
-        K.w1a8_gemm([[0] * 70], packed_all["w1a8"])
-
-
-def test_non_contiguous_and_padding_bits(packed_all):
-    x = np.zeros((2, 140), dtype=np.int8)[:, ::2]
-    with pytest.raises(ValueError, match="C-contiguous"):
-        K.w1a8_gemm(x, packed_all["w1a8"])
-    rows = packing.pack_binary_rows(_signs(np.random.default_rng(0), (3, 70)))
-    rows[1, -1] |= np.uint64(1) << np.uint64(63)  # a bit beyond column 70
-    with pytest.raises(ValueError, match="padding bits"):
-        K.w1a1_gemm(rows, packed_all["w1a1"])
-    with pytest.raises(ValueError, match="padding bits"):
-        K.prepack_w1a1(rows, 70)
-
-
-def test_bad_prepack_and_threads(packed_all):
-    with pytest.raises(ValueError, match="-1, 0, \\+1"):
-        K.prepack_w158a8(np.full((3, 4), 2, dtype=np.int8))
-    with pytest.raises(TypeError, match="integer"):
-        K.prepack_w158a8(np.zeros((3, 4), dtype=np.float32))
-    with pytest.raises(ValueError, match="2-D"):
-        K.prepack_w158a8(np.zeros(4, dtype=np.int8))
-    with pytest.raises(ValueError, match="k must be"):
-        K.prepack_w1a1(packed_all["rows"], 0)
-    with pytest.raises(ValueError, match="data must be"):
-        K.PackedWeights("w1a1", 40, 70, np.zeros((1, 2, 32), np.uint64))  # 40 rows need 2 tiles
-    with pytest.raises(ValueError, match="scheme"):
-        K.PackedWeights("w2a8", 40, 70, packed_all["w1a1"].data)
-    for threads in (0, numba.config.NUMBA_NUM_THREADS + 1, 1.5):
-        with pytest.raises(ValueError, match="threads"):
-            K.w1a8_gemm(np.zeros((1, 70), np.int8), packed_all["w1a8"], threads=threads)
+def test_asm_errors():
     with pytest.raises(ValueError, match="kernel name"):
         K.popcount_asm_lines("w3a3")
+    with pytest.raises(TypeError, match="dispatcher"):
+        K.asm_lines(42, "x")
+    with pytest.raises(ValueError, match="path"):
+        K.dot_asm_lines("w1a8", "sse2")
 
 
-def test_zero_rows(packed_all):
-    assert K.w1a8_gemm(np.zeros((0, 70), np.int8), packed_all["w1a8"]).shape == (0, 40)
-
-
-# --------------------------------------------------------------------------- the packed layer
-
-CONFIGS = [
-    BitNetConfig(weight_bits=1.58, per_channel=False, norm="rms"),
-    BitNetConfig(weight_bits=1.58, per_channel=True, norm=None),
-    BitNetConfig(weight_bits=1, per_channel=False, norm="layer"),
-    BitNetConfig(weight_bits=1, per_channel=True, norm="rms", act_bits=4),
-]
-
-
-def _bitlinear(config: BitNetConfig, k: int = 70, n: int = 33, bias: bool = True, seed: int = 0) -> BitLinear:
-    torch.manual_seed(seed)
-    layer = BitLinear(k, n, bias=bias, config=config)
-    if layer.norm is not None:  # non-trivial norm parameters
-        with torch.no_grad():
-            layer.norm.weight.uniform_(0.5, 1.5)
-    return layer.eval()
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.describe())
-@pytest.mark.parametrize("bias", [True, False])
-def test_packed_bitlinear_matches_bitlinear(config, bias):
-    layer = _bitlinear(config, bias=bias)
-    packed = K.PackedBitLinear.from_bitlinear(layer)
-    x = torch.randn(2, 5, 70, generator=torch.Generator().manual_seed(1)) * 3
-    with torch.no_grad():
-        expected = layer(x)
-    got = packed(x)
-    assert got.shape == (2, 5, 33) and got.dtype == torch.float32
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-    scheme = "w1.58a8" if config.weight_bits == 1.58 else "w1a8"
-    assert packed.weights.scheme == scheme
-    assert "packed" in packed.state_dict() and ("bias" in packed.state_dict()) == bias
-
-
-def test_packed_bitlinear_binary_activations():
-    layer = _bitlinear(BitNetConfig(weight_bits=1, norm="rms"))
-    packed = K.PackedBitLinear.from_bitlinear(layer, act="binary")
-    assert packed.weights.scheme == "w1a1"
-    x = torch.randn(7, 70, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        h = layer.norm(x)
-        x_q = torch.where(h >= 0, 1.0, -1.0) * h.abs().mean(dim=-1, keepdim=True)
-        codes, scale = layer.quantized_weight()
-        expected = nn.functional.linear(x_q, codes.float() * scale, layer.bias)
-    torch.testing.assert_close(packed(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-
-
-@given(st.integers(1, 5), st.integers(1, 200), st.integers(0, 2**16))
-@FAST
-def test_pack_signs_equals_pack_binary_rows(m, k, seed):
-    x = np.random.default_rng(seed).standard_normal((m, k)).astype(np.float32)
-    x[:, ::7] = 0.0  # zero maps to +1
-    x[:, 1::11] = -0.0
-    expected = packing.pack_binary_rows(np.where(x >= 0, 1, -1).astype(np.int8))
-    np.testing.assert_array_equal(K._pack_signs(x), expected)
-
-
-def test_packed_bitlinear_dtype_and_errors():
-    layer = _bitlinear(BitNetConfig())
-    packed = K.PackedBitLinear.from_bitlinear(layer)
-    assert packed(torch.randn(3, 70, dtype=torch.bfloat16)).dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="in_features"):
-        packed(torch.randn(3, 71))
-    with pytest.raises(TypeError, match="float"):
-        packed(torch.zeros(3, 70, dtype=torch.int64))
-    binary = K.PackedBitLinear.from_bitlinear(_bitlinear(BitNetConfig(weight_bits=1)), act="binary")
-    for bad in (float("nan"), float("inf")):
-        x = torch.randn(3, 70)
-        x[1, 5] = bad
-        with pytest.raises(ValueError, match="finite"):
-            packed(x)
-        with pytest.raises(ValueError, match="finite"):
-            binary(x)
-    with pytest.raises(ValueError, match="binary weights"):
-        K.PackedBitLinear.from_bitlinear(layer, act="binary")
-    with pytest.raises(ValueError, match="weight_bits"):
-        K.PackedBitLinear.from_bitlinear(_bitlinear(BitNetConfig(weight_bits=4)))
-    with pytest.raises(ValueError, match="act_bits"):
-        K.PackedBitLinear.from_bitlinear(_bitlinear(BitNetConfig(act_bits=None)))
-    with pytest.raises(TypeError, match="BitLinear"):
-        K.PackedBitLinear.from_bitlinear(nn.Linear(3, 3))
-    with pytest.raises(ValueError, match="act must be"):
-        K.PackedBitLinear.from_bitlinear(layer, act="int4")
-
-
-def _small_model(config: BitNetConfig) -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(70, 48), nn.GELU(), nn.Linear(48, 20), nn.GELU(), nn.Linear(20, 3))
-    quantize_(model, config, skip=())
-    return model.eval()
-
-
-@pytest.mark.parametrize("config", CONFIGS[:3], ids=lambda c: c.describe())
-def test_pack_model_matches_unpacked(config):
-    model = _small_model(config)
-    packed = K.pack_model(model)
-    assert all(isinstance(m, BitLinear) for m in (model[0], model[2], model[4]))  # a copy by default
-    assert all(isinstance(m, K.PackedBitLinear) for m in (packed[0], packed[2], packed[4]))
-    x = torch.randn(6, 70, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        expected = model(x)
-    torch.testing.assert_close(packed(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
-
-
-def test_pack_model_follows_binary_activations():
-    """A W1A1 BitLinear model (act_bits=1) packs onto the XNOR-popcount kernels by default and
-    computes what it computed before packing."""
-    model = _small_model(BitNetConfig(weight_bits=1, act_bits=1, norm=None))
-    packed = K.pack_model(model)
-    assert all(m.weights.scheme == "w1a1" for m in (packed[0], packed[2], packed[4]))
-    x = torch.randn(6, 70, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        expected = model(x)
-    torch.testing.assert_close(packed(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
-    with pytest.raises(ValueError, match="act_bits"):
-        K.pack_model(model, act="int8")
-
-
-def test_pack_model_inplace_and_errors():
-    model = _small_model(BitNetConfig(weight_bits=1))
-    same = K.pack_model(model, act="binary", inplace=True)
-    assert same is model and isinstance(model[0], K.PackedBitLinear) and model[0].weights.scheme == "w1a1"
-    assert model(torch.randn(2, 70)).shape == (2, 3)
-    with pytest.raises(ValueError, match="no BitLinear"):
-        K.pack_model(nn.Sequential(nn.Linear(3, 3)))
-    with pytest.raises(ValueError, match="binary weights"):
-        K.pack_model(_small_model(BitNetConfig(weight_bits=1.58)), act="binary")
-    assert isinstance(K.pack_model(_bitlinear(BitNetConfig())), K.PackedBitLinear)
-
-
-# --------------------------------------------------------------------------- the benchmark
-
-
-def test_bench_quick_writes_json(tmp_path, capsys):
-    from labutils import bench
-
-    out = tmp_path / "kernels.json"
-    assert bench.main(["kernels", "--quick", "--threads", "1", "--repeat", "1", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert result["command"] == "kernels" and result["threads"] == 1
-    assert {"frequency_ghz", "notes"} <= set(result["peak"])
-    assert result["results"], "no shapes measured"
-    for row in result["results"]:
-        assert {"w1a1", "w1a8", "w1.58a8", "torch_f32", "torch_int8"} <= set(row["kernels"])
-        for timing in row["kernels"].values():
-            assert timing["seconds"] > 0 and timing["gmac_per_s"] > 0
-    assert "GMAC/s" in capsys.readouterr().out
+def record_assembly(folder: Path = DATA) -> None:  # pragma: no cover - run by hand
+    """Write tests/data/asm_<path>_<scheme>.txt: the AVX-512 kernels compiled for Zen 4 in a
+    subprocess (NUMBA_CPU_NAME=znver4), the AVX2 ones for Zen 3; only the instructions the
+    tests look at (bit counts, shuffles, byte sums, multiply-adds)."""
+    keep = r"^\s*(\{vex\}\s*)?(v?popcnt\w*|vpshufb|vpsadbw|vpdpbusd|vpmaddubsw|vpmaddwd|vpmulld|vpxorq?)\b"
+    targets = {"avx512": ("znver4", "+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vpopcntdq,+avx512vnni,+avx2,+popcnt"),
+               "avx2": ("znver3", "+avx2,+popcnt,+fma,+bmi2")}  # fmt: skip
+    for path, (cpu, features) in targets.items():
+        for scheme in ("w1a1", "w1.58a8"):
+            program = (f"from labutils import kernels as K\nprint('\\n'.join(K.asm_lines({scheme!r}, {keep!r}, {path!r})))")
+            env = {**os.environ, "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features, "LABBOOK_KERNEL_PATH": "",
+                   "NUMBA_CACHE_DIR": str(folder / ".numba-cache")}
+            done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
+            header = f"; {path} kernel {scheme}, compiled with NUMBA_CPU_NAME={cpu} NUMBA_CPU_FEATURES={features}\n"
+            (folder / f"asm_{path}_{scheme.replace('.', '')}.txt").write_text(header + done.stdout)

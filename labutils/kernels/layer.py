@@ -156,6 +156,8 @@ class PackedBitLinear(nn.Module):
             raise ValueError(f"x must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}")
         if x.device.type != "cpu":
             raise ValueError(f"PackedBitLinear runs on the CPU, got x on {x.device}")
+        if x.numel() == 0:  # an empty batch, as nn.Linear: [..., 0 tokens, out_features]
+            return x.new_zeros(*x.shape[:-1], self.out_features)
         h = x.reshape(-1, self.in_features).float()
         if self.norm is not None:
             h = self.norm(h)

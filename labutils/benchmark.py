@@ -262,17 +262,23 @@ def _write_json(path: Path, payload: Any) -> None:
 
 
 def _save_safetensors(model: nn.Module, path: Path) -> int:
-    """``safetensors.torch.save_model`` (tied weights stored once), but atomic like ``_write_json``:
-    written to ``path.tmp``, fsynced, renamed. Returns the file's bytes."""
-    from safetensors.torch import save_model
+    """What ``safetensors.torch.save_model`` writes (tied weights stored once, ``load_model``
+    reads it), but atomic like ``_write_json`` and the same bytes for the same model (sorted
+    metadata; save_model's own temporary file would also be left behind by a kill). Returns bytes."""
+    from safetensors.torch import _remove_duplicate_names, save
 
+    from labutils.packfile import sorted_metadata, write_atomic
+
+    state = model.state_dict()
+    metadata = {}
+    for kept, removed in _remove_duplicate_names(state).items():
+        for name in removed:
+            metadata[name] = kept
+            del state[name]
+    data = sorted_metadata(save({k: v.contiguous() for k, v in state.items()}, metadata=metadata or None))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_model(model, str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path.stat().st_size
+    write_atomic(path, data)
+    return len(data)
 
 
 def _read_json(path: Path) -> Any:

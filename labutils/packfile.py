@@ -68,6 +68,7 @@ __all__ = [
     "load_packed",
     "save_packed",
     "size_report",
+    "sorted_metadata",
     "write_atomic",
 ]
 
@@ -326,9 +327,25 @@ def save_packed(
         "manifest": manifest_json,
         "manifest_sha256": hashlib.sha256(manifest_json.encode()).hexdigest(),
     }
-    data = safetensors.torch.save(stored, metadata=metadata)
+    data = sorted_metadata(safetensors.torch.save(stored, metadata=metadata))
     write_atomic(path, data)
     return len(data)
+
+
+def sorted_metadata(data: bytes) -> bytes:
+    """The safetensors file ``data`` with its ``__metadata__`` keys in sorted order.
+
+    safetensors writes the metadata from a Rust HashMap, whose order changes from process to
+    process, so the same model saved twice gave different bytes (and hashes). The tensors'
+    entries and data are kept as they are; the header is padded with spaces to 8 bytes, as
+    safetensors pads it."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if isinstance(header.get("__metadata__"), dict):
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -282,7 +282,10 @@ def _save_safetensors(model: nn.Module, path: Path) -> int:
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:  # every file here is written atomically: edited or foreign
+        raise ValueError(f"{path} is not valid JSON ({exc}); delete it to redo the stage that wrote it") from None
 
 
 def _commit() -> str | None:

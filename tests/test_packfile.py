@@ -502,6 +502,8 @@ def test_half_precision_bitlinear_reloads_with_its_scale(tmp_path, dtype):
     assert float(b.quantized_weight()[1] / a.quantized_weight()[1]) == 1.0
     x = torch.randn(4, 37).to(dtype)
     assert torch.equal(b(x), a(x))
+    save_packed(b, tmp_path / "again")  # file -> model -> file: the same bytes
+    assert (tmp_path / "again").read_bytes() == (tmp_path / "m").read_bytes()
     # A cast or a move keeps the loaded weights; training the latent weight again drops them.
     assert torch.equal(b.float()(x.float()), a.float()(x.float()))
     optimizer = torch.optim.SGD(b.parameters(), lr=0.1)

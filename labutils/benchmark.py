@@ -320,6 +320,14 @@ def _cpu_name() -> str:
     return _cpu_info()["model"] or platform.machine()
 
 
+def _cpu_features() -> dict[str, Any]:
+    """The CPU's SIMD features and the kernel path the packed layers run (``labutils.kernels``)."""
+    from labutils.kernels import cpu_features
+
+    found = cpu_features()
+    return {"flags": found["flags"], "path": found["path"]}
+
+
 def provenance(device: str) -> dict[str, Any]:
     """Commit, device, library versions, date (UTC), python, CPU and its core count."""
     return {
@@ -330,6 +338,9 @@ def provenance(device: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": _versions(),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        # Other work on the machine slows every timing: the 1, 5 and 15-minute load averages.
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_features": _cpu_features(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
     }
 
@@ -1072,6 +1083,42 @@ def format_table(results: Mapping[str, Any], batch: int = 32, length: int = 256)
     return "\n".join(lines)
 
 
+def table_records(results: Mapping[str, Any], speed_points: Sequence[tuple[int, int]] = ((1, 128), (32, 256))) -> list[dict[str, Any]]:
+    """The benchmark as one record per row (for a DataFrame): accuracy and its gap to the
+    teacher (points), file and resident-weight sizes and how many times smaller than FP32's,
+    speed-up over FP32 at each (batch, length) of ``speed_points`` (ratio of median latencies),
+    peak extra memory at the longest length (SDPA) and the arithmetic energy of one pass."""
+    rows = results["rows"]
+    base = rows.get("fp32", {})
+    teacher = base.get("accuracy")
+    longest = max((int(k[1:]) for k in _dig(base, ("memory", "sdpa")) or {}), default=None)
+
+    def ratio(a: Any, b: Any) -> float | None:
+        return None if a is None or b is None or b == 0 else a / b
+
+    records = []
+    for name, row in rows.items():
+        acc = row.get("accuracy")
+        record: dict[str, Any] = {
+            "model": row["label"],
+            "accuracy (%)": None if acc is None else 100 * acc,
+            "Δ vs teacher (points)": None if acc is None or teacher is None or name == "fp32" else 100 * (acc - teacher),
+            "file (MB)": None if row.get("file_bytes") is None else row["file_bytes"] / 1e6,
+            "file: × smaller": ratio(base.get("file_bytes"), row.get("file_bytes")),
+            "weights in RAM (MB)": None if row.get("weights_bytes") is None else row["weights_bytes"] / 1e6,
+            "RAM: × smaller": ratio(base.get("weights_bytes"), row.get("weights_bytes")),
+        }
+        for b, n in speed_points:
+            key = ("latency", f"b{b}", f"L{n}", "median_ms")
+            record[f"speed-up b{b} L{n}"] = ratio(_dig(base, key), _dig(row, key))
+        if longest is not None:
+            record[f"peak MB L{longest} (SDPA)"] = _dig(row, ("memory", "sdpa", f"L{longest}"))
+        energy = _dig(row, ("compute", "energy", "total_j"))
+        record["energy (µJ)"] = None if energy is None else energy * 1e6
+        records.append(record)
+    return records
+
+
 def charts(results: Mapping[str, Any]) -> dict[str, Any]:
     """Plotly figures: accuracy vs file size, latency vs length (one panel per batch), peak
     memory vs length (eager vs SDPA)."""
@@ -1089,6 +1136,28 @@ def charts(results: Mapping[str, Any]) -> dict[str, Any]:
     size.update_layout(title="Accuracy vs file size", xaxis_title="file size on disk (MB, log)", xaxis_type="log",
                        yaxis_title="test accuracy (%)", template="plotly_white", showlegend=False)
     figs["accuracy_vs_size"] = size
+
+    # The trade-off at a glance: what each row keeps (accuracy) for what it saves (size) and gains (speed).
+    speed_point = (1, 128) if _dig(rows, ("fp32", "latency", "b1", "L128")) is not None else None
+    trade = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06,
+                          subplot_titles=["file size on disk", "speed-up over FP32" + (" (batch 1, 128 tokens)" if speed_point else "")])
+    base = rows.get("fp32", {})
+    for name, row in rows.items():
+        if row.get("accuracy") is None or not row.get("file_bytes"):
+            continue
+        acc = 100 * row["accuracy"]
+        trade.add_trace(go.Scatter(x=[row["file_bytes"] / 1e6], y=[acc], mode="markers+text", text=[row["label"]],
+                                   textposition="top center", marker={"size": 13}, name=row["label"], legendgroup=name), row=1, col=1)
+        key = ("latency", "b1", "L128", "median_ms")
+        if speed_point and _dig(row, key) and _dig(base, key):
+            trade.add_trace(go.Scatter(x=[_dig(base, key) / _dig(row, key)], y=[acc], mode="markers+text", text=[row["label"]],
+                                       textposition="top center", marker={"size": 13}, name=row["label"], legendgroup=name,
+                                       showlegend=False), row=1, col=2)
+    trade.update_xaxes(title_text="MB (log)", type="log", row=1, col=1)
+    trade.update_xaxes(title_text="× FP32's speed (higher is faster)", row=1, col=2)
+    trade.update_yaxes(title_text="test accuracy (%)", row=1, col=1)
+    trade.update_layout(title="What each format keeps, saves and gains", template="plotly_white", showlegend=False)
+    figs["tradeoff"] = trade
 
     batches = list(results["preset"]["latency_batches"])
     lat = make_subplots(rows=1, cols=len(batches), subplot_titles=[f"batch {b}" for b in batches])

@@ -165,9 +165,24 @@ def test_table_and_charts_from_results():
     table = B.format_table(results)
     assert "W1.58A8" in table and "-0.80" in table and "[MISS] W1A8 within 2.0 points" in table
     figs = B.charts(results)
-    assert set(figs) == {"accuracy_vs_size", "latency_vs_length", "memory_vs_length"}
+    assert set(figs) == {"accuracy_vs_size", "latency_vs_length", "memory_vs_length", "tradeoff"}
     assert len(figs["accuracy_vs_size"].data) == 4
     assert [t.y[0] for t in figs["accuracy_vs_size"].data] == pytest.approx([90.5, 90.0, 89.7, 88.0])
+    assert len(figs["tradeoff"].data) == 4, "no batch-1 timings: the speed panel stays empty"
+
+
+def test_table_records_ratios_and_gaps():
+    results = _fake_results()
+    results["rows"]["w1.58a8"]["weights_bytes"] = 50_000_000
+    results["rows"]["fp32"]["weights_bytes"] = 90_000_000
+    records = {r["model"]: r for r in B.table_records(results, speed_points=((32, 256),))}
+    assert records["W1.58A8"]["Δ vs teacher (points)"] == pytest.approx(-0.8)
+    assert records["FP32 teacher"]["Δ vs teacher (points)"] is None
+    assert records["W1.58A8"]["file: × smaller"] == pytest.approx(90.9 / 8.9)
+    assert records["W1.58A8"]["RAM: × smaller"] == pytest.approx(1.8)
+    assert records["INT8"]["RAM: × smaller"] is None, "no weights_bytes measured for that row"
+    assert records["INT8"]["speed-up b32 L256"] == pytest.approx(2.0)
+    assert records["W1A8"]["peak MB L256 (SDPA)"] == 20.0
 
 
 def test_full_preset_refuses_to_run_on_the_sample(monkeypatch):

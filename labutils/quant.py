@@ -181,7 +181,12 @@ def binarize_sign(
 
 
 def ternarize_absmean(
-    w: torch.Tensor, *, per_channel: bool = False, eps: float = 1e-5
+    w: torch.Tensor,
+    *,
+    per_channel: bool = False,
+    eps: float = 1e-5,
+    rounding: Rounding = "nearest",
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BitNet b1.58 weights: ``codes = round(clip(w / (γ + eps), -1, 1))``, ``γ = mean|w|``.
 
@@ -189,10 +194,17 @@ def ternarize_absmean(
     an all-zero tensor from dividing by zero (its codes are all 0); the returned scale is γ
     itself, not γ + eps.
 
+    ``rounding="stochastic"`` rounds ``v = clip(w / (γ + eps), -1, 1)`` up with probability equal
+    to its fractional part, ``floor(v + u)`` with ``u ~ U[0, 1)``, so that ``E[codes] = v``: the
+    unbiased ternary rounding used to study stochastic rounding in QAT (chapter 3).
+
     Args:
         w: float tensor, any shape (per_channel needs at least 1 dim; channels are dim 0).
         per_channel: one γ per slice ``w[i]`` (reduced over all dims but dim 0).
         eps: positive float added to γ in the division.
+        rounding: "nearest" (ties to even) or "stochastic".
+        generator: torch.Generator for stochastic rounding (on ``w``'s device); None uses a new
+            one seeded with 0, so a call is reproducible either way.
 
     Returns:
         codes: int8, shape of ``w``, values in {-1, 0, +1}.
@@ -200,8 +212,13 @@ def ternarize_absmean(
     """
     x = _as_float32(w, "w")
     eps = _check_eps(eps)
+    _check_choice(rounding, "rounding", ROUNDINGS)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if rounding == "stochastic" and generator is None:
+        generator = torch.Generator(device=x.device).manual_seed(0)
     gamma = _mean_abs(x, per_channel)
-    codes = torch.round(torch.clamp(x / (gamma + eps), -1.0, 1.0)).to(torch.int8)
+    codes = _round(torch.clamp(x / (gamma + eps), -1.0, 1.0), rounding, generator).to(torch.int8)
     return codes, gamma
 
 

@@ -137,6 +137,27 @@ def test_binarize_sign_centered_balances_the_codes_of_shifted_weights():
         quant.binarize_sign(w, centered=1)
 
 
+def test_ternarize_absmean_stochastic_rounding_is_unbiased_and_ternary():
+    w = torch.randn(200, 300, generator=torch.Generator().manual_seed(0))
+    gamma = w.abs().mean()
+    draws = torch.stack([
+        quant.ternarize_absmean(w, rounding="stochastic", generator=torch.Generator().manual_seed(s))[0].float()
+        for s in range(200)
+    ])
+    assert set(draws.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    target = torch.clamp(w / (gamma + 1e-5), -1, 1)
+    # E[codes] = clip(w / gamma): the mean over 200 draws is within a few standard errors everywhere
+    assert float((draws.mean(0) - target).abs().max()) < 0.2
+    assert abs(float((draws.mean(0) - target).mean())) < 0.002
+    nearest, _ = quant.ternarize_absmean(w)
+    assert torch.equal(nearest, quant.ternarize_absmean(w, rounding="nearest")[0])
+    again = quant.ternarize_absmean(w, rounding="stochastic")[0]  # default generator: seeded, reproducible
+    assert torch.equal(again, quant.ternarize_absmean(w, rounding="stochastic")[0])
+    assert not torch.equal(again, nearest)
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        quant.ternarize_absmean(w, rounding="up")
+
+
 # --------------------------------------------------------------------------- activations
 
 

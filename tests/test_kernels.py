@@ -24,7 +24,7 @@ from numba import njit
 
 from labutils import kernels as K
 from labutils import packing
-from labutils.kernels import asm, dispatch, simd
+from labutils.kernels import asm, cpu, dispatch, simd
 
 THREADS = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]
 FAST = settings(max_examples=15, deadline=None)
@@ -32,7 +32,7 @@ DATA = Path(__file__).parent / "data"
 
 
 def _path_param(path: str):
-    missing = K.cpu.missing_features(path) if hasattr(K, "cpu") else []
+    missing = cpu.missing_features(path)
     reason = f"this CPU lacks {', '.join(missing)} for the {path} path"
     return pytest.param(path, marks=pytest.mark.skipif(bool(missing), reason=reason), id=path)
 
@@ -295,7 +295,7 @@ def test_use_forces_a_path_and_restores():
 def test_paths_this_cpu_cannot_run_are_refused(path, monkeypatch):
     if path == "none-missing":
         pytest.skip("this CPU runs every path")
-    missing = K.cpu.missing_features(path)
+    missing = cpu.missing_features(path)
     with pytest.raises(RuntimeError, match=missing[0]):
         K.use(path).__enter__()
     monkeypatch.setenv(K.ENV_VAR, path)

@@ -96,6 +96,21 @@ three 512-bit ops (xor, popcount, add) per 512 binary MACs and Zen 4 issues two 
 341 / 16 = 21x. The misses are the small layers (128 and 512 tokens x 384 x 384: 13-20x),
 where ~3 us of Python and ~3 us of thread start-up are a third of a 10 us kernel.
 
+The AVX2 path (Zen 3, measured while the 2 shared cores ran other work at load average 6-10)
+-----------------------------------------------------------------------------------------
+W1A1: per 256 bits LLVM's ``ctpop`` on ymm spends 10 vector ops (xor, shift, 2 masks, 2
+``vpshufb``, 2 adds, ``vpsadbw``, add). Summing the byte counts of 31 words before one
+``vpsadbw`` and splitting rows and tiles into nibble planes once per task (no shift, no mask
+in the loop) leaves 6 (xor, ``vpshufb``, add, twice). One thread, 512x768 x 3072x768: best
+218-297 GMAC/s for the nibble planes against 204-261 for ``ctpop`` in alternating runs (kept
+the planes; on a Xeon with AVX512_VPOPCNTDQ+VL, LLVM turns the ymm ``ctpop`` into ``vpopcntq``
+and the ``ctpop`` variant wins, 600 vs 260, but such a CPU takes the avx512 path). The ceiling:
+~6 ops per 256 MACs on 4 vector pipes (2 for ``vpshufb``) is ~128-170 MACs per cycle, 8-10x
+the 16 float32 MACs per cycle of two 256-bit FMA pipes: the 8x target sits at the roofline.
+A8: ``vpmaddubsw`` on 32 bytes, its int16 add, and one ``vpmaddwd`` per 63 steps: ~64 MACs
+per cycle at 2 per cycle, 4x the float32 peak. ``results/kernels/kernels-avx2-zen3.json``
+has the 2-thread run (medians and best samples).
+
 torch and Numba each bring an OpenMP runtime whose idle threads spin for a while after a
 parallel region; on a 2-core machine a Numba kernel right after a torch op can lose a core to
 them (the benchmark pauses between the two; in a model, ``OMP_WAIT_POLICY=PASSIVE`` set before

@@ -37,6 +37,7 @@ from labutils.kernels.simd import (
     _vzeros_i32x8,
     _vzeros_u8x32,
     _vzeros_u64x4,
+    _xor_lut_add,
     _xor_nibble_add,
     _xor_popcount_add,
 )
@@ -68,6 +69,65 @@ def _w1a1_tile4(x, w, out, r, t, s, k):  # pragma: no cover - compiled
             b20, b21 = _xor_nibble_add(b20, a, w0), _xor_nibble_add(b21, a, w1)
             a = _vsplat_word4(x, (r + 3) * words + i)
             b30, b31 = _xor_nibble_add(b30, a, w0), _xor_nibble_add(b31, a, w1)
+        q00, q01, q10, q11 = _sad_u64(q00, b00), _sad_u64(q01, b01), _sad_u64(q10, b10), _sad_u64(q11, b11)
+        q20, q21, q30, q31 = _sad_u64(q20, b20), _sad_u64(q21, b21), _sad_u64(q30, b30), _sad_u64(q31, b31)
+    o = r * cols + 32 * t + 8 * s
+    _store_xnor(out, o, q00, k)
+    _store_xnor(out, o + 4, q01, k)
+    _store_xnor(out, o + cols, q10, k)
+    _store_xnor(out, o + cols + 4, q11, k)
+    _store_xnor(out, o + 2 * cols, q20, k)
+    _store_xnor(out, o + 2 * cols + 4, q21, k)
+    _store_xnor(out, o + 3 * cols, q30, k)
+    _store_xnor(out, o + 3 * cols + 4, q31, k)
+
+
+@njit(**_INLINE)
+def _w1a1_nibble_planes(x, w, t, lo, hi, xs, panel):  # pragma: no cover - compiled
+    """Split activation rows lo..hi-1 and weight tile t into low and high nibble planes (each
+    byte & 0x0f, then (byte >> 4) & 0x0f), so the popcount loop needs no shift and no mask.
+
+    xs[((r - lo) * words + i) * 2 + plane]; panel[((i * 4 + s) * 2 + plane) * 8 + lane] for
+    column 32t + 8s + lane: the 8 columns of block s are 2 contiguous ymm per plane."""
+    words = x.shape[1]
+    low = np.uint64(0x0F0F0F0F0F0F0F0F)
+    four = np.uint64(4)
+    for r in range(lo, hi):
+        for i in range(words):
+            a = x[r, i]
+            xs[((r - lo) * words + i) * 2] = a & low
+            xs[((r - lo) * words + i) * 2 + 1] = (a >> four) & low
+    for i in range(words):
+        for c in range(32):
+            v = w[t, i, c]
+            s, lane = c // 8, c % 8
+            panel[((i * 4 + s) * 2) * 8 + lane] = v & low
+            panel[((i * 4 + s) * 2 + 1) * 8 + lane] = (v >> four) & low
+
+
+@njit(**_INLINE)
+def _w1a1_tile4_planes(xs, panel, out, r, rl, t, s, words, k):  # pragma: no cover - compiled
+    """_w1a1_tile4 on nibble planes (rows r..r+3, local row rl in xs): per word, 4 weight loads,
+    8 broadcasts, 16 xor + vpshufb + vpaddb."""
+    cols = out.shape[1]
+    q00 = q01 = q10 = q11 = q20 = q21 = q30 = q31 = _vzeros_u64x4()
+    for i0 in range(0, words, _BYTE_WORDS):
+        b00 = b01 = b10 = b11 = b20 = b21 = b30 = b31 = _vzeros_u8x32()
+        for i in range(i0, min(i0 + _BYTE_WORDS, words)):
+            base = (i * 4 + s) * 16
+            l0, l1, h0, h1 = _vload32(panel, base), _vload32(panel, base + 4), _vload32(panel, base + 8), _vload32(panel, base + 12)
+            j = (rl * words + i) * 2
+            al, ah = _vsplat_word4(xs, j), _vsplat_word4(xs, j + 1)
+            b00, b01 = _xor_lut_add(_xor_lut_add(b00, al, l0), ah, h0), _xor_lut_add(_xor_lut_add(b01, al, l1), ah, h1)
+            j += 2 * words
+            al, ah = _vsplat_word4(xs, j), _vsplat_word4(xs, j + 1)
+            b10, b11 = _xor_lut_add(_xor_lut_add(b10, al, l0), ah, h0), _xor_lut_add(_xor_lut_add(b11, al, l1), ah, h1)
+            j += 2 * words
+            al, ah = _vsplat_word4(xs, j), _vsplat_word4(xs, j + 1)
+            b20, b21 = _xor_lut_add(_xor_lut_add(b20, al, l0), ah, h0), _xor_lut_add(_xor_lut_add(b21, al, l1), ah, h1)
+            j += 2 * words
+            al, ah = _vsplat_word4(xs, j), _vsplat_word4(xs, j + 1)
+            b30, b31 = _xor_lut_add(_xor_lut_add(b30, al, l0), ah, h0), _xor_lut_add(_xor_lut_add(b31, al, l1), ah, h1)
         q00, q01, q10, q11 = _sad_u64(q00, b00), _sad_u64(q01, b01), _sad_u64(q10, b10), _sad_u64(q11, b11)
         q20, q21, q30, q31 = _sad_u64(q20, b20), _sad_u64(q21, b21), _sad_u64(q30, b30), _sad_u64(q31, b31)
     o = r * cols + 32 * t + 8 * s
@@ -140,14 +200,23 @@ def _w1a1_tile1(x, w, out, r, t, k):  # pragma: no cover - compiled
 def _w1a1_body(x, w, k, out):  # pragma: no cover - compiled
     """x uint64 [M, Kw], w uint64 [T, Kw, 32] -> out int32 [M, 32T]; tasks = (tile, row chunk).
 
-    For each block of 4 rows the 4 column blocks of a tile run back to back, so the 4 rows'
-    activation words stay in L1 while the tile's weights (Kw x 256 bytes) are reused."""
-    m = x.shape[0]
+    Tasks of 16 rows or more split their rows and tile into nibble planes first
+    (``_w1a1_nibble_planes``); smaller ones count on the fly. For each block of 4 rows the 4
+    column blocks of a tile run back to back, so the rows' words stay in L1."""
+    m, words = x.shape
     chunks = (m + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(w.shape[0] * chunks):
         t, lo = task // chunks, (task % chunks) * _ROWS_PER_TASK
         hi = min(lo + _ROWS_PER_TASK, m)
         r = lo
+        if hi - lo >= _PANEL_MIN_ROWS:
+            xs = np.empty((hi - lo) * words * 2, dtype=np.uint64)
+            panel = np.empty(words * 64, dtype=np.uint64)
+            _w1a1_nibble_planes(x, w, t, lo, hi, xs, panel)
+            while r + 4 <= hi:
+                for s in range(4):
+                    _w1a1_tile4_planes(xs, panel, out, r, r - lo, t, s, words, k)
+                r += 4
         while r + 4 <= hi:
             for s in range(4):
                 _w1a1_tile4(x, w, out, r, t, s, k)

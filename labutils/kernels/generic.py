@@ -56,30 +56,30 @@ def _w1a1_body(x, w, k, out):  # pragma: no cover - compiled
 def _a8_body(x, w, rowsum, out, bits, mult):  # pragma: no cover - compiled
     """x int8 [M, Kp], w uint8 [T, G, 4, 64] -> out int32 [M, 64T] = mult·Σ code·x − rowsum.
 
-    Each task decodes its column tile into int32 codes ``[Kp, 64]`` once, then runs a plain
-    row x column loop over it."""
+    Each task decodes its column tile into int8 codes, one row of Kp per column, once; then
+    every output is a plain dot product of two int8 rows (Numba types the products int64, so
+    this loop runs at a few GMAC/s per core: correct everywhere, fast nowhere)."""
     m, kp = x.shape
     groups, fields, mask = w.shape[1], 8 // bits, (1 << bits) - 1
     chunks = (m + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(w.shape[0] * chunks):
         t, lo = task // chunks, (task % chunks) * _ROWS_PER_TASK
-        codes = np.empty((kp, 64), dtype=np.int32)
+        codes = np.empty((64, kp), dtype=np.int8)
         for g in range(groups):
             for v in range(4):
                 for lane in range(16):
                     for j in range(4):
                         byte = np.int32(w[t, g, v, 4 * lane + j])
                         for q in range(fields):
-                            codes[4 * (fields * g + q) + j, 16 * v + lane] = (byte >> (bits * q)) & mask
-        acc = np.empty(64, dtype=np.int32)
+                            codes[16 * v + lane, 4 * (fields * g + q) + j] = (byte >> (bits * q)) & mask
         for r in range(lo, min(lo + _ROWS_PER_TASK, m)):
-            acc[:] = 0
-            for kk in range(kp):
-                a = np.int32(x[r, kk])
-                for c in range(64):
-                    acc[c] += codes[kk, c] * a
+            xr = x[r]
             for c in range(64):
-                out[r, 64 * t + c] = mult * acc[c] - rowsum[r]
+                cr = codes[c]
+                total = np.int32(0)
+                for kk in range(kp):
+                    total += np.int32(cr[kk]) * np.int32(xr[kk])
+                out[r, 64 * t + c] = mult * total - rowsum[r]
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", parallel=True)

@@ -94,6 +94,9 @@ STUDENTS = tuple(name for name, row in ROWS.items() if row.is_student)
 
 # The encoder's position table (BERT, MiniLM): no sequence may be longer.
 MAX_POSITIONS = 512
+# labutils.data.SOURCES, spelled out: importing labutils.data (datasets, pandas) here would make
+# every ``import labutils.benchmark`` seconds slower; tests/test_faults.py checks they agree.
+DATA_SOURCES = ("auto", "local", "hub", "sample")
 
 
 def _validate_preset(preset: Any) -> None:
@@ -103,7 +106,6 @@ def _validate_preset(preset: Any) -> None:
     import math
 
     from labutils.bench import UsageError
-    from labutils.data import SOURCES
     from labutils.distill import ATTENTION_TARGETS
     from labutils.packfile import FLOAT_DTYPES, TERNARY_SCHEMES
 
@@ -119,7 +121,7 @@ def _validate_preset(preset: Any) -> None:
     values = vars(preset)
     if not isinstance(preset.name, str) or not preset.name:
         fail("name", "a non-empty string")
-    choices = {"data_source": SOURCES, "attention_target": ATTENTION_TARGETS, "ternary": TERNARY_SCHEMES,
+    choices = {"data_source": DATA_SOURCES, "attention_target": ATTENTION_TARGETS, "ternary": TERNARY_SCHEMES,
                "float_dtype": tuple(FLOAT_DTYPES),
                "embeddings": ("float", *(f"int{k}" for k in range(2, 9)))}  # fmt: skip
     for field, allowed in choices.items():
@@ -706,6 +708,8 @@ def run_train(
 
 # --------------------------------------------------------------------------- stage 2: cpu
 
+CPU_COLUMNS = ("agreement", "latency", "memory", "weights_bytes", "file_bytes", "compute")
+
 
 def _inputs(vocab_size: int, batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
     """Random token ids (no padding: every position is a real token, the worst case) for timing."""
@@ -870,15 +874,21 @@ def run_cpu(
     threads: int | None = None,
     untrained: bool = False,
     quiet: bool = False,
+    columns: Sequence[str] = CPU_COLUMNS,
 ) -> dict:
     """Stage 2: agreement, latency, memory, sizes, MACs and energy on this CPU; writes ``out/cpu.json``.
 
     A student without a trained packed file in ``out`` is left out, or with ``untrained`` measured
-    on an untrained stand-in (``write_untrained_student``; its weights_source says so)."""
+    on an untrained stand-in (``write_untrained_student``; its weights_source says so).
+    ``columns`` (a subset of CPU_COLUMNS) measures only those and keeps the others of an existing
+    ``cpu.json``; ``column_provenance`` says which run (and which weights) made each column."""
     from labutils.measure import threads as use_threads
     from labutils.models import load_tokenizer
 
     rows = _check_rows(rows)
+    columns = tuple(columns)
+    if not columns or any(c not in CPU_COLUMNS for c in columns):
+        raise ValueError(f"columns must be a non-empty subset of {CPU_COLUMNS}, got {columns}")
     threads = preset.threads if threads is None else threads
     tokenizer = load_tokenizer(model_path)
     vocab = len(tokenizer)
@@ -888,18 +898,23 @@ def run_cpu(
     with use_threads(threads):
         models = _cpu_models(out, rows, model_path)
         students = models.fake_quantized
-        splits = load_splits(preset, tokenizer) if students else None
-        agreement = {row: _agreement(students[row], models.inference[row], preset, splits) for row in students}
-        result = {
-            "provenance": {**provenance(f"cpu: {_cpu_name()}"), "threads": threads},
-            "weights_source": models.notes,
-            "agreement": agreement,
-            "latency": _latency(models.inference, preset, vocab, quiet),
-            "memory": _memory(models.inference, preset, vocab, quiet),
-            "weights_bytes": {row: _weights_bytes(m) for row, m in models.inference.items()},
-            "file_bytes": _sizes(out, rows, models.inference, preset),
-            "compute": _macs_and_energy(models, vocab),
+        measure = {
+            "agreement": lambda: {row: _agreement(students[row], models.inference[row], preset, splits) for row in students},
+            "latency": lambda: _latency(models.inference, preset, vocab, quiet),
+            "memory": lambda: _memory(models.inference, preset, vocab, quiet),
+            "weights_bytes": lambda: {row: _weights_bytes(m) for row, m in models.inference.items()},
+            "file_bytes": lambda: _sizes(out, rows, models.inference, preset),
+            "compute": lambda: _macs_and_energy(models, vocab),
         }
+        splits = load_splits(preset, tokenizer) if students and "agreement" in columns else None
+        prov = {**provenance(f"cpu: {_cpu_name()}"), "threads": threads}
+        measured = {column: measure[column]() for column in CPU_COLUMNS if column in columns}
+    previous = _read_json(out / "cpu.json") if set(columns) != set(CPU_COLUMNS) and (out / "cpu.json").is_file() else {}
+    kept = {c: previous[c] for c in CPU_COLUMNS if c not in measured and c in previous}
+    column_prov = {c: previous.get("column_provenance", {}).get(c, {**(previous.get("provenance") or {}), "weights_source": previous.get("weights_source")})
+                   for c in kept}  # fmt: skip
+    column_prov.update({c: {**prov, "weights_source": models.notes} for c in measured})
+    result = {"provenance": prov, "weights_source": models.notes, **kept, **measured, "column_provenance": column_prov}
     _write_json(out / "cpu.json", result)
     return result
 
@@ -1257,6 +1272,7 @@ def run(
     threads: int | None = None,
     untrained: bool = False,
     quiet: bool = False,
+    cpu_columns: Sequence[str] = CPU_COLUMNS,
     **overrides: Any,
 ) -> dict | None:
     """Run the benchmark's ``stages`` for ``preset`` (a name in PRESETS or a Preset, with field
@@ -1267,6 +1283,8 @@ def run(
     config = _with_overrides(base, overrides)
     _check_run_options(stages, threads, device)
     rows = _check_rows(rows)
+    if not cpu_columns or any(c not in CPU_COLUMNS for c in cpu_columns):
+        raise ValueError(f"cpu columns must be a non-empty subset of {CPU_COLUMNS}, got {tuple(cpu_columns)}")
     for field in ("student_init", "student_teacher"):
         source = getattr(config, field)
         if source != "fp32" and source not in STUDENTS:
@@ -1278,7 +1296,8 @@ def run(
     if "train" in stages:
         run_train(config, out, rows=rows, model_path=model_path, device=device, quiet=quiet)
     if "cpu" in stages:
-        run_cpu(config, out, rows=rows, model_path=model_path, threads=threads, untrained=untrained, quiet=quiet)
+        run_cpu(config, out, rows=rows, model_path=model_path, threads=threads, untrained=untrained, quiet=quiet,
+                columns=cpu_columns)
     if "report" in stages:
         return run_report(config, out)
     return None
@@ -1296,6 +1315,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-size", type=int, default=None)
     parser.add_argument("--untrained", action="store_true",
                         help="cpu stage: measure students not trained here on untrained stand-ins (size, latency, memory only)")
+    parser.add_argument("--columns", default=",".join(CPU_COLUMNS),
+                        help="cpu stage: measure only these (comma-separated), keep the others of an existing cpu.json")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a preset field (repeatable), e.g. --set student_epochs=8 "
                              "--set student_lr=1e-4; recorded in DIR/preset.json")
@@ -1338,6 +1359,7 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
     stages = STAGES if args.stage == "all" else (args.stage,)
     results = run(args.preset, out, stages=stages, rows=args.rows.split(","), model_path=args.model,
                   device=args.device, threads=args.threads, untrained=args.untrained, quiet=args.quiet,
+                  cpu_columns=tuple(c.strip() for c in args.columns.split(",")),
                   **overrides)  # fmt: skip
     if results is None:
         return {"out": str(out), "stages": list(stages)}

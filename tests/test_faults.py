@@ -125,6 +125,12 @@ def test_nonsensical_preset_values_are_rejected_before_anything_runs(tmp_path, f
         B.Preset(name="x", **{field: value})
 
 
+def test_the_preset_checks_know_every_data_source():
+    from labutils.data import SOURCES
+
+    assert B.DATA_SOURCES == SOURCES
+
+
 def test_distillation_without_a_teacher_term_is_rejected():
     with pytest.raises(bench.UsageError, match="logit_weight"):
         B.Preset(name="x", logit_weight=0.0, hidden_weight=0.0, attention_weight=0.0, task_weight=1.0)

@@ -625,4 +625,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: the other modules raise
+    # labutils.bench.UsageError, which is a different class from __main__.UsageError.
+    from labutils.bench import main as _main
+
+    sys.exit(_main())

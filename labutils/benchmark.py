@@ -1328,15 +1328,17 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 
     Values are read as JSON where they parse (numbers, null, true, lists; lists become tuples),
     else as strings. Unknown fields and the preset's name are rejected before any work starts."""
+    from labutils.bench import UsageError
+
     fields = {f.name for f in dataclasses.fields(Preset)} - {"name"}
     overrides: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"--set takes FIELD=VALUE, got {item!r}")
+            raise UsageError(f"--set takes FIELD=VALUE, got {item!r}")
         if key not in fields:
-            raise ValueError(f"--set {key}: not a preset field; fields are {sorted(fields)}")
+            raise UsageError(f"--set {key}: not a preset field; fields are {sorted(fields)}")
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
@@ -1357,10 +1359,11 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {k: v for k, v in (("train_size", args.train_size), ("test_size", args.test_size)) if v is not None}
     overrides.update(parse_overrides(getattr(args, "overrides", [])))
     stages = STAGES if args.stage == "all" else (args.stage,)
-    results = run(args.preset, out, stages=stages, rows=args.rows.split(","), model_path=args.model,
+    # The preset is built here, so that fields sharing a name with run()'s options (threads) work with --set.
+    preset = _with_overrides(PRESETS[args.preset], overrides)
+    results = run(preset, out, stages=stages, rows=args.rows.split(","), model_path=args.model,
                   device=args.device, threads=args.threads, untrained=args.untrained, quiet=args.quiet,
-                  cpu_columns=tuple(c.strip() for c in args.columns.split(",")),
-                  **overrides)  # fmt: skip
+                  cpu_columns=tuple(c.strip() for c in args.columns.split(",")))  # fmt: skip
     if results is None:
         return {"out": str(out), "stages": list(stages)}
     return {"out": str(out), "pass": all(t["pass"] is not False for t in results["targets"])}

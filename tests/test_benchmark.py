@@ -238,3 +238,22 @@ def test_multi_step_distillation_starts_from_the_earlier_student(tiny_run, tmp_p
     assert 0 <= result["accuracy"] <= 1
     assert json.loads((chain / "preset.json").read_text())["student_init"] == "w1a8"
     assert (chain / "latent" / "w1a1.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_cpu_stage_remeasures_some_columns_and_keeps_the_others(tiny_run, tmp_path):
+    import shutil
+
+    out, _ = tiny_run
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    before = json.loads((again / "cpu.json").read_text())
+    B.run("ci", again, stages=("cpu",), quiet=True, cpu_columns=("compute", "weights_bytes"), **TINY)
+    after = json.loads((again / "cpu.json").read_text())
+    assert after["latency"] == before["latency"] and after["memory"] == before["memory"]
+    assert after["compute"] == before["compute"], "the same weights give the same MACs and energy"
+    assert set(after["column_provenance"]) == set(B.CPU_COLUMNS)
+    assert after["column_provenance"]["latency"]["date"] == before["provenance"]["date"]
+    assert after["column_provenance"]["compute"]["date"] == after["provenance"]["date"]
+    with pytest.raises(ValueError, match="cpu columns"):
+        B.run("ci", again, stages=("cpu",), cpu_columns=("latency", "speed"), **TINY)

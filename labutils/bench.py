@@ -7,6 +7,7 @@ JSON-friendly result, plus one function that adds its options; both are register
 Subcommands:
 
 - ``imdb``: the IMDb benchmark (``labutils.benchmark``): ``--preset {ci,full} --out DIR``.
+- ``lm``: chapter 8's language models (``labutils.lm.experiment``): ``--preset {ci,full} --stage ... --out DIR``.
 - ``packing``: pack / unpack throughput of ``labutils.packing`` (millions of weights per second,
   best of ``--repeat``, one thread) against the targets: 200 M/s for 1-bit and 2-bit, 50 M/s
   for base 3.
@@ -586,7 +587,19 @@ COMMANDS: dict[str, Command] = {
         lambda args: _imdb().run_command(args),
         out_is_dir=True,
     ),
+    "lm": Command(
+        "chapter 8's language models: tokenizer, train, LoRA, attention vs length (labutils.lm.experiment)",
+        lambda parser: _lm().add_arguments(parser),
+        lambda args: _lm().run_command(args),
+        out_is_dir=True,
+    ),
 }
+
+
+def _lm():
+    from labutils.lm import experiment
+
+    return experiment
 
 
 def _imdb():

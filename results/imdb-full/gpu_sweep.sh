@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The train stage of the IMDb benchmark's `full` preset and its ablations, on one GPU.
+# (The INT8 row's accuracy is a CPU job: --stage train --rows int8, see README.md.)
 #
-# Reproduces results/imdb-full/train_*.json and results/imdb-full/ablations.json: the teacher
-# once, then every student recipe as its own process on the same GPU (they share it at nearly
-# full speed: one MiniLM student leaves most of an H200 idle), each in its own folder with the
-# trained teacher linked in, so every folder's preset.json records exactly the recipe it ran.
+# Reproduces results/imdb-full/train_*.json and results/imdb-full/ablations/: the teacher once,
+# then every student recipe as its own process on the same GPU (they share it at nearly full
+# speed: one MiniLM student leaves most of an H200 idle), each in its own folder with the trained
+# teacher linked in, so every folder's preset.json records exactly the recipe it ran.
 #
-#   bash results/imdb-full/gpu_sweep.sh start OUT   # teacher (foreground), then students (background)
-#   bash results/imdb-full/gpu_sweep.sh status OUT  # which runs finished, best validation accuracy so far
-#   bash results/imdb-full/gpu_sweep.sh collect OUT DEST   # JSONs as one tarball + the packed students
+#   bash results/imdb-full/gpu_sweep.sh run OUT       # teacher, then all students; returns when all are done
+#   bash results/imdb-full/gpu_sweep.sh status OUT    # which runs finished, best validation accuracy so far
+#   bash results/imdb-full/gpu_sweep.sh collect OUT DEST   # JSONs and logs as one tarball
 #
 # Needs: LABBOOK_IMDB_DIR (train/test.parquet), MODEL (a MiniLM folder, e.g. the bf16 copy of
 # labutils.models.save_bf16_copy), python with labutils importable. Variants are chosen on the
-# validation hold-out (1,000 training reviews), never on the test set.
+# validation hold-out (1,000 training reviews), never on the test set. On the `device` machine,
+# run it under setsid and keep a call in flight (results/device_session.sh does both).
 set -euo pipefail
 cmd=${1:?start|status|collect}
 out=${2:?OUT folder}
@@ -29,6 +31,10 @@ VARIANTS=(
   "lr1e-4-w1.58a8|w1.58a8|student_lr=1e-4|-"
   "labels-w1.58a8|w1.58a8|task_weight=1.0|-"
   "epochs6-w1a1|w1a1|student_epochs=6|-"
+  "epochs6-w1a8|w1a8|student_epochs=6|-"
+  "warmup-w1.58a8|w1.58a8|quant_warmup_ratio=0.1|-"
+  "elastic-w1a1|w1a1|w1a1_activations=elastic|-"
+  "elastic-chain-w1a1|w1a1|w1a1_activations=elastic student_init=w1a8|base-w1a8"
   "chain-w1a8|w1a8|student_init=w1.58a8|base-w1.58a8"
   "chain-w1a1|w1a1|student_init=w1a8|base-w1a8"
   "chain2-w1a1|w1a1|student_init=w1a8 student_teacher=w1a8|base-w1a8"
@@ -49,7 +55,10 @@ prepare() {  # folder with the trained teacher linked in (and, for a chain, the 
 run_variant() {  # name rows sets after
   local name=$1 rows=$2 sets=$3 after=$4 args=()
   if [ "$after" != "-" ]; then
-    while [ ! -f "$out/$after/train_${after#*-}.json" ]; do sleep 10; done
+    while [ ! -f "$out/$after/train_${after#*-}.json" ]; do
+      if grep -qs "failed\|skipped" "$out/$after.done"; then echo "skipped: $after did not finish" >"$out/$name.done"; return; fi
+      sleep 10
+    done
   fi
   prepare "$out/$name" "$after"
   if [ "$sets" != "-" ]; then for s in $sets; do args+=(--set "$s"); done; fi
@@ -57,17 +66,26 @@ run_variant() {  # name rows sets after
     && echo ok >"$out/$name.done" || echo "failed: $?" >"$out/$name.done"
 }
 
+# Variants whose --set field this checkout's Preset lacks are skipped (and said so).
+fields=$(python -c "import dataclasses, labutils.benchmark as b; print(' '.join(f.name for f in dataclasses.fields(b.Preset)))")
+
 case $cmd in
-start)
+run)
   mkdir -p "$out"
-  # The teacher, then the INT8 row on the host CPU beside the students.
-  "${bench[@]}" --stage train --rows fp32 --out "$out/teacher"
-  (setsid "${bench[@]}" --stage train --rows int8 --out "$out/teacher" >"$out/int8.log" 2>&1 &)
+  [ -f "$out/teacher/train_fp32.json" ] || "${bench[@]}" --stage train --rows fp32 --out "$out/teacher"
+  pids=()
   for v in "${VARIANTS[@]}"; do
     IFS='|' read -r name rows sets after <<<"$v"
-    (export -f run_variant prepare; export out MODEL; setsid bash -c "$(declare -p bench); run_variant '$name' '$rows' '$sets' '$after'" &)
+    missing=""
+    if [ "$sets" != "-" ]; then for s in $sets; do [[ " $fields " == *" ${s%%=*} "* ]] || missing="${s%%=*}"; done; fi
+    if [ -n "$missing" ]; then echo "skipped $name: no preset field $missing here" >"$out/$name.done"; continue; fi
+    [ -f "$out/$name/train_$rows.json" ] && continue
+    run_variant "$name" "$rows" "$sets" "$after" &
+    pids+=($!)
   done
-  echo "started ${#VARIANTS[@]} runs in $out"
+  echo "started ${#pids[@]} runs in $out"
+  wait "${pids[@]}"
+  echo "all runs finished"
   ;;
 status)
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader || true
@@ -85,7 +103,6 @@ PY
       echo "$name: $(cat "$out/$name.done" 2>/dev/null || echo running) $(tail -c 200 "$out/$name.log" 2>/dev/null | tr '\r\n' '  ' | tail -c 120)"
     fi
   done
-  [ -f "$out/teacher/train_int8.json" ] && echo "int8 done" || echo "int8 running"
   ;;
 collect)
   dest=${3:?DEST folder}

@@ -1,0 +1,596 @@
+"""The language-model experiment of chapter 8: ``python -m labutils.bench lm``.
+
+BitNet b1.58's central experiment in miniature: full-precision and BitNet b1.58 decoders of the
+same sizes trained the same way (same tokens, steps, schedule, seed; each variant at its own
+learning rate, as in the paper) on the IMDb training reviews, compared by perplexity on the test
+reviews. Then LoRA adapters on the frozen ternary model learn to write a requested sentiment, and
+chapter 7's classifier grades the generated reviews.
+
+Stages (each writes JSON with provenance into ``--out``; a stage whose file exists is skipped,
+so a killed run resumes where it stopped):
+
+- ``tokenizer``: byte-level BPE on the training reviews -> ``tokenizer.json``.
+- ``train``: one decoder per row ("fp-s", "w1.58a8-m", ...) -> ``train_<row>.json`` (loss curve,
+  holdout and test perplexity) and the weights (``<row>.packed`` for ternary rows, written with
+  :func:`labutils.packfile.save_packed`; ``<row>.safetensors`` for full precision).
+- ``lora``: LoRA on the frozen ternary model of ``lora_size`` -> ``lora.json`` (share of generated
+  reviews the classifier reads as the requested sentiment, base vs LoRA; samples) and
+  ``lora_adapters.safetensors``. Needs ``--classifier`` (a trained IMDb classifier's
+  ``model.safetensors``, e.g. the benchmark's ``teacher/model.safetensors``) and ``--model``.
+- ``attention``: eager vs SDPA forward time and peak memory vs context length, and the KV cache's
+  bytes vs length -> ``attention_<device>.json``.
+
+Rows are ``<quant>-<size>`` with quant in ``fp``, ``w1.58a8`` and size a key of ``SIZES``.
+Data: ``labutils.data.load_imdb`` (``LABBOOK_IMDB_DIR`` or the hub; the ``ci`` preset uses the
+embedded sample). The holdout (``holdout_reviews`` training reviews, never trained on) chooses
+nothing here: it is reported beside the test perplexity so that a learning-rate choice made on it
+stays honest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from labutils.lm.model import QUANTS, Decoder, LMConfig, generate
+from labutils.lm.tokenizer import EOS, NEG, POS, clean_review, load_tokenizer, train_tokenizer
+
+__all__ = ["SIZES", "LMPreset", "PRESETS", "STAGES", "row_config", "run", "add_arguments", "run_command"]
+
+# name: (n_layer, n_head, d_model)
+SIZES: dict[str, tuple[int, int, int]] = {
+    "xs": (2, 2, 64),
+    "s": (4, 4, 256),
+    "m": (6, 6, 384),
+    "l": (8, 8, 512),
+}
+STAGES = ("tokenizer", "train", "lora", "attention")
+
+
+@dataclass(frozen=True)
+class LMPreset:
+    """Every setting of a run (recorded in each result file)."""
+
+    name: str
+    data_source: str = "auto"
+    train_reviews: int | None = None  # None: all 25,000 (minus the holdout)
+    test_reviews: int | None = None
+    holdout_reviews: int = 500
+    vocab_size: int = 8192
+    sizes: tuple[str, ...] = ("s", "m", "l")
+    seq_len: int = 256
+    batch_size: int = 64
+    steps: int = 3000
+    warmup_steps: int = 200
+    lr_fp: float = 1e-3
+    lr_bitnet: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    eval_every: int = 250
+    eval_tokens: int = 500_000
+    lora_size: str = "l"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_steps: int = 800
+    lora_lr: float = 1e-3
+    gen_reviews: int = 200
+    gen_tokens: int = 128
+    temperature: float = 0.8
+    top_k: int = 50
+    attention_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
+    attention_batch: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in (*self.sizes, self.lora_size) if s not in SIZES]
+        if unknown:
+            raise ValueError(f"sizes must be among {tuple(SIZES)}, got {unknown}")
+        for name in ("vocab_size", "seq_len", "batch_size", "steps", "eval_every", "lora_rank", "gen_reviews", "gen_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+
+
+PRESETS: dict[str, LMPreset] = {
+    # Minutes on a laptop CPU: the pipeline end to end on the embedded sample, nothing learned well.
+    "ci": LMPreset(
+        name="ci", data_source="sample", holdout_reviews=50, vocab_size=1024, sizes=("xs",), seq_len=64,
+        batch_size=16, steps=60, warmup_steps=10, eval_every=30, eval_tokens=4096, lora_size="xs",
+        lora_rank=4, lora_steps=20, gen_reviews=8, gen_tokens=24, attention_lengths=(64, 128, 256),
+        attention_batch=1,
+    ),
+    # One GPU: every row as its own process (see results/lm/README.md).
+    "full": LMPreset(name="full"),
+}
+
+
+def rows_of(preset: LMPreset) -> tuple[str, ...]:
+    return tuple(f"{quant}-{size}" for size in preset.sizes for quant in QUANTS)
+
+
+def row_config(row: str, preset: LMPreset, vocab_size: int, attention: str = "sdpa", max_seq_len: int | None = None) -> LMConfig:
+    """The LMConfig of a row such as ``"w1.58a8-m"``."""
+    quant, _, size = row.rpartition("-")
+    if quant not in QUANTS or size not in SIZES:
+        raise ValueError(f"a row is <quant>-<size> with quant in {QUANTS} and size in {tuple(SIZES)}, got {row!r}")
+    n_layer, n_head, d_model = SIZES[size]
+    return LMConfig(
+        vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, d_model=d_model,
+        max_seq_len=max_seq_len or preset.seq_len, quant=quant, attention=attention,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    from labutils.benchmark import _write_json as write
+
+    write(path, payload)
+
+
+def _provenance(device: torch.device) -> dict[str, Any]:
+    from labutils.benchmark import _device_name, provenance
+
+    return provenance(_device_name(device))
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _progress(iterable, quiet: bool, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=quiet, mininterval=5.0, **kwargs)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Reviews:
+    """Cleaned review texts and labels (1 = positive) of the three splits."""
+
+    train: list[str]
+    train_labels: list[int]
+    holdout: list[str]
+    test: list[str]
+    test_labels: list[int]
+
+
+def load_reviews(preset: LMPreset) -> Reviews:
+    """IMDb reviews: train minus a seeded holdout, and test, cleaned (``clean_review``)."""
+    from labutils.data import load_imdb
+
+    source = None if preset.data_source == "auto" else preset.data_source
+    train = load_imdb("train", source=source, seed=preset.seed)
+    test = load_imdb("test", source=source, seed=preset.seed)
+    texts, labels = [clean_review(t) for t in train["text"]], list(train["label"])
+    hold = preset.holdout_reviews
+    if hold >= len(texts):
+        raise ValueError(f"holdout_reviews={hold} leaves no training review (of {len(texts)})")
+    n_train = len(texts) - hold if preset.train_reviews is None else min(preset.train_reviews, len(texts) - hold)
+    test_texts = [clean_review(t) for t in test["text"]][: preset.test_reviews]
+    return Reviews(
+        train=texts[hold : hold + n_train], train_labels=labels[hold : hold + n_train], holdout=texts[:hold],
+        test=test_texts, test_labels=list(test["label"])[: len(test_texts)],
+    )  # fmt: skip
+
+
+def token_stream(tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """All texts encoded and joined, each after an ``<|endoftext|>``: int64 [n_tokens]."""
+    eos = tokenizer.token_to_id(EOS)
+    pieces = []
+    for encoding in tokenizer.encode_batch(list(texts)):
+        pieces.append([eos, *encoding.ids])
+    return torch.tensor([t for piece in pieces for t in piece], dtype=torch.int64)
+
+
+def random_windows(stream: torch.Tensor, batch: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """inputs, targets [batch, length]: windows at random offsets, targets shifted by one."""
+    starts = torch.randint(0, stream.numel() - length - 1, (batch,), generator=generator, device=stream.device)
+    idx = starts[:, None] + torch.arange(length + 1, device=stream.device)
+    windows = stream[idx]
+    return windows[:, :-1], windows[:, 1:]
+
+
+@torch.no_grad()
+def perplexity(model: Decoder, stream: torch.Tensor, length: int, max_tokens: int, batch: int = 32) -> float:
+    """exp(mean next-token loss) over consecutive windows of ``length`` covering the first
+    ``max_tokens`` tokens of ``stream`` (each window predicts its own last ``length`` tokens)."""
+    model.eval()
+    device = next(model.parameters()).device
+    n = min(max_tokens, stream.numel() - 1) // length
+    if n < 1:
+        raise ValueError(f"the stream has {stream.numel()} tokens: fewer than one window of {length + 1}")
+    windows = stream[: n * length + 1].to(device)
+    total, count = 0.0, 0
+    for i in range(0, n, batch):
+        idx = torch.arange(i, min(n, i + batch), device=device)[:, None] * length + torch.arange(length + 1, device=device)
+        w = windows[idx]
+        with _autocast(device):
+            logits = model(w[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="sum")
+        total, count = total + float(loss), count + w[:, 1:].numel()
+    return math.exp(total / count)
+
+
+# --------------------------------------------------------------------------- train
+
+
+def learning_rate(step: int, peak: float, preset: LMPreset) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * peak``."""
+    if step < preset.warmup_steps:
+        return peak * (step + 1) / preset.warmup_steps
+    progress = (step - preset.warmup_steps) / max(1, preset.steps - preset.warmup_steps)
+    low = preset.min_lr_ratio * peak
+    return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * progress))
+
+
+def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.95); matrices decay, norms do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def train_row(row: str, preset: LMPreset, out: Path, tokenizer, reviews: Reviews, device: torch.device, quiet: bool) -> dict:
+    """Train one decoder; write its weights and ``train_<row>.json``; return the result."""
+    torch.manual_seed(preset.seed)
+    config = row_config(row, preset, tokenizer.get_vocab_size())
+    model = Decoder(config, seed=preset.seed).to(device)
+    peak = preset.lr_fp if config.quant == "fp" else preset.lr_bitnet
+    optimizer = _optimizer(model, peak, preset.weight_decay, device)
+    train = token_stream(tokenizer, reviews.train).to(device)
+    holdout = token_stream(tokenizer, reviews.holdout)
+    test = token_stream(tokenizer, reviews.test)
+    generator = torch.Generator(device=device).manual_seed(preset.seed)  # same batches for every row
+    history, start, running = [], time.perf_counter(), []
+    for step in _progress(range(preset.steps), quiet, desc=row):
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, peak, preset)
+        x, y = random_windows(train, preset.batch_size, preset.seq_len, generator)
+        with _autocast(device):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        running.append(loss.detach())
+        if (step + 1) % preset.eval_every == 0 or step + 1 == preset.steps:
+            train_loss = float(torch.stack(running).mean())
+            running = []
+            hold_ppl = perplexity(model, holdout, preset.seq_len, preset.eval_tokens)
+            history.append({"step": step + 1, "tokens": (step + 1) * preset.batch_size * preset.seq_len,
+                            "train_loss": train_loss, "holdout_ppl": hold_ppl})  # fmt: skip
+            if not quiet:
+                print(f"[{row}] step {step + 1}: train loss {train_loss:.3f}, holdout ppl {hold_ppl:.2f}", flush=True)
+    seconds = time.perf_counter() - start
+    weights = _save_row(model, out, row)
+    result = {
+        "row": row, "config": config.to_dict(), "preset": asdict(preset), "lr": peak,
+        "parameters": model.num_parameters(), "non_embedding_parameters": model.num_parameters(embeddings=False),
+        "train_tokens_available": int(train.numel()), "tokens_seen": preset.steps * preset.batch_size * preset.seq_len,
+        "history": history, "holdout_ppl": history[-1]["holdout_ppl"],
+        "test_ppl": perplexity(model, test, preset.seq_len, preset.eval_tokens),
+        "train_seconds": seconds, "weights_file": weights.name, "weights_bytes": weights.stat().st_size,
+        "provenance": _provenance(device),
+    }  # fmt: skip
+    if config.quant != "fp":
+        # What a reader downloads: the packed file loaded back (fp16 embedding), same test text.
+        loaded = load_row(out, row, preset, tokenizer.get_vocab_size()).to(device)
+        result["test_ppl_packed"] = perplexity(loaded, test, preset.seq_len, preset.eval_tokens)
+    _write_json(out / f"train_{row}.json", result)
+    return result
+
+
+def _save_row(model: Decoder, out: Path, row: str) -> Path:
+    from labutils.benchmark import _save_safetensors
+    from labutils.packfile import save_packed
+
+    model = model.float().cpu().eval()
+    if model.config.quant == "fp":
+        path = out / f"{row}.safetensors"
+        _save_safetensors(model, path)
+    else:
+        path = out / f"{row}.packed"
+        save_packed(model, path, ternary="ternary2", embeddings="float", float_dtype="fp16")
+    return path
+
+
+def load_row(out: str | Path, row: str, preset: LMPreset, vocab_size: int, attention: str = "sdpa", max_seq_len: int | None = None) -> Decoder:
+    """A trained row's decoder (float32, eval mode) from its file in ``out``."""
+    from safetensors.torch import load_model
+
+    from labutils.packfile import load_packed
+
+    out = Path(out)
+    model = Decoder(row_config(row, preset, vocab_size, attention, max_seq_len))
+    if model.config.quant == "fp":
+        load_model(model, out / f"{row}.safetensors")
+    else:
+        load_packed(out / f"{row}.packed", model)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- LoRA: write a requested sentiment
+
+
+def _tagged_batches(tokenizer, texts: Sequence[str], labels: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """inputs, targets [n, length]: ``<|endoftext|> <pos|neg>`` + the review's first tokens;
+    targets -100 past the review's end (and for the tag itself, which the user supplies)."""
+    eos, tags = tokenizer.token_to_id(EOS), (tokenizer.token_to_id(NEG), tokenizer.token_to_id(POS))
+    seqs = torch.full((len(texts), length + 1), eos, dtype=torch.int64)
+    targets = torch.full((len(texts), length), -100, dtype=torch.int64)
+    for i, (encoding, label) in enumerate(zip(tokenizer.encode_batch(list(texts)), labels)):
+        ids = [eos, tags[label], *encoding.ids, eos][: length + 1]
+        seqs[i, : len(ids)] = torch.tensor(ids)
+        targets[i, 1 : len(ids) - 1] = torch.tensor(ids[2:])
+    return seqs[:, :-1], targets
+
+
+class SentimentJudge:
+    """Chapter 7's IMDb classifier (MiniLM fine-tuned), reading generated reviews: 1 = positive."""
+
+    def __init__(self, weights: str | Path, model_path: str | None, device: torch.device) -> None:
+        from safetensors.torch import load_model
+
+        from labutils.benchmark import teacher_skeleton
+        from labutils.models import load_tokenizer as load_bert_tokenizer
+
+        self.model = teacher_skeleton(model_path).to(device).eval()
+        load_model(self.model, str(weights), device=str(device))
+        self.tokenizer = load_bert_tokenizer(model_path)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        labels = []
+        for i in range(0, len(texts), 64):
+            enc = self.tokenizer(list(texts[i : i + 64]), truncation=True, max_length=256, padding=True, return_tensors="pt")
+            logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits
+            labels.append(logits.argmax(-1).cpu().numpy())
+        return np.concatenate(labels)
+
+
+def sample_reviews(model: Decoder, tokenizer, prompt_ids: Sequence[int], n: int, preset: LMPreset, seed: int) -> list[str]:
+    """n reviews generated from the same prompt (batched, seeded), decoded up to the first EOS."""
+    device = next(model.parameters()).device
+    eos = tokenizer.token_to_id(EOS)
+    prompt = torch.tensor([list(prompt_ids)] * n, device=device)
+    with _autocast(device):
+        tokens = generate(model, prompt, preset.gen_tokens, temperature=preset.temperature, top_k=preset.top_k,
+                          seed=seed, stop_token=eos)  # fmt: skip
+    texts = []
+    for row in tokens[:, len(prompt_ids) :].tolist():
+        row = row[: row.index(eos)] if eos in row else row
+        texts.append(tokenizer.decode(row))
+    return texts
+
+
+def _sentiment_scores(model, tokenizer, judge: SentimentJudge, preset: LMPreset) -> tuple[dict, dict]:
+    eos = tokenizer.token_to_id(EOS)
+    scores, samples = {}, {}
+    for tag, want in ((POS, 1), (NEG, 0)):
+        texts = sample_reviews(model, tokenizer, [eos, tokenizer.token_to_id(tag)], preset.gen_reviews, preset, preset.seed + want)
+        predicted = judge(texts)
+        scores[tag] = float(np.mean(predicted == want))
+        samples[tag] = texts[:5]
+    scores["requested"] = (scores[POS] + scores[NEG]) / 2
+    return scores, samples
+
+
+def run_lora(preset: LMPreset, out: Path, tokenizer, reviews: Reviews, device: torch.device, classifier: str, model_path: str | None, quiet: bool) -> dict:
+    """LoRA adapters on the frozen ternary model; the classifier grades base vs LoRA generations."""
+    from labutils.benchmark import _save_safetensors
+    from labutils.bitlinear import add_lora_
+
+    row = f"w1.58a8-{preset.lora_size}"
+    model = load_row(out, row, preset, tokenizer.get_vocab_size()).to(device)
+    judge = SentimentJudge(classifier, model_path, device)
+    base_scores, base_samples = _sentiment_scores(model, tokenizer, judge, preset)
+    frozen = [(m, m.quantized_weight()[0].clone()) for _, m in _bitlinears(model)]
+    model.requires_grad_(False)
+    wrapped = add_lora_(model, rank=preset.lora_rank, alpha=preset.lora_alpha, seed=preset.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=preset.lora_lr, weight_decay=0.0)
+    inputs, targets = _tagged_batches(tokenizer, reviews.train, reviews.train_labels, preset.seq_len)
+    generator = torch.Generator().manual_seed(preset.seed)
+    history, start = [], time.perf_counter()
+    for step in _progress(range(preset.lora_steps), quiet, desc="lora"):
+        model.train()
+        pick = torch.randint(0, len(inputs), (preset.batch_size,), generator=generator)
+        x, y = inputs[pick].to(device), targets[pick].to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = preset.lora_lr * min(1.0, (step + 1) / 50)
+        with _autocast(device):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % 50 == 0:
+            history.append({"step": step + 1, "loss": float(loss)})
+    seconds = time.perf_counter() - start
+    lora_scores, lora_samples = _sentiment_scores(model, tokenizer, judge, preset)
+    unchanged = all(torch.equal(codes, m.quantized_weight()[0]) for m, codes in frozen)
+    adapters = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    _save_safetensors(_AdapterHolder(adapters), out / "lora_adapters.safetensors")
+    result = {
+        "row": row, "preset": asdict(preset), "wrapped_layers": wrapped,
+        "trainable_parameters": sum(p.numel() for p in params), "history": history, "train_seconds": seconds,
+        "base": base_scores, "lora": lora_scores, "samples": {"base": base_samples, "lora": lora_samples},
+        "ternary_weights_unchanged": unchanged, "provenance": _provenance(device),
+    }  # fmt: skip
+    _write_json(out / "lora.json", result)
+    return result
+
+
+class _AdapterHolder(torch.nn.Module):
+    """A module whose state dict is exactly the given tensors (names with '.' kept as keys)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self._tensors = tensors
+
+    def state_dict(self, *args, **kwargs):  # noqa: D102 - the adapters, by their model names
+        return {k: v.float().cpu().contiguous() for k, v in self._tensors.items()}
+
+
+def _bitlinears(model: torch.nn.Module):
+    from labutils.bitlinear import BitLinear
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear)]
+
+
+# --------------------------------------------------------------------------- attention and length
+
+
+def _peak_bytes(device: torch.device, fn) -> tuple[float, int]:
+    """Seconds and peak extra bytes of one call of fn (CUDA: max_memory_allocated; CPU: RSS)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start, torch.cuda.max_memory_allocated() - before
+    from labutils.measure import peak_memory
+
+    start = time.perf_counter()
+    peak = peak_memory(fn)
+    return time.perf_counter() - start, peak.peak_bytes
+
+
+def run_attention(preset: LMPreset, out: Path, vocab_size: int, device: torch.device, quiet: bool) -> dict:
+    """Forward time (median of 5) and peak memory of the largest size, eager vs SDPA, at each
+    length in ``attention_lengths`` (batch ``attention_batch``), plus the KV cache's bytes."""
+    size = preset.sizes[-1]
+    rows = []
+    for length in _progress(preset.attention_lengths, quiet, desc="attention"):
+        for how in ("eager", "sdpa"):
+            config = row_config(f"fp-{size}", preset, vocab_size, attention=how, max_seq_len=length)
+            model = Decoder(config, seed=preset.seed).to(device).eval()
+            tokens = torch.randint(0, vocab_size, (preset.attention_batch, length), generator=torch.Generator().manual_seed(0)).to(device)
+
+            def forward():
+                with torch.no_grad(), _autocast(device):
+                    model(tokens)
+
+            forward()  # warm-up (kernel selection, allocator)
+            times = [_peak_bytes(device, forward) for _ in range(5)]
+            kv = 2 * config.n_layer * preset.attention_batch * length * config.d_model * (2 if device.type == "cuda" else 4)
+            rows.append({"length": length, "attention": how, "seconds": float(np.median([t for t, _ in times])),
+                         "peak_bytes": int(max(b for _, b in times)), "kv_cache_bytes": kv,
+                         "kv_cache_bytes_int8": kv // (2 if device.type == "cuda" else 4)})  # fmt: skip
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    result = {"size": size, "batch": preset.attention_batch, "rows": rows, "provenance": _provenance(device)}
+    _write_json(out / f"attention_{device.type}.json", result)
+    return result
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def run(preset: LMPreset, out: Path, *, stages: Sequence[str], rows: Sequence[str] | None = None, device: str = "auto",
+        classifier: str | None = None, model_path: str | None = None, tokenizer_path: str | None = None, quiet: bool = False) -> dict:  # fmt: skip
+    """Run ``stages`` into ``out`` (see the module docstring); returns what each stage wrote."""
+    out.mkdir(parents=True, exist_ok=True)
+    dev = _device(device)
+    _write_json(out / "preset.json", asdict(preset))
+    done: dict[str, Any] = {}
+    tok_file = Path(tokenizer_path) if tokenizer_path else out / "tokenizer.json"
+    reviews = None
+    if "tokenizer" in stages and not tok_file.is_file():
+        reviews = load_reviews(preset)
+        train_tokenizer(reviews.train, preset.vocab_size).save(str(tok_file))
+        done["tokenizer"] = str(tok_file)
+    tokenizer = load_tokenizer(tok_file) if {"train", "lora"} & set(stages) or tok_file.is_file() else None
+    vocab = tokenizer.get_vocab_size() if tokenizer else preset.vocab_size
+    if "train" in stages:
+        for row in rows or rows_of(preset):
+            if (out / f"train_{row}.json").is_file():
+                continue
+            reviews = reviews or load_reviews(preset)
+            done[row] = train_row(row, preset, out, tokenizer, reviews, dev, quiet)
+    if "lora" in stages and not (out / "lora.json").is_file():
+        if classifier is None:
+            raise ValueError("the lora stage needs --classifier (a trained IMDb classifier's model.safetensors)")
+        reviews = reviews or load_reviews(preset)
+        done["lora"] = run_lora(preset, out, tokenizer, reviews, dev, classifier, model_path, quiet)
+    if "attention" in stages:
+        done["attention"] = run_attention(preset, out, vocab, dev, quiet)
+    return done
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="ci")
+    parser.add_argument("--stage", default="tokenizer,train", help=f"comma-separated, among {','.join(STAGES)}")
+    parser.add_argument("--rows", default=None, help="comma-separated rows (default: every size x quant of the preset)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--classifier", default=None, help="a trained IMDb classifier's model.safetensors (lora stage)")
+    parser.add_argument("--model", default=None, help="the MiniLM folder the classifier was built on")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer.json to use instead of OUT/tokenizer.json")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["steps=100", "sizes=[\\"s\\"]"]`` -> ``{"steps": 100, "sizes": ("s",)}`` (JSON values, else strings)."""
+    from labutils.bench import UsageError
+
+    fields = {f.name for f in dataclasses.fields(LMPreset)} - {"name"}
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key.strip() not in fields:
+            raise UsageError(f"--set takes FIELD=VALUE with FIELD among {sorted(fields)}, got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        overrides[key.strip()] = tuple(value) if isinstance(value, list) else value
+    return overrides
+
+
+def run_command(args: argparse.Namespace) -> dict[str, Any]:
+    from labutils.bench import UsageError
+
+    stages = tuple(s.strip() for s in args.stage.split(","))
+    if any(s not in STAGES for s in stages):
+        raise UsageError(f"--stage must be among {STAGES}, got {args.stage!r}")
+    try:
+        preset = dataclasses.replace(PRESETS[args.preset], **parse_overrides(args.overrides))
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    rows = tuple(r.strip() for r in args.rows.split(",")) if args.rows else None
+    out = Path(args.out or "lm-benchmark")
+    done = run(preset, out, stages=stages, rows=rows, device=args.device, classifier=args.classifier,
+               model_path=args.model, tokenizer_path=args.tokenizer, quiet=args.quiet)  # fmt: skip
+    return {"out": str(out), "stages": list(stages), "wrote": sorted(done)}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One `device` (GPU) session: the IMDb ablation sweep and chapter 8's language models side by side
+# on one H200, as the `run` tool's commands. The machine keeps processes started with setsid
+# between calls while a call is in flight; so `start` launches both under setsid and every call
+# then `poll`s (prints progress, returns before the call's limit), and `collect` puts the results
+# under $OUT. Carry (the same in every call): .carry/minilm_bf16.tar.xz .carry/imdb .carry/whl .carry/src
+# .carry/COMMIT, made here by:
+#   rm -rf .carry/src && mkdir -p .carry/src && git archive HEAD labutils results | tar -x -C .carry/src \
+#     && git rev-parse HEAD > .carry/COMMIT
+#
+#   bash results/device_session.sh start;   bash results/device_session.sh poll 540
+#   bash results/device_session.sh poll 570
+#   bash results/device_session.sh collect
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# The code runs from .carry/src: a `git archive` of one commit (its hash in .carry/COMMIT), so
+# what runs is exactly a commit, whatever else the working tree held when the call was made.
+carry=$PWD/.carry
+[ -d .carry/src/labutils ] && cd .carry/src
+work=/tmp/labbook
+mkdir -p "$work"
+if [ ! -d /tmp/site/datasets ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$carry"/whl/*.whl
+fi
+if [ ! -f "$work/minilm/config.json" ]; then
+  mkdir -p "$work/minilm" && tar xJf "$carry"/minilm_bf16.tar.xz -C "$work/minilm" --strip-components=1
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LABBOOK_IMDB_DIR=$carry/imdb MODEL=$work/minilm
+export LABBOOK_COMMIT=${LABBOOK_COMMIT:-$(cat "$carry"/COMMIT 2>/dev/null || echo unknown)}
+
+case ${1:?start|poll|collect} in
+start)
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  setsid nohup bash results/imdb-full/gpu_sweep.sh run "$work/sweep" >"$work/sweep.log" 2>&1 </dev/null &
+  SKIP_ATTENTION=1 setsid nohup bash results/lm/gpu_train.sh "$work/lm" "$work/sweep/teacher/teacher/model.safetensors" >"$work/lm.log" 2>&1 </dev/null &
+  sleep 5; echo started
+  ;;
+poll)
+  deadline=$((SECONDS + ${2:-540}))
+  while [ $SECONDS -lt $deadline ]; do
+    if grep -qs "all runs finished" "$work/sweep.log" && grep -qs "lora done" "$work/lm.log"; then echo "ALL DONE"; break; fi
+    sleep 60
+    echo "---- $(date -u +%T)"; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+    bash results/imdb-full/gpu_sweep.sh status "$work/sweep" 2>&1 | tail -20
+    for f in "$work"/lm/*.log "$work"/lm/lr/*.log; do [ -f "$f" ] && echo "$(basename "$f"): $(tail -c 300 "$f" | tr '\r\n' '  ' | tail -c 110)"; done
+    tail -2 "$work/sweep.log" "$work/lm.log"
+  done
+  ;;
+collect)
+  mkdir -p "${OUT:?}"
+  # Attention vs length, timed now that the GPU is otherwise idle.
+  [ -f "$work/lm/attention_cuda.json" ] || timeout 240 python -m labutils.bench lm --preset full --stage attention \
+      --tokenizer results/lm/tokenizer.json --out "$work/lm" --quiet 2>&1 | tail -3
+  bash results/imdb-full/gpu_sweep.sh collect "$work/sweep" "$OUT"
+  (cd "$work/lm" && tar czf "$OUT/lm.tgz" --exclude='*.safetensors' --exclude='*.packed' .)
+  for f in "$work"/lm/w1.58a8-m.packed "$work"/lm/w1.58a8-l.packed "$work"/lm/lora_adapters.safetensors; do [ -f "$f" ] && cp "$f" "$OUT/"; done
+  ls -la "$OUT"
+  ;;
+esac

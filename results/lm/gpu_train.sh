@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Chapter 8's language models on one GPU: every row of the `full` preset (full precision and
+# BitNet b1.58 at sizes s, m, l) as its own process, a learning-rate check at size m beside them,
+# then LoRA on the largest ternary model (graded by chapter 7's IMDb classifier) and the
+# attention-vs-length measurement (skipped with SKIP_ATTENTION=1).
+#
+#   bash results/lm/gpu_train.sh OUT CLASSIFIER
+#
+# OUT: the output folder (train_<row>.json, <row>.packed / .safetensors, lora.json, attention_cuda.json,
+#      lr/<name>/train_<row>.json). CLASSIFIER: a trained IMDb classifier's model.safetensors (the
+#      benchmark's teacher: OUT_OF_THE_IMDB_RUN/teacher/model.safetensors); the LoRA stage waits for it.
+# Needs: LABBOOK_IMDB_DIR, MODEL (the MiniLM folder the classifier was built on), labutils importable,
+# results/lm/tokenizer.json (trained with `python -m labutils.bench lm --preset full --stage tokenizer`).
+set -euo pipefail
+out=${1:?OUT folder}
+classifier=${2:?CLASSIFIER model.safetensors}
+MODEL=${MODEL:?set MODEL to the MiniLM folder}
+here=$(cd "$(dirname "$0")" && pwd)
+lm=(python -m labutils.bench lm --preset full --tokenizer "$here/tokenizer.json" --quiet)
+mkdir -p "$out/lr"
+
+pids=()
+for row in fp-s w1.58a8-s fp-m w1.58a8-m fp-l w1.58a8-l; do
+  "${lm[@]}" --stage train --rows "$row" --out "$out" >"$out/$row.log" 2>&1 &
+  pids+=($!)
+done
+# Is each variant at a fair learning rate? The same size m at half and double its preset rate.
+for spec in "fp-m lr_fp 5e-4" "fp-m lr_fp 2e-3" "w1.58a8-m lr_bitnet 1.5e-3" "w1.58a8-m lr_bitnet 6e-3"; do
+  read -r row field value <<<"$spec"
+  "${lm[@]}" --stage train --rows "$row" --set "$field=$value" --out "$out/lr/$row-$value" >"$out/lr/$row-$value.log" 2>&1 &
+  pids+=($!)
+done
+failed=0
+for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
+echo "train: $failed of ${#pids[@]} runs failed"
+while [ ! -f "$classifier" ]; do sleep 10; done
+"${lm[@]}" --stage lora --out "$out" --classifier "$classifier" --model "$MODEL" >"$out/lora.log" 2>&1
+echo "lora done"
+# Timed alone where possible: results/device_session.sh runs it after both sweeps have finished.
+[ "${SKIP_ATTENTION:-0}" = 1 ] || "${lm[@]}" --stage attention --out "$out" >"$out/attention.log" 2>&1

@@ -71,7 +71,7 @@ class LMPreset:
     sizes: tuple[str, ...] = ("s", "m", "l")
     seq_len: int = 256
     batch_size: int = 64
-    steps: int = 3000
+    steps: int = 2000
     warmup_steps: int = 200
     lr_fp: float = 1e-3
     lr_bitnet: float = 3e-3

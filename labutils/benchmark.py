@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from labutils.bitlinear import BitNetConfig, quantize_, quantize_embeddings_
+from labutils.bitlinear import ACT_BINARIZERS, BitNetConfig, quantize_, quantize_embeddings_
 
 __all__ = [
     "PRESETS",
@@ -122,7 +122,7 @@ def _validate_preset(preset: Any) -> None:
     if not isinstance(preset.name, str) or not preset.name:
         fail("name", "a non-empty string")
     choices = {"data_source": DATA_SOURCES, "attention_target": ATTENTION_TARGETS, "ternary": TERNARY_SCHEMES,
-               "float_dtype": tuple(FLOAT_DTYPES),
+               "float_dtype": tuple(FLOAT_DTYPES), "w1a1_activations": ACT_BINARIZERS,
                "embeddings": ("float", *(f"int{k}" for k in range(2, 9)))}  # fmt: skip
     for field, allowed in choices.items():
         if field in values and values[field] not in allowed:
@@ -171,7 +171,11 @@ class Preset:
     ``student_init`` and ``student_teacher``, where a student starts and whom it imitates:
     "fp32" (the trained teacher) or a student row trained earlier in the same folder (its latent
     weights in ``latent/<row>.safetensors``, its packed file as the teacher): multi-step
-    distillation, FP32 -> W1.58A8 -> W1A8 -> W1A1, as BiT (Liu et al., 2022) does. Files: how students are packed. CPU: lengths,
+    distillation, FP32 -> W1.58A8 -> W1A8 -> W1A1, as BiT (Liu et al., 2022) does;
+    ``w1a1_activations``, how the W1A1 student binarizes its activations: "sign_mean"
+    (``sign(x)·mean|x|`` per token) or "elastic" (BiT's ``α·sign(x - β)``, learnable α per layer
+    and β per input feature, trained with the student and stored in its latent and packed files;
+    ``BitNetConfig.act_binarizer``). Files: how students are packed. CPU: lengths,
     batches and repeats of the latency and memory measurements, threads.
     """
 
@@ -197,6 +201,7 @@ class Preset:
     quant_warmup_ratio: float = 0.0
     student_init: str = "fp32"
     student_teacher: str = "fp32"
+    w1a1_activations: str = "sign_mean"
     ternary: str = "ternary3"
     embeddings: str = "int4"
     group_size: int = 128
@@ -433,11 +438,35 @@ def teacher_skeleton(model_path: str | None, seed: int = 0, attn: str = "sdpa") 
     return load_classifier(model_path, num_labels=2, seed=seed, attn_implementation=attn)
 
 
-def student_skeleton(row: str, model_path: str | None, attn: str = "sdpa") -> nn.Module:
-    """The teacher architecture with every encoder linear replaced by ``ROWS[row]``'s BitLinear."""
+def student_config(row: str, preset: Preset | None = None, act_binarizer: str | None = None) -> BitNetConfig:
+    """``ROWS[row]``'s BitNetConfig, with 1-bit activations made as ``act_binarizer`` says (default:
+    ``preset.w1a1_activations``, else the row's own "sign_mean"); rows with multi-bit activations
+    are returned as they are."""
+    config = ROWS[row].bitnet
+    if config is None:
+        raise ValueError(f"row {row!r} is not a student (no BitNetConfig)")
+    if act_binarizer is None and preset is not None:
+        act_binarizer = preset.w1a1_activations
+    if config.act_bits == 1 and act_binarizer is not None:
+        config = replace(config, act_binarizer=act_binarizer)
+    return config
+
+
+def student_skeleton(
+    row: str, model_path: str | None, attn: str = "sdpa", *, act_binarizer: str | None = None
+) -> nn.Module:
+    """The teacher architecture with every encoder linear replaced by ``student_config(row)``'s BitLinear."""
     model = teacher_skeleton(model_path, attn=attn)
-    quantize_(model, ROWS[row].bitnet)
+    quantize_(model, student_config(row, act_binarizer=act_binarizer))
     return model.eval()
+
+
+def _file_act_binarizer(path: Path) -> str:
+    """Whether the packed (or latent) file at ``path`` holds BiT's elastic α ("elastic"), else "sign_mean"."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return "elastic" if any(k.endswith(".act_alpha") for k in f.keys()) else "sign_mean"
 
 
 def int8_dynamic(model: nn.Module) -> nn.Module:
@@ -471,7 +500,8 @@ def load_student(out: Path, row: str, model_path: str | None, attn: str = "sdpa"
     """The student of ``row`` loaded back from its packed file in ``out`` (fake-quantized BitLinear)."""
     from labutils.packfile import load_packed
 
-    return load_packed(_student_file(out, row), student_skeleton(row, model_path, attn))
+    path = _student_file(out, row)  # the file says whether its 1-bit activations are elastic
+    return load_packed(path, student_skeleton(row, model_path, attn, act_binarizer=_file_act_binarizer(path)))
 
 
 def _student_file(out: Path, row: str) -> Path:
@@ -486,7 +516,7 @@ def write_untrained_student(out: Path, row: str, model_path: str | None, preset:
     its file size, latency and memory are those of the trained student: none of them depends on
     the weights' values. Written to ``out/untrained/<row>.packed``."""
     model = teacher_skeleton(model_path)
-    quantize_(model, ROWS[row].bitnet)
+    quantize_(model, student_config(row, preset))
     path = out / "untrained" / f"{row}.packed"
     path.parent.mkdir(parents=True, exist_ok=True)
     _save_student(model, path, preset)
@@ -584,11 +614,18 @@ def _train_student(
 
     teacher, _ = load_teacher(out, model_path, attn="eager")  # eager: attention maps for the KD loss
     student = copy.deepcopy(teacher)
-    quantize_(student, ROWS[row].bitnet)
+    config = student_config(row, preset)
+    quantize_(student, config)
     if preset.embeddings != "float":  # QAT of the embeddings: train with the rounding the file applies
         quantize_embeddings_(student, bits=int(preset.embeddings[3:]), group_size=preset.group_size)
     if preset.student_init != "fp32":  # multi-step distillation: start where a higher-precision student ended
-        load_model(student, str(_require(_latent_file(out, preset.student_init), f"student_init={preset.student_init!r}")))
+        path = _require(_latent_file(out, preset.student_init), f"student_init={preset.student_init!r}")
+        missing, unexpected = load_model(student, str(path), strict=False)
+        # a sign_mean student (w1a8, or w1a1 sign_mean) has no elastic α/β: those start fresh
+        # (β = 0, α from the first batch, as BiT); every other tensor must be in the file
+        missing = [k for k in missing if k.rpartition(".")[2] not in ("act_alpha", "act_beta", "act_alpha_initialized")]
+        if missing or unexpected:
+            raise RuntimeError(f"{path} does not fit the {row} student: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if preset.student_teacher != "fp32":
         _require(_pack_file(out, preset.student_teacher), f"student_teacher={preset.student_teacher!r}")
         teacher = load_student(out, preset.student_teacher, model_path, attn="eager")
@@ -618,7 +655,7 @@ def _train_student(
         "file_bytes": file_bytes,
         "train_seconds": seconds,
         "history": list(history),
-        "bitnet": asdict(ROWS[row].bitnet),
+        "bitnet": asdict(config),
     }
 
 
@@ -1251,6 +1288,10 @@ def _resolve_preset(out: Path, preset: Preset) -> Preset:
             saved = _read_json(path)
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path} is unreadable ({exc}); delete it (or the folder) to start over") from None
+        # a field added since that run was saved is taken at its default (older folders resume)
+        defaults = {f.name: f.default for f in dataclasses.fields(Preset) if f.default is not dataclasses.MISSING}
+        saved = {**{k: v for k, v in json.loads(json.dumps(defaults)).items() if k not in saved}, **saved} \
+            if isinstance(saved, dict) else saved  # fmt: skip
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current.get(k))
             raise ValueError(

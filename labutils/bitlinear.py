@@ -20,7 +20,9 @@ detach trick: ``q.detach() + (w - w.detach())`` has the value of ``q`` and the g
   ``W/s``), ``c = Qp = 2^(k-1) - 1`` for k-bit absmax (which never saturates, so there it equals
   the identity STE).
 
-Activations always use the identity STE (absmax never clips).
+Activations use the identity STE (absmax never clips), except BiT's elastic binary activations
+(``BitNetConfig(act_bits=1, act_binarizer="elastic")``: ``α · sign(x - β)`` with a learnable
+scale α per tensor and shift β per input feature, and BiT's clipped STE; ``ElasticBinarize``).
 
 ``quantize_(model, BitNetConfig(...))`` swaps the chosen ``nn.Linear`` layers of a model for
 BitLinear in place, torchao-style, and returns a report. Training aids live here too: the
@@ -48,6 +50,8 @@ from labutils import quant
 __all__ = [
     "BitNetConfig",
     "BitLinear",
+    "ACT_BINARIZERS",
+    "ElasticBinarize",
     "GroupQuantEmbedding",
     "quantize_embeddings_",
     "QuantizeReport",
@@ -66,6 +70,7 @@ __all__ = [
 
 NORMS = ("rms", "layer", None)
 STES = ("identity", "clipped")
+ACT_BINARIZERS = ("sign_mean", "elastic")
 DEFAULT_SKIP = ("classifier", "pooler", "lm_head")
 
 
@@ -88,6 +93,10 @@ class BitNetConfig:
         ste: "identity" or "clipped" (see the module docstring).
         eps: the quantizers' eps (ternary divides by γ + eps; absmax floors max|x| at eps), and
             the norm's eps.
+        act_binarizer: how 1-bit activations are made (only with ``act_bits == 1``):
+            "sign_mean" (default: ``sign(x) · mean|x|`` per token, no parameters) or "elastic"
+            (BiT's elastic binarization, Liu et al. 2022: ``α · sign(x - β)`` with a learnable
+            scale α per tensor and a learnable shift β per input feature; see ``ElasticBinarize``).
     """
 
     weight_bits: float = 1.58
@@ -96,6 +105,7 @@ class BitNetConfig:
     norm: str | None = "rms"
     ste: str = "identity"
     eps: float = 1e-5
+    act_binarizer: str = "sign_mean"
 
     def __post_init__(self) -> None:
         bits = self.weight_bits
@@ -116,6 +126,12 @@ class BitNetConfig:
             raise ValueError(f"ste must be one of {STES}, got {self.ste!r}")
         if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real) or not self.eps > 0:
             raise ValueError(f"eps must be a positive number, got {self.eps!r}")
+        if self.act_binarizer not in ACT_BINARIZERS:
+            raise ValueError(f"act_binarizer must be one of {ACT_BINARIZERS}, got {self.act_binarizer!r}")
+        if self.act_binarizer == "elastic" and self.act_bits != 1:
+            raise ValueError(
+                f"act_binarizer 'elastic' binarizes activations: it needs act_bits=1, got act_bits={self.act_bits!r}"
+            )
 
     @property
     def saturation(self) -> float:
@@ -125,6 +141,8 @@ class BitNetConfig:
     def describe(self) -> str:
         """One line, e.g. ``1.58-bit weights (per tensor), 8-bit activations, rms norm, identity STE``."""
         acts = f"{self.act_bits}-bit activations" if self.act_bits else "full-precision activations"
+        if self.act_binarizer == "elastic":
+            acts = "1-bit elastic activations (BiT: α·sign(x - β), learnable α, β)"
         scale = "per channel" if self.per_channel else "per tensor"
         bits = "1.58" if self.weight_bits == 1.58 else str(int(self.weight_bits))
         return f"{bits}-bit weights ({scale}), {acts}, {self.norm or 'no'} norm, {self.ste} STE"
@@ -156,6 +174,70 @@ def straight_through(
     if keep is not None:
         passthrough = passthrough * keep
     return target.detach() + passthrough
+
+
+# --------------------------------------------------------------------------- elastic binarization
+
+
+class ElasticBinarize(torch.autograd.Function):
+    """BiT's elastic binarization of signed activations (Liu et al., NeurIPS 2022, "BiT"), 1 bit.
+
+    Forward (α is clamped at ``eps`` from below, as BiT does)::
+
+        x̂ = α · sign(x - β)            sign(0) := +1 (the bit the popcount kernels store)
+
+    BiT writes it ``α · sign((x - β) / α)``, the same thing for α > 0. Backward, BiT's STE (the
+    ``ElasticQuantBinarizerSigned`` of facebookresearch/bit with num_bits = 1, Qn = -1, Qp = 1,
+    and its ``LearnableBias`` shift, here subtracted)::
+
+        m      = 1[|x - β| <= α]                                    (inside the clip range)
+        dL/dx  = g · m                                              (clipped STE)
+        dL/dβ  = -Σ_{tokens} g · m                                  (β enters as x - β)
+        dL/dα  = s · Σ_{all} g · sign(x - β),   s = 1 / sqrt(x.numel())
+
+    where ``g = dL/dx̂``. ``s`` is the gradient scale of Learned Step-size Quantization
+    (Esser et al., 2020; ``1 / sqrt(N · Qp)`` with Qp = 1) that BiT keeps: α receives a sum over
+    every element of the batch, and the scale keeps its step comparable to the other parameters'.
+    (``d(α·sign(u))/dα = sign(u)``: for one bit, BiT's α gradient is the exact one.)
+
+    Args (``apply``):
+        x: float tensor [..., d] (any leading dims: batch, tokens).
+        alpha: float tensor [] (one scale per tensor).
+        beta: float tensor [d] (one shift per input feature).
+        eps: float, the floor of α.
+
+    Returns:
+        float tensor of x's shape and dtype. Computed in float32 whatever the inputs' dtypes
+        (bf16 autocast included); the gradients come back in each input's own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+        u = x.to(torch.float32) - beta.to(torch.float32)
+        a = alpha.to(torch.float32).clamp_min(eps)
+        codes = torch.where(u >= 0, 1.0, -1.0)
+        ctx.save_for_backward(u, a)
+        ctx.dtypes = (x.dtype, alpha.dtype, beta.dtype)
+        return (codes * a).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        u, a = ctx.saved_tensors
+        x_dtype, alpha_dtype, beta_dtype = ctx.dtypes
+        g = grad.to(torch.float32)
+        inside = (u.abs() <= a).to(torch.float32)
+        g_x = g * inside
+        g_beta = -g_x.reshape(-1, u.shape[-1]).sum(dim=0) if ctx.needs_input_grad[2] else None
+        g_alpha = None
+        if ctx.needs_input_grad[1]:
+            codes = torch.where(u >= 0, 1.0, -1.0)
+            g_alpha = (g * codes).sum() / math.sqrt(max(u.numel(), 1))
+        return (
+            g_x.to(x_dtype) if ctx.needs_input_grad[0] else None,
+            None if g_alpha is None else g_alpha.to(alpha_dtype),
+            None if g_beta is None else g_beta.to(beta_dtype),
+            None,
+        )
 
 
 # --------------------------------------------------------------------------- the layer
@@ -236,6 +318,15 @@ class BitLinear(nn.Linear):
             self.norm = nn.RMSNorm(in_features, eps=config.eps, device=device, dtype=dtype)
         elif config.norm == "layer":
             self.norm = nn.LayerNorm(in_features, eps=config.eps, device=device, dtype=dtype)
+        if config.act_binarizer == "elastic":
+            # BiT: α one per tensor, so that it factors out of the dot product (the XNOR-popcount
+            # kernel still applies, α scales its output once); β one per input feature, a
+            # threshold per channel, subtracted before the sign (free in the kernel too). α is
+            # set from the data at the first quantizing forward (``act_alpha_initialized``).
+            self.act_alpha = nn.Parameter(torch.ones((), device=device, dtype=dtype))
+            self.act_beta = nn.Parameter(torch.zeros(in_features, device=device, dtype=dtype))
+            self.register_buffer("act_alpha_initialized", torch.zeros((), dtype=torch.bool, device=device))
+        self._act_ready = False  # act_alpha_initialized known to be true (saves a device sync per step)
         self.quant_strength = 1.0
         self._cache: _QuantizedWeight | None = None
         self._cache_key: tuple | None = None
@@ -399,7 +490,11 @@ class BitLinear(nn.Linear):
         if lam == 0:
             return F.linear(x, self.weight, self.bias)
         act_bits = self.config.act_bits
-        if act_bits is not None and x.numel():  # an empty batch has nothing to quantize (as nn.Linear)
+        if act_bits is not None and x.numel() and self.config.act_binarizer == "elastic":
+            self._init_elastic(x)
+            x_q = ElasticBinarize.apply(x, self.act_alpha, self.act_beta, self.config.eps)
+            x = x_q if lam == 1 else x + lam * (x_q - x)
+        elif act_bits is not None and x.numel():  # an empty batch has nothing to quantize (as nn.Linear)
             if act_bits == 1:
                 codes, scale = quant.binarize_activations(x.detach())
             else:
@@ -408,6 +503,29 @@ class BitLinear(nn.Linear):
         q = self._cached_quantized_weight()
         w = straight_through(self.weight, q.values, lam, q.keep)
         return F.linear(x, w, self.bias)
+
+    @torch.no_grad()
+    def _init_elastic(self, x: torch.Tensor) -> None:
+        """BiT's data initialization of α, once: ``α = 2 · mean|x - β|`` over the whole first batch
+        that is quantized (BiT's ``AlphaInit``: LSQ's ``2·mean|x| / sqrt(Qp)`` with Qp = 1). The flag
+        is a buffer, so a loaded state dict (trained α) is never overwritten."""
+        if self._act_ready:
+            return
+        if not bool(self.act_alpha_initialized):
+            u = x.detach().to(torch.float32) - self.act_beta.detach().to(torch.float32)
+            self.act_alpha.fill_(float(2 * u.abs().mean()))
+            self.act_alpha_initialized.fill_(True)
+        self._act_ready = True
+
+    def elastic_activation_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α float32 [] clamped at eps, β float32 [in_features]), detached: what the forward pass
+        uses for ``act_binarizer == "elastic"``. Raises ValueError for other layers."""
+        if self.config.act_binarizer != "elastic":
+            raise ValueError(f"this BitLinear has no elastic activations ({self.config.describe()})")
+        if not bool(self.act_alpha_initialized):
+            raise ValueError("act_alpha is not initialized yet: run one forward pass (or load a trained state) first")
+        alpha = self.act_alpha.detach().to(torch.float32).clamp_min(self.config.eps)
+        return alpha, self.act_beta.detach().to(torch.float32)
 
     # ---- cache invalidation
 
@@ -418,6 +536,7 @@ class BitLinear(nn.Linear):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self.invalidate_cache()
         self._pin = None  # new latent weights: quantize them
+        self._act_ready = False  # a loaded act_alpha_initialized decides again
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:

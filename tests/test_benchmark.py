@@ -212,6 +212,43 @@ def test_set_overrides_parse_and_reject_unknown_fields():
         B.parse_overrides(["name=full"])
 
 
+def test_w1a1_activations_preset_field(tmp_path):
+    """``--set w1a1_activations=elastic`` gives the W1A1 student BiT's elastic activations (only
+    it: the other rows keep theirs); a bad value is refused; the field is saved in preset.json, and
+    a folder saved before the field existed resumes with its default."""
+    overrides = B.parse_overrides(["w1a1_activations=elastic"])
+    assert overrides == {"w1a1_activations": "elastic"}
+    preset = B._with_overrides(B.PRESETS["ci"], overrides)
+    assert B.PRESETS["ci"].w1a1_activations == "sign_mean" and preset.w1a1_activations == "elastic"
+    assert B.student_config("w1a1", preset).act_binarizer == "elastic"
+    assert B.student_config("w1a1", B.PRESETS["ci"]) == B.ROWS["w1a1"].bitnet
+    assert B.student_config("w1a8", preset) == B.ROWS["w1a8"].bitnet
+    with pytest.raises(ValueError, match="w1a1_activations must be one of"):
+        B._with_overrides(B.PRESETS["ci"], B.parse_overrides(["w1a1_activations=xnor"]))
+    B._resolve_preset(tmp_path / "a", preset)
+    assert json.loads((tmp_path / "a" / "preset.json").read_text())["w1a1_activations"] == "elastic"
+    with pytest.raises(ValueError, match="w1a1_activations"):
+        B._resolve_preset(tmp_path / "a", B.PRESETS["ci"])
+    old = json.loads(json.dumps(B.PRESETS["ci"].__dict__))
+    del old["w1a1_activations"]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "preset.json").write_text(json.dumps(old))
+    B._resolve_preset(tmp_path / "b", B.PRESETS["ci"])  # an older run, the default: resumes
+
+
+def test_elastic_student_parameters_are_optimized():
+    from labutils.bitlinear import quantize_
+    from labutils.distill import TrainConfig, _optimizer
+    from models_support import tiny_bert
+
+    model = tiny_bert()
+    quantize_(model, B.student_config("w1a1", B._with_overrides(B.PRESETS["ci"], {"w1a1_activations": "elastic"})))
+    elastic = {id(p) for n, p in model.named_parameters() if n.endswith((".act_alpha", ".act_beta"))}
+    assert elastic
+    optimized = {id(p) for group in _optimizer(model, TrainConfig()).param_groups for p in group["params"]}
+    assert elastic <= optimized
+
+
 def test_distillation_chain_is_checked_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="student_init must be 'fp32' or a student row"):
         B.run("ci", tmp_path / "a", stages=("train",), rows=("w1a1",), student_init="int8")
@@ -238,6 +275,42 @@ def test_multi_step_distillation_starts_from_the_earlier_student(tiny_run, tmp_p
     assert 0 <= result["accuracy"] <= 1
     assert json.loads((chain / "preset.json").read_text())["student_init"] == "w1a8"
     assert (chain / "latent" / "w1a1.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_elastic_w1a1_student_trains_saves_and_packs(tiny_run, tmp_path):
+    """``w1a1_activations="elastic"``: the W1A1 student, started from the W1A8 student's latent
+    weights (which have no α, β), learns α and β, stores them in its latent and packed files,
+    and its packed CPU model computes what its fake-quantized self computes."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from labutils.bitlinear import bitlinear_layers
+    from labutils.kernels import pack_model
+
+    out, _ = tiny_run
+    run = tmp_path / "elastic"
+    run.mkdir()
+    for name in ("teacher", "latent"):
+        shutil.copytree(out / name, run / name)
+    shutil.copy(out / "train_fp32.json", run / "train_fp32.json")
+    B.run("ci", run, stages=("train",), rows=("w1a1",), quiet=True, student_init="w1a8",
+          w1a1_activations="elastic", **TINY)  # fmt: skip
+    assert json.loads((run / "preset.json").read_text())["w1a1_activations"] == "elastic"
+    assert json.loads((run / "train_w1a1.json").read_text())["bitnet"]["act_binarizer"] == "elastic"
+    with safe_open(str(run / "latent" / "w1a1.safetensors"), framework="pt") as f:
+        betas = [f.get_tensor(k) for k in f.keys() if k.endswith(".act_beta")]
+        assert betas and any(k.endswith(".act_alpha") for k in f.keys())
+    assert any(b.abs().max() > 0 for b in betas), "β was trained (it starts at 0)"
+    student = B.load_student(run, "w1a1", None)
+    layers = bitlinear_layers(student)
+    assert layers and all(m.config.act_binarizer == "elastic" and bool(m.act_alpha_initialized) for _, m in layers)
+    ids = {k: torch.randint(0, 1000, (2, 24)) for k in ("input_ids",)}
+    with torch.no_grad():
+        want = student(**ids).logits
+        got = pack_model(student)(**ids).logits
+    assert torch.allclose(got, want, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.slow

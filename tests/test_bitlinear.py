@@ -635,3 +635,147 @@ def test_pin_rejects_bad_codes_and_scales_without_changing_anything():
     binary = make_layer(BitNetConfig(weight_bits=1))
     with pytest.raises(ValueError, match="-1 or \\+1"):
         binary.pin_quantized_weight(codes, torch.ones(()))
+
+
+# --------------------------------------------------------------------------- BiT elastic binary activations
+
+ELASTIC = BitNetConfig(weight_bits=1, act_bits=1, per_channel=True, norm=None, act_binarizer="elastic")
+
+
+def _elastic_case():
+    """A hand-computed case: u = x - β = [[0.4, 0.0, 1.0], [-1.1, 0.5, -0.5]], α = 0.8."""
+    x = torch.tensor([[0.5, -0.2, 1.5], [-1.0, 0.3, 0.0]], requires_grad=True)
+    alpha = torch.tensor(0.8, requires_grad=True)
+    beta = torch.tensor([0.1, -0.2, 0.5], requires_grad=True)
+    return x, alpha, beta
+
+
+def test_elastic_config_validation_and_default_unchanged():
+    assert BitNetConfig().act_binarizer == "sign_mean"
+    assert "elastic" not in BitNetConfig(1, 1).describe()
+    assert "elastic" in ELASTIC.describe()
+    with pytest.raises(ValueError, match="act_binarizer must be one of"):
+        BitNetConfig(1, 1, act_binarizer="xnor")
+    for bits in (8, 2, None):
+        with pytest.raises(ValueError, match="needs act_bits=1"):
+            BitNetConfig(1, bits, act_binarizer="elastic")
+    assert not any("act_" in n for n, _ in BitLinear(4, 3, config=BitNetConfig(1, 1)).named_parameters())
+
+
+def test_elastic_forward_is_alpha_sign_of_x_minus_beta_zero_to_plus_one():
+    x, alpha, beta = _elastic_case()
+    y = bl.ElasticBinarize.apply(x, alpha, beta, EPS)
+    codes = torch.tensor([[1.0, 1.0, 1.0], [-1.0, 1.0, -1.0]])  # u = 0 -> +1
+    assert torch.equal(y, 0.8 * codes)
+    tiny = bl.ElasticBinarize.apply(x, torch.tensor(-3.0), beta, EPS)  # α floored at eps, as BiT
+    assert torch.equal(tiny, torch.tensor(EPS) * codes)
+
+
+def test_elastic_gradients_match_bit_formulas_hand_computed():
+    x, alpha, beta = _elastic_case()
+    g = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    bl.ElasticBinarize.apply(x, alpha, beta, EPS).backward(g)
+    # inside = |u| <= α: [[1, 1, 0], [0, 1, 1]]
+    assert torch.equal(x.grad, torch.tensor([[1.0, 2.0, 0.0], [0.0, 5.0, 6.0]]))
+    assert torch.equal(beta.grad, torch.tensor([-1.0, -7.0, -6.0]))  # -Σ_tokens g·inside
+    # Σ g·sign(u) / sqrt(numel) = (1 + 2 + 3 - 4 + 5 - 6) / sqrt(6)
+    assert torch.allclose(alpha.grad, torch.tensor(1.0 / 6**0.5))
+
+
+def test_elastic_bitlinear_forward_init_and_gradients():
+    torch.manual_seed(0)
+    layer = BitLinear(6, 4, config=ELASTIC)
+    assert {"act_alpha", "act_beta"} <= {n for n, _ in layer.named_parameters()}
+    assert not bool(layer.act_alpha_initialized)
+    x = torch.randn(2, 5, 6)
+    y = layer(x)
+    assert bool(layer.act_alpha_initialized)
+    assert torch.allclose(layer.act_alpha.detach(), 2 * x.abs().mean())  # BiT's init, β = 0
+    codes, scale = layer.quantized_weight()
+    x_hat = layer.act_alpha.detach() * torch.where(x - layer.act_beta.detach() >= 0, 1.0, -1.0)
+    assert torch.allclose(y, F.linear(x_hat, codes.float() * scale, layer.bias), atol=1e-6)
+    with torch.no_grad():
+        layer.act_alpha.fill_(0.3)
+        layer.act_beta.copy_(torch.linspace(-0.5, 0.5, 6))
+    xg = x.clone().requires_grad_(True)
+    layer(xg).sum().backward()
+    assert float(layer.act_alpha.detach()) == pytest.approx(0.3), "α is initialized once only"
+    u = x - layer.act_beta.detach()
+    g_hat = (codes.float() * scale).sum(dim=0)  # dL/dx̂ of sum(linear) for every token
+    inside = (u.abs() <= 0.3).float()
+    assert torch.allclose(xg.grad, g_hat * inside, atol=1e-6)
+    assert torch.allclose(layer.act_beta.grad, -(g_hat * inside).sum(dim=(0, 1)), atol=1e-5)
+    want_alpha = (g_hat * torch.where(u >= 0, 1.0, -1.0)).sum() / x.numel() ** 0.5
+    assert torch.allclose(layer.act_alpha.grad, want_alpha, atol=1e-5)
+
+
+def test_elastic_warmup_blend_and_bf16_autocast():
+    torch.manual_seed(1)
+    layer = BitLinear(8, 3, config=ELASTIC)
+    x = torch.randn(4, 8)
+    layer.quant_strength = 0.0
+    assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert not bool(layer.act_alpha_initialized), "λ = 0 uses no α: nothing to initialize"
+    layer.quant_strength = 1.0
+    y32 = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.requires_grad_(True))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.act_alpha.grad is not None and layer.act_beta.grad.dtype == torch.float32
+    assert torch.allclose(y.float(), y32, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_elastic_on_cuda_matches_cpu():
+    torch.manual_seed(2)
+    layer = BitLinear(16, 5, config=ELASTIC)
+    x = torch.randn(3, 16)
+    y = layer(x)
+    gpu = copy.deepcopy(layer).cuda()
+    assert torch.allclose(gpu(x.cuda()).cpu(), y, atol=1e-5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        gpu(x.cuda()).float().sum().backward()
+    assert gpu.act_alpha.grad is not None and gpu.act_beta.grad is not None
+
+
+def test_elastic_state_dict_round_trip():
+    torch.manual_seed(3)
+    layer = BitLinear(6, 4, config=ELASTIC)
+    x = torch.randn(5, 6)
+    layer(x)
+    with torch.no_grad():
+        layer.act_beta.normal_()
+        layer.act_alpha.fill_(0.7)
+    state = layer.state_dict()
+    assert {"act_alpha", "act_beta", "act_alpha_initialized"} <= set(state)
+    fresh = BitLinear(6, 4, config=ELASTIC)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(3 * x), layer(3 * x)), "a loaded α is kept, not re-initialized from the data"
+    assert float(fresh.act_alpha.detach()) == pytest.approx(0.7)
+    with pytest.raises(RuntimeError, match="act_alpha"):
+        BitLinear(6, 4, config=BitNetConfig(1, 1, per_channel=True, norm=None)).load_state_dict(state)
+
+
+def test_elastic_packed_layer_and_file_equal_the_fake_quantized_layer(tmp_path):
+    from labutils.kernels import PackedBitLinear, pack_model
+    from labutils.packfile import load_packed, save_packed
+
+    torch.manual_seed(4)
+    model = nn.Sequential(BitLinear(130, 40, config=ELASTIC), nn.GELU(), BitLinear(40, 7, config=ELASTIC))
+    x = torch.randn(3, 9, 130)
+    model(x)  # initializes α
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.act_beta.normal_(0, 0.3)
+    model.eval()
+    y = model(x)
+    packed = pack_model(model)
+    assert all(isinstance(m, PackedBitLinear) and m.act_shift is not None for m in (packed[0], packed[2]))
+    assert torch.allclose(packed(x), y, atol=1e-5, rtol=1e-5)
+    save_packed(model, tmp_path / "m.packed")
+    fresh = nn.Sequential(BitLinear(130, 40, config=ELASTIC), nn.GELU(), BitLinear(40, 7, config=ELASTIC))
+    loaded = load_packed(tmp_path / "m.packed", fresh).eval()
+    assert torch.equal(loaded(x), y)
+    with pytest.raises(ValueError, match="not initialized"):
+        pack_model(BitLinear(8, 4, config=ELASTIC))

@@ -46,6 +46,8 @@ class PackedBitLinear(nn.Module):
         x -> norm (the BitLinear's, if any)
           -> act "int8":   codes_x, s_x = per-token absmax (quant.quantize_activations_absmax)
              act "binary": codes_x = sign(x) (0 -> +1), s_x = mean|x| per token      (W1A1)
+                 elastic (BiT, ``act_shift`` β and ``act_scale`` α given):
+                           codes_x = sign(x - β) (0 -> +1), s_x = α for every token
           -> y = kernel(codes_x, W_packed) * s_x * s_W + bias        (int32 dot, scaled once)
 
     With act "int8" this equals the BitLinear's fake-quantized forward up to float rounding
@@ -54,7 +56,10 @@ class PackedBitLinear(nn.Module):
     BitLinear with 8-bit activations computes.
 
     Buffers: ``packed`` (the kernel tiles as bytes), ``weight_scale`` (float32 [] or [out]),
-    ``bias`` (float32 [out] or None). Output dtype = input dtype.
+    ``bias`` (float32 [out] or None), ``act_shift`` (float32 [in] or None) and ``act_scale``
+    (float32 [] or None): BiT's elastic binary activations, whose α (one per tensor) and β (one
+    per input feature) keep the XNOR-popcount kernel: β is subtracted before the sign, α
+    multiplies the integer dot once. Output dtype = input dtype.
     """
 
     def __init__(
@@ -68,6 +73,8 @@ class PackedBitLinear(nn.Module):
         act_bits: int = 8,
         eps: float = 1e-5,
         threads: int | None = None,
+        act_shift: torch.Tensor | None = None,
+        act_scale: torch.Tensor | None = None,
     ) -> None:
         """Args:
         weights: PackedWeights of W [out_features, in_features]: "w1a8" or "w1.58a8" for act
@@ -77,6 +84,8 @@ class PackedBitLinear(nn.Module):
         norm: applied to x before activation quantization (a copy of the BitLinear's), or None.
         act: "int8" (per-token absmax, ``act_bits`` bits, ``eps``) or "binary" (sign, mean|x|).
         threads: Numba threads for the kernel (None: Numba's current setting).
+        act_shift, act_scale: β [in_features] and α (one element), both or neither, only with act
+            "binary": elastic activations ``α · sign(x - β)`` instead of ``mean|x| · sign(x)``.
         """
         super().__init__()
         if not isinstance(weights, PackedWeights):
@@ -104,6 +113,23 @@ class PackedBitLinear(nn.Module):
         self.register_buffer("packed", torch.from_numpy(weights.data.view(np.uint8)))  # shares memory
         self.register_buffer("weight_scale", scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1))
         self.register_buffer("bias", bias)
+        if (act_shift is None) != (act_scale is None):
+            raise ValueError("act_shift (β) and act_scale (α) of elastic activations go together: give both or neither")
+        if act_shift is not None:
+            if act != "binary":
+                raise ValueError(f"elastic activations (act_shift, act_scale) need act 'binary', got {act!r}")
+            act_shift = torch.as_tensor(act_shift, dtype=torch.float32).detach().cpu().reshape(-1).clone()
+            act_scale = torch.as_tensor(act_scale, dtype=torch.float32).detach().cpu().reshape(-1).clone()
+            if act_shift.numel() != weights.k:
+                raise ValueError(f"act_shift must have in_features={weights.k} elements, got {act_shift.numel()}")
+            if act_scale.numel() != 1 or not (torch.isfinite(act_scale).all() and (act_scale > 0).all()):
+                raise ValueError(f"act_scale must be one finite number > 0, got {act_scale.tolist()}")
+            act_scale = act_scale.reshape(())
+            # a fused quantize+kernel+rescale path, where one exists, bakes in sign(x) and mean|x|:
+            # elastic layers take the unfused steps (_quantize_input subtracts β, scales by α)
+            self.fused = False
+        self.register_buffer("act_shift", act_shift)
+        self.register_buffer("act_scale", act_scale)
 
     @classmethod
     def from_bitlinear(cls, layer: BitLinear, *, act: str | None = None, threads: int | None = None) -> PackedBitLinear:
@@ -138,10 +164,17 @@ class PackedBitLinear(nn.Module):
         norm = copy.deepcopy(layer.norm).cpu().float() if layer.norm is not None else None
         bias = layer.bias.detach().float() if layer.bias is not None else None
         act_bits = cfg.act_bits if act == "int8" else 8
-        return cls(weights, scale, bias, norm=norm, act=act, act_bits=act_bits, eps=cfg.eps, threads=threads)
+        shift = alpha = None
+        if getattr(cfg, "act_binarizer", "sign_mean") == "elastic":  # act is "binary" here (act_bits 1)
+            alpha, shift = layer.elastic_activation_params()
+        return cls(weights, scale, bias, norm=norm, act=act, act_bits=act_bits, eps=cfg.eps, threads=threads,
+                   act_shift=shift, act_scale=alpha)  # fmt: skip
 
     def _quantize_input(self, x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """x float32 [M, K] -> (kernel input, scale float32 [M, 1])."""
+        if self.act_shift is not None:  # elastic (BiT): sign(x - β), one scale α for every token
+            signs = _pack_signs((x - self.act_shift).contiguous().numpy())
+            return signs, self.act_scale.expand(x.shape[0], 1)
         if self.act == "binary":  # the bits and scale of quant.binarize_activations, in one pass
             return _pack_signs(x.contiguous().numpy()), x.abs().mean(dim=-1, keepdim=True)
         codes, scale = quant.quantize_activations_absmax(x, self.act_bits, eps=self.eps)
@@ -173,7 +206,8 @@ class PackedBitLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.weights.scheme}, "
-            f"act={self.act}, bias={self.bias is not None}, {self.weights.nbytes:,} weight bytes"
+            f"act={self.act}{' (elastic)' if self.act_shift is not None else ''}, bias={self.bias is not None}, "
+            f"{self.weights.nbytes:,} weight bytes"
         )
 
 

@@ -287,3 +287,36 @@ def test_bench_quick_writes_json(tmp_path, capsys):
             assert timing["spread"][0] <= timing["seconds"] <= timing["spread"][1]
     assert {t["path"] for t in result["targets"]} <= set(K.available_paths())
     assert "GMAC/s" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the fused layer
+
+
+@pytest.mark.parametrize("weight_bits,act_bits", [(1.58, 8), (1, 8), (1.58, 4), (1, 1)])
+@pytest.mark.parametrize("m,k,n", [(1, 70, 40), (33, 100, 130), (300, 384, 200)])
+def test_fused_layer_equals_the_unfused_steps(weight_bits, act_bits, m, k, n):
+    """Quantization, kernel, rescale and bias in one compiled call give the unfused layer's
+    outputs bit for bit (A8); W1A1's mean|x| is summed in float64, so to float rounding."""
+    torch.manual_seed(m + k + n)
+    lin = BitLinear(k, n, bias=True, config=BitNetConfig(weight_bits, act_bits, per_channel=True, norm=None)).eval()
+    packed = K.PackedBitLinear.from_bitlinear(lin)
+    x = torch.randn(2, m, k) * 3
+    fused = packed(x)
+    packed.fused = False
+    unfused = packed(x)
+    if act_bits == 1:
+        torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5 * float(unfused.abs().max()))
+    else:
+        assert torch.equal(fused, unfused)
+    torch.testing.assert_close(fused, lin(x).detach(), rtol=1e-4, atol=1e-4 * float(unfused.abs().max()))
+
+
+def test_fused_layer_refuses_nan_and_keeps_no_float_weights():
+    lin = BitLinear(64, 64, config=BitNetConfig(1.58, 8, per_channel=False, norm=None)).eval()
+    packed = K.PackedBitLinear.from_bitlinear(lin)
+    x = torch.randn(20, 64)
+    x[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        packed(x)
+    floats = [b for b in packed.buffers() if b.is_floating_point()]
+    assert sum(b.numel() for b in floats) <= 2 * 64 + 1  # scales and bias, no weight matrix

@@ -141,6 +141,7 @@ from labutils.kernels.matmul import (
     w158a8_gemv,
 )
 from labutils.kernels.microkernels_avx512 import _w1a1_body, _w1a1_tile4  # noqa: F401 (shown in chapter 6)
+from labutils.kernels.profile import profile_packed_forward
 from labutils.kernels.simd import HAS_VNNI, popcount
 
 __all__ = [
@@ -160,6 +161,7 @@ __all__ = [
     "pack_model",
     "packed_matmul",
     "popcount",
+    "profile_packed_forward",
     "popcount_asm_lines",
     "prepack_w1a1",
     "prepack_w1a8",

@@ -22,6 +22,10 @@ from labutils.kernels.layout import PackedWeights, _check_threads
 ENV_VAR = "LABBOOK_KERNEL_PATH"
 
 _KERNELS = {"avx512": microkernels_avx512.KERNELS, "avx2": microkernels_avx2.KERNELS, "generic": generic.KERNELS}
+# The fused layers (activation quantization + kernel + rescale and bias in one compiled call),
+# on the paths that have them; elsewhere PackedBitLinear runs the unfused steps.
+_FUSED = {path: module.FUSED for path, module in
+          (("avx512", microkernels_avx512), ("avx2", microkernels_avx2), ("generic", generic)) if hasattr(module, "FUSED")}
 
 SIGNATURES = {
     "w1a1": "void(uint64[:, ::1], uint64[:, :, ::1], int64, int32[:, ::1])",
@@ -121,6 +125,19 @@ def _launch(scheme: str, w: PackedWeights, m: int, threads: int | None, *args: A
             parallel(*args)
         finally:
             numba.set_num_threads(current)
+
+
+def fused_for(scheme: str, m: int, w: PackedWeights, threads: int | None) -> Any:
+    """The fused layer of ``scheme`` on the active path for ``m`` tokens, serial for one thread
+    or little work (as ``_launch``), else parallel; None where the path has no fused layer.
+    ``threads`` other than Numba's current count is set for the call by the caller
+    (``PackedBitLinear`` leaves it None: one thread count for torch and Numba, set once)."""
+    fused = _FUSED.get(active_path())
+    if fused is None:
+        return None
+    parallel, serial = fused[scheme]
+    wanted = numba.get_num_threads() if threads is None else int(threads)
+    return serial if wanted == 1 or m * w.n * w.k < _PARALLEL_MIN_MACS[scheme] else parallel
 
 
 _env_path()  # a bad LABBOOK_KERNEL_PATH fails at import, not at the first kernel call

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import numbers
 
+import numba
 import numpy as np
 import torch
 from numba import njit
@@ -14,6 +15,7 @@ from torch import nn
 
 from labutils import packing, quant
 from labutils.bitlinear import BitLinear
+from labutils.kernels.dispatch import fused_for
 from labutils.kernels.layout import PackedWeights, _check_threads, prepack_w1a1, prepack_w1a8, prepack_w158a8
 from labutils.kernels.matmul import packed_matmul
 
@@ -113,6 +115,11 @@ class PackedBitLinear(nn.Module):
         self.register_buffer("packed", torch.from_numpy(weights.data.view(np.uint8)))  # shares memory
         self.register_buffer("weight_scale", scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1))
         self.register_buffer("bias", bias)
+        self.fused = True  # False: the unfused steps (torch quantization, kernel, torch rescale)
+        # zero-copy numpy views for the fused kernels (scales: 1 or out_features; bias: 0 or out)
+        self._ws = self.weight_scale.reshape(-1).expand(self.out_features).contiguous().numpy()
+        self._bias = (self.bias if self.bias is not None else torch.zeros(self.out_features)).numpy()
+        self._qp, self._eps = np.float32(2 ** (self.act_bits - 1) - 1), np.float32(self.eps)
         if (act_shift is None) != (act_scale is None):
             raise ValueError("act_shift (β) and act_scale (α) of elastic activations go together: give both or neither")
         if act_shift is not None:
@@ -170,7 +177,7 @@ class PackedBitLinear(nn.Module):
         return cls(weights, scale, bias, norm=norm, act=act, act_bits=act_bits, eps=cfg.eps, threads=threads,
                    act_shift=shift, act_scale=alpha)  # fmt: skip
 
-    def _quantize_input(self, x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    def _quantize_input(self, x: torch.Tensor, mark=None) -> tuple[np.ndarray, torch.Tensor]:
         """x float32 [M, K] -> (kernel input, scale float32 [M, 1])."""
         if self.act_shift is not None:  # elastic (BiT): sign(x - β), one scale α for every token
             signs = _pack_signs((x - self.act_shift).contiguous().numpy())
@@ -178,11 +185,17 @@ class PackedBitLinear(nn.Module):
         if self.act == "binary":  # the bits and scale of quant.binarize_activations, in one pass
             return _pack_signs(x.contiguous().numpy()), x.abs().mean(dim=-1, keepdim=True)
         codes, scale = quant.quantize_activations_absmax(x, self.act_bits, eps=self.eps)
+        mark and mark("activation_quantization")
         return np.ascontiguousarray(codes.numpy()), scale
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., in_features] float -> [..., out_features] in x's dtype (CPU only, no autograd)."""
+        return self._forward(x, None)
+
+    def _forward(self, x: torch.Tensor, mark) -> torch.Tensor:
+        """The forward pass; ``mark(section)`` (profiling, ``kernels.profile``) is called after
+        each step with the section the time since the previous mark belongs to."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a float tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         if x.shape[-1:] != (self.in_features,):
@@ -192,16 +205,52 @@ class PackedBitLinear(nn.Module):
         if x.numel() == 0:  # an empty batch, as nn.Linear: [..., 0 tokens, out_features]
             return x.new_zeros(*x.shape[:-1], self.out_features)
         h = x.reshape(-1, self.in_features).float()
+        mark and mark("conversions")
         if self.norm is not None:
             h = self.norm(h)
-        codes, x_scale = self._quantize_input(h)
+            mark and mark("norms_gelu")
+        kernel = fused_for(self.weights.scheme, h.shape[0], self.weights, self.threads) if self.fused else None
+        if kernel is not None:
+            return self._fused_forward(kernel, x, h, mark)
+        codes, x_scale = self._quantize_input(h, mark)
         if not torch.isfinite(x_scale).all():  # a NaN or inf anywhere in a token reaches its scale
             raise ValueError("x must be finite: it holds NaN or inf, which per-token scales cannot quantize")
-        dots = torch.from_numpy(packed_matmul(codes, self.weights, threads=self.threads))
+        mark and mark("activation_quantization")
+        dots = packed_matmul(codes, self.weights, threads=self.threads)
+        mark and mark("kernel_call", (codes, self.weights, self.threads))
+        dots = torch.from_numpy(dots)
+        mark and mark("conversions")
         y = dots.float() * x_scale * self.weight_scale
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        mark and mark("rescale_bias")
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        mark and mark("conversions")
+        return y
+
+    def _fused_forward(self, kernel, x: torch.Tensor, h: torch.Tensor, mark) -> torch.Tensor:
+        """Quantization, kernel, rescale and bias in one compiled call on zero-copy views."""
+        xf = h.contiguous().numpy()
+        y = torch.empty(h.shape[0], self.out_features)
+        w = self.weights
+        args = ((xf, w.data, w.k, self._ws, self._bias, y.numpy()) if w.scheme == "w1a1"
+                else (xf, w.data, self._ws, self._bias, y.numpy(), self._qp, self._eps))  # fmt: skip
+        mark and mark("conversions")
+        if self.threads is None or self.threads == numba.get_num_threads():
+            x_scale = kernel(*args)
+        else:
+            current = numba.get_num_threads()
+            numba.set_num_threads(self.threads)
+            try:
+                x_scale = kernel(*args)
+            finally:
+                numba.set_num_threads(current)
+        mark and mark("kernel_call", lambda: kernel(*args))
+        if not np.isfinite(x_scale).all():  # a NaN or inf anywhere in a token reaches its scale
+            raise ValueError("x must be finite: it holds NaN or inf, which per-token scales cannot quantize")
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        mark and mark("conversions")
+        return y
 
     def extra_repr(self) -> str:
         return (

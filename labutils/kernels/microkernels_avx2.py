@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from labutils.kernels.fused import _absmax_bits, _quantize_row_a8, _quantize_row_binary, _rescale_block
 from labutils.kernels.simd import (
     _madd_ones_add,
     _maddubs_add,
@@ -197,33 +198,56 @@ def _w1a1_tile1(x, w, out, r, t, k):  # pragma: no cover - compiled
 
 
 @njit(**_INLINE)
-def _w1a1_body(x, w, k, out):  # pragma: no cover - compiled
-    """x uint64 [M, Kw], w uint64 [T, Kw, 32] -> out int32 [M, 32T]; tasks = (tile, row chunk).
+def _w1a1_task(x, w, k, out, t, lo, hi):  # pragma: no cover - compiled
+    """Rows lo..hi-1 x column tile t. Tasks of 16 rows or more split their rows and tile into
+    nibble planes first (``_w1a1_nibble_planes``); smaller ones count on the fly. For each block
+    of 4 rows the 4 column blocks of a tile run back to back, so the rows' words stay in L1."""
+    words = x.shape[1]
+    r = lo
+    if hi - lo >= _PANEL_MIN_ROWS:
+        xs = np.empty((hi - lo) * words * 2, dtype=np.uint64)
+        panel = np.empty(words * 64, dtype=np.uint64)
+        _w1a1_nibble_planes(x, w, t, lo, hi, xs, panel)
+        while r + 4 <= hi:
+            for s in range(4):
+                _w1a1_tile4_planes(xs, panel, out, r, r - lo, t, s, words, k)
+            r += 4
+    while r + 4 <= hi:
+        for s in range(4):
+            _w1a1_tile4(x, w, out, r, t, s, k)
+        r += 4
+    while r < hi:
+        _w1a1_tile1(x, w, out, r, t, k)
+        r += 1
 
-    Tasks of 16 rows or more split their rows and tile into nibble planes first
-    (``_w1a1_nibble_planes``); smaller ones count on the fly. For each block of 4 rows the 4
-    column blocks of a tile run back to back, so the rows' words stay in L1."""
-    m, words = x.shape
+
+@njit(**_INLINE)
+def _w1a1_body(x, w, k, out):  # pragma: no cover - compiled
+    """x uint64 [M, Kw], w uint64 [T, Kw, 32] -> out int32 [M, 32T]; tasks = (tile, row chunk)."""
+    m = x.shape[0]
+    chunks = (m + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    for task in prange(w.shape[0] * chunks):
+        t, lo = task // chunks, (task % chunks) * _ROWS_PER_TASK
+        _w1a1_task(x, w, k, out, t, lo, min(lo + _ROWS_PER_TASK, m))
+
+
+@njit(**_INLINE)
+def _w1a1_fused_body(xf, w, k, ws, bias, y):  # pragma: no cover - compiled
+    """The fused W1A1 layer: float32 x [M, K] -> y [M, N] (``fused``): sign bits and mean|x| per
+    row, then per task the kernel into a small int32 block and its rescale into y."""
+    m, words = xf.shape[0], w.shape[1]
+    bits = np.empty((m, words), dtype=np.uint64)
+    xs = np.empty(m, dtype=np.float32)
+    for r in prange(m):
+        _quantize_row_binary(xf, bits, xs, r)
     chunks = (m + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(w.shape[0] * chunks):
         t, lo = task // chunks, (task % chunks) * _ROWS_PER_TASK
         hi = min(lo + _ROWS_PER_TASK, m)
-        r = lo
-        if hi - lo >= _PANEL_MIN_ROWS:
-            xs = np.empty((hi - lo) * words * 2, dtype=np.uint64)
-            panel = np.empty(words * 64, dtype=np.uint64)
-            _w1a1_nibble_planes(x, w, t, lo, hi, xs, panel)
-            while r + 4 <= hi:
-                for s in range(4):
-                    _w1a1_tile4_planes(xs, panel, out, r, r - lo, t, s, words, k)
-                r += 4
-        while r + 4 <= hi:
-            for s in range(4):
-                _w1a1_tile4(x, w, out, r, t, s, k)
-            r += 4
-        while r < hi:
-            _w1a1_tile1(x, w, out, r, t, k)
-            r += 1
+        dots = np.empty((hi - lo, 32), dtype=np.int32)
+        _w1a1_task(bits[lo:hi], w[t : t + 1], k, dots, 0, 0, hi - lo)
+        _rescale_block(dots, y, xs, ws, bias, lo, 32 * t)
+    return xs
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", parallel=True)
@@ -364,29 +388,60 @@ def _a8_tile4_decoded(x, panel, out, r, t, s, rowsum, mult, steps):  # pragma: n
 
 
 @njit(**_INLINE)
+def _a8_task(x, w, rowsum, out, t, lo, hi, bits, mult):  # pragma: no cover - compiled
+    """Rows lo..hi-1 x column tile t: 16 rows or more decode the tile once into a panel."""
+    steps = 63 if bits == 2 else 127  # int16 steps before widening: 32767 // (2 * code_max * 128)
+    r = lo
+    if hi - lo >= _PANEL_MIN_ROWS:
+        panel = np.empty(x.shape[1] * 64, dtype=np.uint8)
+        _a8_decode_panel(w, t, bits, panel)
+        while r + 4 <= hi:
+            for s in range(4):
+                _a8_tile4_decoded(x, panel, out, r, t, s, rowsum, mult, steps)
+            r += 4
+    while r + 4 <= hi:
+        for s in range(4):
+            _a8_tile4(x, w, out, r, t, s, rowsum, bits, mult)
+        r += 4
+    while r < hi:
+        _a8_tile1(x, w, out, r, t, 0, rowsum, bits, mult)
+        _a8_tile1(x, w, out, r, t, 1, rowsum, bits, mult)
+        r += 1
+
+
+@njit(**_INLINE)
 def _a8_body(x, w, rowsum, out, bits, mult):  # pragma: no cover - compiled
     m = x.shape[0]
-    steps = 63 if bits == 2 else 127  # int16 steps before widening: 32767 // (2 * code_max * 128)
+    chunks = (m + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
+    for task in prange(w.shape[0] * chunks):
+        t, lo = task // chunks, (task % chunks) * _ROWS_PER_TASK
+        _a8_task(x, w, rowsum, out, t, lo, min(lo + _ROWS_PER_TASK, m), bits, mult)
+
+
+@njit(**_INLINE)
+def _a8_fused_body(xf, w, ws, bias, y, qp, eps, bits, mult):  # pragma: no cover - compiled
+    """The fused A8 layer: float32 x [M, K] -> y [M, N] (``fused``): per-token absmax codes,
+    scales and code sums, then per task the kernel into a small int32 block and its rescale
+    into y. Returns the per-token scales (the caller checks they are finite)."""
+    m = xf.shape[0]
+    kp = w.shape[1] * 32 // bits  # 16 k per group for 2-bit codes, 32 for 1-bit
+    codes = np.empty((m, kp), dtype=np.int8)
+    xs = np.empty(m, dtype=np.float32)
+    rowsum = np.empty(m, dtype=np.int32)
+    xbits, tops = xf.view(np.int32), np.empty(m, dtype=np.int32)
+    for r in prange(m):
+        tops[r] = _absmax_bits(xbits, r)
+    amax = tops.view(np.float32)
+    for r in prange(m):
+        _quantize_row_a8(xf, amax[r], codes, xs, rowsum, r, qp, eps)
     chunks = (m + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(w.shape[0] * chunks):
         t, lo = task // chunks, (task % chunks) * _ROWS_PER_TASK
         hi = min(lo + _ROWS_PER_TASK, m)
-        r = lo
-        if hi - lo >= _PANEL_MIN_ROWS:
-            panel = np.empty(x.shape[1] * 64, dtype=np.uint8)
-            _a8_decode_panel(w, t, bits, panel)
-            while r + 4 <= hi:
-                for s in range(4):
-                    _a8_tile4_decoded(x, panel, out, r, t, s, rowsum, mult, steps)
-                r += 4
-        while r + 4 <= hi:
-            for s in range(4):
-                _a8_tile4(x, w, out, r, t, s, rowsum, bits, mult)
-            r += 4
-        while r < hi:
-            _a8_tile1(x, w, out, r, t, 0, rowsum, bits, mult)
-            _a8_tile1(x, w, out, r, t, 1, rowsum, bits, mult)
-            r += 1
+        dots = np.empty((hi - lo, 64), dtype=np.int32)
+        _a8_task(codes[lo:hi], w[t : t + 1], rowsum[lo:hi], dots, 0, 0, hi - lo, bits, mult)
+        _rescale_block(dots, y, xs, ws, bias, lo, 64 * t)
+    return xs
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", parallel=True)
@@ -410,6 +465,46 @@ def _w158a8_parallel(x, w, rowsum, out):  # pragma: no cover - compiled
 def _w158a8_serial(x, w, rowsum, out):  # pragma: no cover - compiled
     _a8_body(x, w, rowsum, out, 2, 1)
 
+
+_FUSED_OPTS = {"cache": True, "boundscheck": False, "error_model": "numpy"}
+
+
+@njit(parallel=True, **_FUSED_OPTS)
+def _w1a1_fused_parallel(xf, w, k, ws, bias, y):  # pragma: no cover - compiled
+    return _w1a1_fused_body(xf, w, k, ws, bias, y)
+
+
+@njit(**_FUSED_OPTS)
+def _w1a1_fused_serial(xf, w, k, ws, bias, y):  # pragma: no cover - compiled
+    return _w1a1_fused_body(xf, w, k, ws, bias, y)
+
+
+@njit(parallel=True, **_FUSED_OPTS)
+def _w1a8_fused_parallel(xf, w, ws, bias, y, qp, eps):  # pragma: no cover - compiled
+    return _a8_fused_body(xf, w, ws, bias, y, qp, eps, 1, 2)
+
+
+@njit(**_FUSED_OPTS)
+def _w1a8_fused_serial(xf, w, ws, bias, y, qp, eps):  # pragma: no cover - compiled
+    return _a8_fused_body(xf, w, ws, bias, y, qp, eps, 1, 2)
+
+
+@njit(parallel=True, **_FUSED_OPTS)
+def _w158a8_fused_parallel(xf, w, ws, bias, y, qp, eps):  # pragma: no cover - compiled
+    return _a8_fused_body(xf, w, ws, bias, y, qp, eps, 2, 1)
+
+
+@njit(**_FUSED_OPTS)
+def _w158a8_fused_serial(xf, w, ws, bias, y, qp, eps):  # pragma: no cover - compiled
+    return _a8_fused_body(xf, w, ws, bias, y, qp, eps, 2, 1)
+
+
+FUSED = {
+    "w1a1": (_w1a1_fused_parallel, _w1a1_fused_serial),
+    "w1a8": (_w1a8_fused_parallel, _w1a8_fused_serial),
+    "w1.58a8": (_w158a8_fused_parallel, _w158a8_fused_serial),
+}
+"""scheme -> (parallel, serial) fused layer: float32 x -> y, see ``fused``."""
 
 KERNELS = {
     "w1a1": (_w1a1_parallel, _w1a1_serial),

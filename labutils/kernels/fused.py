@@ -1,0 +1,76 @@
+"""The steps a fused packed layer runs around its integer kernel, inlined into every path's
+fused kernel (``microkernels_*._*_fused_*``): per-token activation quantization before it,
+rescale and bias after it, in the same compiled call.
+
+They compute, in float32 and in the same order, exactly what the unfused layer computes in
+torch, so the fused layer's outputs equal the unfused layer's bit for bit (A8; W1A1's scale
+``mean|x|`` is summed in float64 here and may differ from torch's float32 sum in the last bit):
+
+- A8: ``scale = max(max|x|, eps) / Qp``, ``codes = clamp(rint(x / scale), -Qp, Qp)``
+  (``quant.quantize_activations_absmax``), plus the row sum of the codes (the kernels' ``sum a``).
+- W1A1: the sign bits of x (0 -> +1) in uint64 words (``pack_binary_rows``), scale ``mean|x|``.
+- After: ``y = float32(dot) * x_scale * w_scale + bias``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_INLINE = {"cache": True, "boundscheck": False, "error_model": "numpy", "inline": "always"}
+
+
+@njit(**_INLINE)
+def _absmax_bits(xbits, r):  # pragma: no cover - compiled
+    """max|x| of row r as a bit pattern: x viewed as int32 with the sign bit cleared, whose
+    integer order is the order of the non-negative floats (NaN above inf). An integer max
+    vectorizes where a float max with NaN semantics does not."""
+    top = np.int32(0)
+    for j in range(xbits.shape[1]):
+        top = max(top, xbits[r, j] & np.int32(0x7FFFFFFF))
+    return top
+
+
+@njit(**_INLINE)
+def _quantize_row_a8(xf, amax, codes, xs, rowsum, r, qp, eps):  # pragma: no cover - compiled
+    """Row r of float32 x -> int8 codes (the padding columns of ``codes`` zero), its scale and
+    the sum of its codes, given ``amax`` = max|x| of the row. ``qp``, ``eps``: float32."""
+    k, kp = xf.shape[1], codes.shape[1]
+    scale = max(amax, eps) / qp if amax == amax else amax  # NaN stays NaN
+    xs[r] = scale
+    total = np.int32(0)
+    lo, hi = -qp, qp
+    for j in range(k):
+        c = np.int32(min(max(np.rint(xf[r, j] / scale), lo), hi))
+        codes[r, j] = np.int8(c)
+        total += c
+    for j in range(k, kp):
+        codes[r, j] = 0
+    rowsum[r] = total
+
+
+@njit(**_INLINE)
+def _quantize_row_binary(xf, words, xs, r):  # pragma: no cover - compiled
+    """Row r of float32 x -> its sign bits (bit k%64 of word k//64 is 1 where x >= 0) and
+    ``mean|x|`` (float64 sum, rounded once to float32)."""
+    k = xf.shape[1]
+    total = 0.0
+    for w in range(words.shape[1]):
+        word = np.uint64(0)
+        for b in range(min(64, k - 64 * w)):
+            v = xf[r, 64 * w + b]
+            total += abs(np.float64(v))
+            word |= np.uint64(v >= 0) << np.uint64(b)
+        words[r, w] = word
+    xs[r] = np.float32(total / k)
+
+
+@njit(**_INLINE)
+def _rescale_block(dots, y, xs, ws, bias, lo, c0):  # pragma: no cover - compiled
+    """y[lo + i, c0 + j] = float32(dots[i, j]) * xs[lo + i] * ws[c0 + j] + bias[c0 + j] for the
+    columns below y's width (``ws`` and ``bias``: N values each, bias zeros where there is none)."""
+    width = min(dots.shape[1], y.shape[1] - c0)
+    for i in range(dots.shape[0]):
+        s = xs[lo + i]
+        for j in range(width):
+            y[lo + i, c0 + j] = np.float32(dots[i, j]) * s * ws[c0 + j] + bias[c0 + j]

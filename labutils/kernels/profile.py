@@ -1,0 +1,260 @@
+"""Where the time of a packed model's forward pass goes: ``profile_packed_forward``.
+
+Module hooks time every module (inclusive, then exclusive of its children); every
+``PackedBitLinear`` reports its own steps (``PackedBitLinear._forward``'s ``mark``). The kernel
+calls seen in the model are re-run afterwards in isolation, back to back (warm caches, the
+thread pool awake): what the model spent on them beyond that is charged to
+``thread_handoffs`` (waking the pool after a torch op, another process on a core, cold caches).
+
+Categories (seconds per forward pass, the median over ``repeat`` passes):
+
+- ``integer_kernel``: the Numba kernels in isolation (for the fused layer: activation
+  quantization, kernel, rescale and bias together, since they are one compiled pass).
+- ``activation_quantization``, ``rescale_bias``: the torch steps around an unfused kernel.
+- ``conversions``: reshapes, dtype casts, torch<->numpy, the kernel wrapper's checks, padding
+  and copies.
+- ``thread_handoffs``: kernel time in the model minus the same calls in isolation.
+- ``attention``: the self-attention modules without their Q/K/V linears (SDPA or eager,
+  head reshapes).
+- ``norms_gelu``: LayerNorms and the GELU. ``embeddings``: the embedding lookups.
+- ``float_linears``: torch's linears (pooler, classifier; every linear of FP32, and of torch's
+  dynamic INT8 model).
+- ``other``: everything else (residual adds, dropout, the model's Python).
+
+``total`` is the median hooked wall time, ``total_unhooked`` the median wall time of the same
+call without hooks (what the hooks themselves cost is in ``other``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+CATEGORIES = (
+    "integer_kernel",
+    "activation_quantization",
+    "rescale_bias",
+    "conversions",
+    "thread_handoffs",
+    "attention",
+    "norms_gelu",
+    "embeddings",
+    "float_linears",
+    "other",
+)
+
+
+def _category(module: nn.Module) -> str:
+    name = type(module).__name__
+    if isinstance(module, (nn.LayerNorm, nn.GELU)) or "LayerNorm" in name or "RMSNorm" in name or "GELU" in name:
+        return "norms_gelu"
+    if isinstance(module, nn.Embedding) or "Embedding" in name and not name.endswith("Embeddings"):
+        return "embeddings"
+    if name.endswith("SelfAttention"):
+        return "attention"
+    if isinstance(module, nn.Linear) or name.endswith("Linear") and "Packed" not in name:  # torch INT8 too
+        return "float_linears"
+    return "other"
+
+
+def _isolated(fn: Callable[[], Any], repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _raw_kernel(codes: np.ndarray, weights: Any, threads: int | None) -> Callable[[], Any]:
+    """The Numba kernel of an unfused ``packed_matmul`` call, on arrays prepared beforehand."""
+    from labutils.kernels import dispatch, matmul
+
+    if weights.scheme == "w1a1":
+        out = np.empty((codes.shape[0], weights.data.shape[0] * matmul._W1A1_COLS), dtype=np.int32)
+        args = (codes, weights.data, weights.k, out)
+    else:
+        kp = weights.data.shape[1] * matmul._A8_GROUP[weights.scheme]
+        x = np.pad(codes, ((0, 0), (0, kp - weights.k))) if kp != weights.k else codes
+        out = np.empty((x.shape[0], weights.data.shape[0] * matmul._A8_COLS), dtype=np.int32)
+        args = (x, weights.data, matmul._row_sums(x), out)
+    return lambda: dispatch._launch(weights.scheme, weights, codes.shape[0], threads, *args)
+
+
+def _called_children(key: int, children: Mapping[int, list[int]], called: Mapping[int, float]) -> list[int]:
+    """The nearest descendants of module ``key`` that ran (a ModuleList never runs itself)."""
+    found = []
+    for child in children[key]:
+        found.extend([child] if child in called else _called_children(child, children, called))
+    return found
+
+
+def _one_pass(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, float]:
+    from labutils.kernels.layer import PackedBitLinear
+
+    inclusive: dict[int, float] = {}
+    starts: dict[int, list[float]] = {}
+    children = {id(m): [id(c) for c in m.children()] for m in model.modules()}
+    categories = {id(m): _category(m) for m in model.modules()}
+    sections: dict[str, float] = dict.fromkeys(CATEGORIES, 0.0)
+    kernel_calls: list[tuple[float, Any]] = []
+    marked = [0.0]  # seconds the packed layers' marks accounted for
+
+    def pre(module: nn.Module, args: Any) -> None:
+        starts.setdefault(id(module), []).append(time.perf_counter())
+
+    def post(module: nn.Module, args: Any, output: Any) -> None:
+        inclusive[id(module)] = inclusive.get(id(module), 0.0) + time.perf_counter() - starts[id(module)].pop()
+
+    handles = []
+    originals = {}
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+        if isinstance(module, PackedBitLinear):
+            originals[module] = module.forward
+
+            def forward(x: torch.Tensor, _m: PackedBitLinear = module) -> torch.Tensor:
+                last = [time.perf_counter()]
+
+                def mark(section: str, payload: Any = None) -> None:
+                    now = time.perf_counter()
+                    marked[0] += now - last[0]
+                    if payload is not None:
+                        kernel_calls.append((now - last[0], payload))
+                    else:
+                        sections[section] += now - last[0]
+                    last[0] = time.perf_counter()
+
+                return _m._forward(x, mark)
+
+            module.forward = forward
+    try:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(**inputs)
+        total = time.perf_counter() - start
+    finally:
+        for h in handles:
+            h.remove()
+        for module, fwd in originals.items():
+            del module.forward
+    packed = {id(m) for m in originals}
+    for key, seconds in inclusive.items():
+        if key in packed:
+            continue  # broken down by its own marks (below)
+        own = seconds - sum(inclusive[c] for c in _called_children(key, children, inclusive))
+        sections[categories[key]] += own
+    for in_model, payload in kernel_calls:
+        if callable(payload):  # the fused layer: one compiled call
+            alone = _isolated(payload)
+            sections["integer_kernel"] += alone
+        else:
+            codes, weights, threads = payload
+            from labutils.kernels.matmul import packed_matmul
+
+            alone = _isolated(lambda: packed_matmul(codes, weights, threads=threads))
+            raw = _isolated(_raw_kernel(codes, weights, threads))
+            sections["integer_kernel"] += raw
+            sections["conversions"] += max(alone - raw, 0.0)
+        sections["thread_handoffs"] += max(in_model - alone, 0.0)
+    # the packed layers' time their marks did not see (the checks before the first mark, hooks)
+    sections["other"] += max(sum(inclusive.get(id(m), 0.0) for m in originals) - marked[0], 0.0)
+    sections["total"] = total
+    return sections
+
+
+def profile_packed_forward(model: nn.Module, inputs: Mapping[str, Any], *, repeat: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Seconds per forward pass of ``model(**inputs)`` by category (see the module docstring).
+
+    Works on any model (FP32 too: its linears land in ``float_linears``); the packed layers'
+    steps come from ``PackedBitLinear``. Returns {category: median seconds} plus ``total``
+    (hooked), ``total_unhooked`` and ``repeat``.
+    """
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(**inputs)
+    passes, plain = [], []
+    for _ in range(repeat):
+        passes.append(_one_pass(model, inputs))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(**inputs)
+        plain.append(time.perf_counter() - start)
+    result = {key: statistics.median(p[key] for p in passes) for key in passes[0]}
+    result["total_unhooked"] = statistics.median(plain)
+    result["repeat"] = repeat
+    return result
+
+
+def profile_benchmark_rows(
+    out: str,
+    rows: tuple[str, ...] = ("fp32", "w1.58a8", "w1a1"),
+    points: tuple[tuple[int, int], ...] = ((1, 128), (32, 256)),
+    *,
+    threads: int = 2,
+    repeat: int = 3,
+    model_path: str | None = None,
+    unfused: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """``profile_packed_forward`` of the benchmark's rows (``labutils.benchmark``'s own loading:
+    the teacher and the students' packed files in ``out``, untrained stand-ins where a student
+    was not trained there) at each (batch, length); ``unfused`` adds "<row>-unfused" rows, the
+    same packed students on the unfused steps (before/after in one run, under one load); with provenance (commit, CPU flags, load
+    average before and after, threads). Returns {"provenance", "profiles": {row: {"b1_L128": {...}}}}."""
+    import os
+    from pathlib import Path
+
+    from labutils import benchmark as B
+    from labutils.kernels.layer import pack_model
+    from labutils.measure import threads as use_threads
+
+    folder = Path(out)
+    load_before = list(os.getloadavg())
+    profiles: dict[str, dict] = {}
+    with use_threads(threads):
+        models, notes = {}, {}
+        for row in rows:
+            if row == "fp32":
+                models[row], notes[row] = B.load_teacher(folder, model_path)
+            elif row == "int8":
+                models[row], notes[row] = B.int8_dynamic(B.load_teacher(folder, model_path)[0]), "int8 of the teacher"
+            else:
+                if not B._student_file(folder, row).is_file():
+                    B.write_untrained_student(folder, row, model_path, B.PRESETS["full"])
+                models[row], notes[row] = pack_model(B.load_student(folder, row, model_path)), str(B._student_file(folder, row))
+                if unfused:
+                    models[f"{row}-unfused"] = pack_model(B.load_student(folder, row, model_path))
+                    for module in models[f"{row}-unfused"].modules():
+                        if hasattr(module, "fused"):
+                            module.fused = False
+        for batch, length in points:
+            inputs = B._inputs(30522, batch, length, 0)
+            for row, model in models.items():
+                found = profile_packed_forward(model, inputs, repeat=repeat)
+                profiles.setdefault(row, {})[f"b{batch}_L{length}"] = found
+                if not quiet:
+                    print(row, f"b{batch} L{length}", {k: round(1e3 * v, 1) for k, v in found.items() if k != "repeat"}, flush=True)
+    prov = {**B.provenance(f"cpu: {B._cpu_name()}"), "threads": threads, "load_average_before": load_before,
+            "weights_source": notes, "unit": "seconds per forward pass (median of repeat)"}  # fmt: skip
+    return {"provenance": prov, "profiles": profiles}
+
+
+if __name__ == "__main__":  # python -m labutils.kernels.profile OUT_JSON [rows] [repeat] [--unfused]
+    import json
+    import sys
+
+    args = [a for a in sys.argv[1:] if a != "--unfused"]
+    target = args[0]
+    chosen = tuple(args[1].split(",")) if len(args) > 1 else ("fp32", "w1.58a8", "w1a1")
+    result = profile_benchmark_rows("results/imdb-full", chosen, repeat=int(args[2]) if len(args) > 2 else 3,
+                                    unfused="--unfused" in sys.argv)
+    with open(target, "w") as f:
+        json.dump(result, f, indent=1)

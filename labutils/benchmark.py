@@ -782,8 +782,11 @@ class CpuModels:
 
 
 def _cpu_models(out: Path, rows: Sequence[str], model_path: str | None) -> CpuModels:
-    """Load every row once (a student's packed file is read and fitted once, then packed)."""
+    """Load every row once (a student's packed file is read and fitted once, then packed; its
+    group-quantized embeddings stay packed: ``kernels.layer.pack_embeddings_``)."""
     from labutils.kernels import pack_model
+    from labutils.kernels.layer import pack_embeddings_
+    from labutils.packfile import load_packed
 
     models = CpuModels({}, {}, {})
     teacher, source = load_teacher(out, model_path)
@@ -796,6 +799,8 @@ def _cpu_models(out: Path, rows: Sequence[str], model_path: str | None) -> CpuMo
             student = load_student(out, row, model_path)
             models.fake_quantized[row], models.inference[row] = student, pack_model(student)
             path = _student_file(out, row)
+            # the int4 embeddings stay int4 in RAM, each looked-up row dequantized when read
+            pack_embeddings_(models.inference[row], load_packed(path))
             trained = path == _pack_file(out, row)
             models.notes[row] = f"packed file {path.relative_to(out)}" + ("" if trained else " (untrained stand-in)")
     return models

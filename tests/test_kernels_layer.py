@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numba
@@ -320,3 +321,23 @@ def test_fused_layer_refuses_nan_and_keeps_no_float_weights():
         packed(x)
     floats = [b for b in packed.buffers() if b.is_floating_point()]
     assert sum(b.numel() for b in floats) <= 2 * 64 + 1  # scales and bias, no weight matrix
+
+
+def test_packed_embedding_stays_int4_and_gives_the_loaded_rows(tmp_path):
+    from labutils.kernels.layer import PackedEmbedding, pack_embeddings_
+    from labutils.packfile import load_packed, save_packed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 256), nn.Linear(256, 4))
+    path = tmp_path / "m.packed"
+    save_packed(model, path, embeddings="int4", group_size=128)
+    loaded = load_packed(path, copy.deepcopy(model))
+    packed = copy.deepcopy(loaded)
+    assert pack_embeddings_(packed, load_packed(path)) == ["0"]
+    assert isinstance(packed[0], PackedEmbedding)
+    ids = torch.tensor([[0, 49, 7], [3, 3, 1]])
+    assert torch.equal(packed[0](ids), loaded[0](ids))
+    assert packed[0].codes.dtype == torch.uint8 and packed[0].codes.numel() == 50 * 128  # two codes a byte
+    assert not any(b.numel() == 50 * 256 and b.is_floating_point() for b in packed.buffers())
+    with pytest.raises(IndexError):
+        packed[0](torch.tensor([50]))

@@ -284,3 +284,80 @@ def pack_model(model: nn.Module, *, act: str | None = None, inplace: bool = Fals
         parent, _, child = name.rpartition(".")
         setattr(target.get_submodule(parent), child, PackedBitLinear.from_bitlinear(layer, act=act, threads=threads))
     return target.eval()
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy")
+def _embed_rows(ids, codes, scale, dim, group, nibbles, out):  # pragma: no cover - compiled
+    """out[i] = the dequantized row ids[i]: code * scale of its group, float32 (codes stored as
+    nibbles + 8, two per byte, low nibble first, when ``nibbles``; else as int8 bytes)."""
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        for j in range(dim):
+            if nibbles:
+                code = np.int32((codes[r, j >> 1] >> np.uint8(4 * (j & 1))) & np.uint8(15)) - 8
+            else:
+                code = np.int32(np.int8(codes[r, j]))
+            out[i, j] = np.float32(code) * scale[r, j // group]
+
+
+class PackedEmbedding(nn.Module):
+    """An embedding table that stays group-quantized in RAM: k-bit codes (two per byte for
+    k <= 4) and one float32 scale per group of ``group_size`` values of a row; each looked-up
+    row is dequantized when it is read (``code * scale``, the values ``packfile`` loads), so no
+    float copy of the table is kept.
+
+    Buffers: ``codes`` uint8 [rows, dim/2] (or [rows, dim]), ``scale`` float32 [rows, groups].
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, *, padding_idx: int | None = None) -> None:
+        """codes: int8 [rows, dim] in [-8, 7] for nibbles (k <= 4), any int8 otherwise;
+        scale: float32 [rows, groups] or [rows, groups, 1]."""
+        super().__init__()
+        codes = torch.as_tensor(codes).to(torch.int8)
+        rows, dim = codes.shape
+        scale = torch.as_tensor(scale, dtype=torch.float32).reshape(rows, -1).contiguous()
+        if dim % scale.shape[1]:
+            raise ValueError(f"dim {dim} is not a multiple of the {scale.shape[1]} groups")
+        self.num_embeddings, self.embedding_dim, self.padding_idx = rows, dim, padding_idx
+        self.group_size = dim // scale.shape[1]
+        self.nibbles = bool(codes.min() >= -8 and codes.max() <= 7)
+        if self.nibbles:
+            biased = (codes.to(torch.int16) + 8).to(torch.uint8)
+            if dim % 2:
+                biased = torch.cat([biased, torch.full((rows, 1), 8, dtype=torch.uint8)], dim=1)
+            packed = biased[:, 0::2] | (biased[:, 1::2] << 4)
+        else:
+            packed = codes.view(torch.uint8)
+        self.register_buffer("codes", packed.contiguous())
+        self.register_buffer("scale", scale)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).to(torch.int64).contiguous()
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(f"index out of range: ids must be in [0, {self.num_embeddings})")
+        out = torch.empty(flat.numel(), self.embedding_dim)
+        _embed_rows(flat.numpy(), self.codes.numpy(), self.scale.numpy(), self.embedding_dim, self.group_size,
+                    self.nibbles, out.numpy())  # fmt: skip
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        bits = "int4" if self.nibbles else "int8"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {bits} groups of {self.group_size}"
+
+
+def pack_embeddings_(model: nn.Module, contents) -> list[str]:
+    """Replace every ``nn.Embedding`` of ``model`` whose weight a packed file holds group-quantized
+    (``packfile.load_packed(path)``'s contents: codes and scales) by a PackedEmbedding, in place;
+    return the names replaced. The rows it gives equal the float table ``load_packed`` fills in."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        key = f"{name}.weight" if name else "weight"
+        entry = contents.entries.get(key, {})
+        if type(module) is not nn.Embedding or entry.get("kind") != "grouped" or key not in contents.codes:
+            continue
+        packed = PackedEmbedding(contents.codes[key], contents.scales[key], padding_idx=module.padding_idx)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, packed)
+        replaced.append(name)
+    return replaced

@@ -757,7 +757,10 @@ def _inputs(vocab_size: int, batch: int, length: int, seed: int) -> dict[str, to
 
 
 def _weights_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters and buffers the model holds in memory (packed buffers included)."""
+    """Bytes of the parameters and buffers the model holds in memory (packed buffers included;
+    an ONNX Runtime row: its graph's initializers)."""
+    if hasattr(model, "weights_nbytes"):
+        return int(model.weights_nbytes)
     seen, total = set(), 0
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.data_ptr() not in seen:
@@ -803,7 +806,85 @@ def _cpu_models(out: Path, rows: Sequence[str], model_path: str | None) -> CpuMo
             pack_embeddings_(models.inference[row], load_packed(path))
             trained = path == _pack_file(out, row)
             models.notes[row] = f"packed file {path.relative_to(out)}" + ("" if trained else " (untrained stand-in)")
+    if "fp32" in rows:
+        _add_onnx_rows(models, teacher, out, source)
     return models
+
+
+ONNX_ROWS = ("onnx-fp32", "onnx-int8")
+"""Extra CPU-stage rows (latency, memory, weights only): the FP32 teacher exported to ONNX and
+its dynamic INT8 quantization (``onnxruntime.quantization.quantize_dynamic``), run by ONNX
+Runtime on the same threads: what a CPU user would deploy without retraining."""
+
+
+class OnnxModel(nn.Module):
+    """An ONNX Runtime session called like the HF classifier: ``model(input_ids=, attention_mask=).logits``."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        super().__init__()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.weights_nbytes = _onnx_initializer_bytes(path)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> Any:
+        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        logits = self.session.run(["logits"], feed)[0]
+        return type("Output", (), {"logits": torch.from_numpy(logits)})()
+
+    def set_attn_implementation(self, attn: str) -> None:  # the graph's attention is fixed at export
+        pass
+
+
+def _onnx_initializer_bytes(path: Path) -> int:
+    import onnx
+
+    return sum(onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer)
+
+
+def _add_onnx_rows(models: CpuModels, teacher: nn.Module, out: Path, source: str) -> None:
+    """Export the teacher to ONNX (once, in ``out/onnx``), quantize it dynamically to INT8 and
+    add both as ONNX_ROWS; skipped with a printed reason where onnxruntime or onnx is missing or
+    the export fails."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as exc:
+        print(f"[cpu] ONNX Runtime rows skipped: {exc} (pip install onnxruntime onnx)", flush=True)
+        return
+    folder = out / "onnx"
+    fp32, int8 = folder / "fp32.onnx", folder / "int8.onnx"
+    try:
+        if not fp32.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            inputs = _inputs(teacher.config.vocab_size, 2, 16, 0)
+            wrapped = _LogitsOnly(copy.deepcopy(teacher).eval())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(wrapped, (inputs["input_ids"], inputs["attention_mask"]), str(fp32), dynamo=False,
+                                  input_names=["input_ids", "attention_mask"], output_names=["logits"], opset_version=17,
+                                  dynamic_axes={"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
+                                                "logits": {0: "batch"}})  # fmt: skip
+        if not int8.is_file():
+            quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+        threads = torch.get_num_threads()
+        for row, path in zip(ONNX_ROWS, (fp32, int8)):
+            models.inference[row] = OnnxModel(path, threads)
+            models.notes[row] = f"{source}, exported to ONNX ({path.relative_to(out)}), ONNX Runtime, {threads} threads"
+    except Exception as exc:  # noqa: BLE001 - an exporter failure must not lose the other rows
+        print(f"[cpu] ONNX Runtime rows skipped: the export or quantization failed: {type(exc).__name__}: {exc}", flush=True)
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 def _agreement(student: nn.Module, packed: nn.Module, preset: Preset, splits: Splits) -> dict:
@@ -822,20 +903,31 @@ def _agreement(student: nn.Module, packed: nn.Module, preset: Preset, splits: Sp
 
 
 def _latency(models: Mapping[str, nn.Module], preset: Preset, vocab: int, quiet: bool) -> dict[str, dict]:
-    """{row: {"b{B}": {"L{L}": median ms}}}, rows timed round-robin at every (batch, length)."""
+    """{row: {"b{B}": {"L{L}": {...}}}}, rows timed round-robin at every (batch, length).
+
+    The noise protocol: rows interleaved (round i of every row under the same load), the
+    median, best and every run kept, the machine's 1-minute load average before and after each
+    case, and for every row its speed against fp32 as ``measure.paired_ratio`` (ratio of
+    medians, spread of the per-round ratios, "no difference" where the spread overlaps 1.0)."""
     from tqdm.auto import tqdm
 
-    from labutils.measure import interleaved_timings
+    from labutils.measure import interleaved_timings, paired_ratio
 
     result: dict[str, dict] = {row: {} for row in models}
     cases = [(b, n) for b in preset.latency_batches for n in preset.latency_lengths]
     for b, n in tqdm(cases, desc="latency", disable=quiet):
         inputs = _inputs(vocab, b, n, preset.seed)
         fns = {row: functools.partial(m, **inputs) for row, m in models.items()}
+        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         with torch.inference_mode():
             timings = interleaved_timings(fns, warmup=1, repeat=preset.latency_repeat)
+        load = [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]
         for row, t in timings.items():
-            result[row].setdefault(f"b{b}", {})[f"L{n}"] = {"median_ms": 1e3 * t.median, "best_ms": 1e3 * t.best}
+            entry = {"median_ms": 1e3 * t.median, "best_ms": 1e3 * t.best, "runs_ms": [1e3 * x for x in t.seconds],
+                     "load_average": load}  # fmt: skip
+            if "fp32" in timings and row != "fp32":
+                entry["vs_fp32"] = paired_ratio(timings["fp32"], t)
+            result[row].setdefault(f"b{b}", {})[f"L{n}"] = entry
     return result
 
 
@@ -887,6 +979,8 @@ def _macs_and_energy(models: CpuModels, vocab: int) -> dict[str, dict]:
     result = {}
     inputs = _inputs(vocab, 1, 256, 0)
     for row, model in models.inference.items():
+        if row not in ROWS:  # the ONNX Runtime rows compute what fp32 computes
+            continue
         macs = count_macs(model, **inputs)
         extra = {}
         if row == "w1.58a8":  # zero weights cost no add

@@ -43,6 +43,7 @@ __all__ = [
     "count_macs",
     "energy_estimate",
     "interleaved_timings",
+    "paired_ratio",
     "PEAK_METHODS",
     "peak_memory",
     "peak_memory_support",
@@ -206,6 +207,19 @@ def interleaved_timings(
         for name, fn in fns.items():
             seconds[name].append(_timed(fn))
     return {name: Timing.from_seconds(s) for name, s in seconds.items()}
+
+
+def paired_ratio(base: Timing, other: Timing) -> dict[str, Any]:
+    """How many times faster ``other`` is than ``base``, from interleaved runs (round i of both
+    under the same load): the ratio of medians, the spread of the per-round ratios (min, max),
+    and a verdict: "faster" or "slower" when the whole spread is on one side of 1.0, else
+    "no difference" (a ratio whose spread overlaps 1.0 is not reported as a speed-up)."""
+    if base.runs != other.runs:
+        raise ValueError(f"paired_ratio needs interleaved timings of as many runs, got {base.runs} and {other.runs}")
+    per_round = [b / o for b, o in zip(base.seconds, other.seconds)]
+    low, high = min(per_round), max(per_round)
+    verdict = "faster" if low > 1.0 else "slower" if high < 1.0 else "no difference"
+    return {"ratio": base.median / other.median, "spread": [low, high], "verdict": verdict}
 
 
 # --------------------------------------------------------------------------- memory

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One `device` (GPU) session: the IMDb ablation sweep and chapter 8's language models side by side
-# on one H200, as the `run` tool's commands. The machine keeps processes started with setsid
+# on one H200, as the `run` tool's commands (lessons of 2026-12-01 in results/lm/README.md). The machine keeps processes started with setsid
 # between calls while a call is in flight; so `start` launches both under setsid and every call
 # then `poll`s (prints progress, returns before the call's limit), and `collect` puts the results
 # under $OUT. Carry (the same in every call): .carry/minilm_bf16.tar.xz .carry/imdb .carry/whl .carry/src
@@ -12,20 +12,27 @@
 #   bash results/device_session.sh poll 570
 #   bash results/device_session.sh collect
 set -uo pipefail
-cd "$(dirname "$0")/.."
 # The code runs from .carry/src: a `git archive` of one commit (its hash in .carry/COMMIT), so
 # what runs is exactly a commit, whatever else the working tree held when the call was made.
-carry=$PWD/.carry
-[ -d .carry/src/labutils ] && cd .carry/src
+# Every call replaces the carried folders on the machine, so processes that outlive a call must
+# not run from them (2026-12-01: a call deleted the code and working folder under running jobs,
+# whose Numba compilation then failed): `start` copies code and data to /tmp/labbook first.
+root=$(cd "$(dirname "$0")/.." && pwd)
+case $root in */.carry/src) carry=$(dirname "$root") ;; *) carry=$root/.carry ;; esac
 work=/tmp/labbook
 mkdir -p "$work"
+if [ ! -d "$work/code/labutils" ]; then
+  cp -r "$root" "$work/code.tmp" && mv "$work/code.tmp" "$work/code"
+  cp -r "$carry/imdb" "$work/imdb"
+fi
+cd "$work/code"
 if [ ! -d /tmp/site/datasets ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$carry"/whl/*.whl
 fi
 if [ ! -f "$work/minilm/config.json" ]; then
   mkdir -p "$work/minilm" && tar xJf "$carry"/minilm_bf16.tar.xz -C "$work/minilm" --strip-components=1
 fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LABBOOK_IMDB_DIR=$carry/imdb MODEL=$work/minilm
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LABBOOK_IMDB_DIR=$work/imdb MODEL=$work/minilm
 export LABBOOK_COMMIT=${LABBOOK_COMMIT:-$(cat "$carry"/COMMIT 2>/dev/null || echo unknown)}
 
 case ${1:?start|poll|collect} in

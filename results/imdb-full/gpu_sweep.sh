@@ -7,7 +7,7 @@
 # speed: one MiniLM student leaves most of an H200 idle), each in its own folder with the trained
 # teacher linked in, so every folder's preset.json records exactly the recipe it ran.
 #
-#   bash results/imdb-full/gpu_sweep.sh run OUT       # teacher, then all students; returns when all are done
+#   bash results/imdb-full/gpu_sweep.sh run OUT       # teacher, then the students, MAX_PARALLEL (6) at a time
 #   bash results/imdb-full/gpu_sweep.sh status OUT    # which runs finished, best validation accuracy so far
 #   bash results/imdb-full/gpu_sweep.sh collect OUT DEST   # JSONs and logs as one tarball
 #
@@ -80,6 +80,8 @@ run)
     if [ "$sets" != "-" ]; then for s in $sets; do [[ " $fields " == *" ${s%%=*} "* ]] || missing="${s%%=*}"; done; fi
     if [ -n "$missing" ]; then echo "skipped $name: no preset field $missing here" >"$out/$name.done"; continue; fi
     [ -f "$out/$name/train_$rows.json" ] && continue
+    # At most MAX_PARALLEL students at once: 15 at once ran an H200 (141 GB) out of memory.
+    while [ "$(jobs -rp | wc -l)" -ge "${MAX_PARALLEL:-6}" ]; do sleep 5; done
     run_variant "$name" "$rows" "$sets" "$after" &
     pids+=($!)
   done

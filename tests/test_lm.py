@@ -281,3 +281,32 @@ def test_bad_stage_and_override_are_usage_errors(tmp_path):
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
         main(["lm", "--set", "nonsense=1", "--out", str(tmp_path)])
+
+
+def test_packed_decoder_equals_the_fake_quantized_decoder():
+    """pack_model swaps every BitLinear for the CPU kernels' PackedBitLinear: same logits, also
+    when decoding token by token with the KV cache."""
+    from labutils.kernels import pack_model
+
+    model = Decoder(LMConfig(**TINY, quant="w1.58a8"), seed=6).eval()
+    packed = pack_model(model)
+    x = tokens(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), model(x), atol=1e-4, rtol=1e-4)
+        cache = KVCache(packed.config, 2, dtype=torch.float32, device="cpu")
+        steps = [packed(x[:, t : t + 1], cache) for t in range(12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_decode_stage_reports_tokens_per_second_and_weight_bytes(tmp_path):
+    preset = experiment.LMPreset(name="t", decode_sizes=("xs",), decode_prompt=8, decode_tokens=4, decode_repeat=2)
+    result = experiment.run_decode(preset, tmp_path, 97, quiet=True)
+    (size,) = result["sizes"]
+    assert set(size["rows"]) == set(experiment.DECODE_ROWS)
+    for row in size["rows"].values():
+        assert row["tg_tokens_per_s"] > 0 and row["pp_tokens_per_s"] > 0 and len(row["tg_samples"]) == 2
+    rows = size["rows"]
+    assert rows["fp32"]["tg_vs_fp32"]["median"] == 1.0
+    # Packed ternary projections: 2 bits per weight instead of 32 (embeddings and norms stay float).
+    assert rows["w1.58a8"]["weights_bytes"] < rows["fp32"]["weights_bytes"]
+    assert json.loads((tmp_path / "decode_cpu.json").read_text())["kernel_path"] in ("avx512", "avx2", "generic")

@@ -19,6 +19,8 @@ so a killed run resumes where it stopped):
   ``model.safetensors``, e.g. the benchmark's ``teacher/model.safetensors``) and ``--model``.
 - ``attention``: eager vs SDPA forward time and peak memory vs context length, and the KV cache's
   bytes vs length -> ``attention_<device>.json``.
+- ``decode``: batch-1 prompt processing and generation tokens/s on the CPU, FP32 vs torch INT8 vs
+  packed W1.58A8 (the book's kernels), on dummy models of growing size -> ``decode_cpu.json``.
 
 Rows are ``<quant>-<size>`` with quant in ``fp``, ``w1.58a8`` and size a key of ``SIZES``.
 Data: ``labutils.data.load_imdb`` (``LABBOOK_IMDB_DIR`` or the hub; the ``ci`` preset uses the
@@ -43,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from labutils.lm.model import QUANTS, Decoder, LMConfig, generate
+from labutils.lm.model import QUANTS, Decoder, KVCache, LMConfig, generate
 from labutils.lm.tokenizer import EOS, NEG, POS, clean_review, load_tokenizer, train_tokenizer
 
 __all__ = ["SIZES", "LMPreset", "PRESETS", "STAGES", "row_config", "run", "add_arguments", "run_command"]
@@ -54,8 +56,14 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "s": (4, 4, 256),
     "m": (6, 6, 384),
     "l": (8, 8, 512),
+    # Dummy sizes for the CPU decode benchmark (random ternary weights, as bitnet.cpp's
+    # dummy-model benchmark): Llama-shaped, non-embedding parameters 85 M, 302 M, 680 M.
+    "125m": (12, 12, 768),
+    "350m": (24, 16, 1024),
+    "700m": (24, 24, 1536),
 }
-STAGES = ("tokenizer", "train", "lora", "attention")
+STAGES = ("tokenizer", "train", "lora", "attention", "decode")
+DECODE_ROWS = ("fp32", "int8", "w1.58a8")
 
 
 @dataclass(frozen=True)
@@ -90,10 +98,15 @@ class LMPreset:
     top_k: int = 50
     attention_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
     attention_batch: int = 4
+    decode_sizes: tuple[str, ...] = ("125m", "350m", "700m")
+    decode_prompt: int = 128
+    decode_tokens: int = 32
+    decode_repeat: int = 3
+    threads: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = [s for s in (*self.sizes, self.lora_size) if s not in SIZES]
+        unknown = [s for s in (*self.sizes, self.lora_size, *self.decode_sizes) if s not in SIZES]
         if unknown:
             raise ValueError(f"sizes must be among {tuple(SIZES)}, got {unknown}")
         for name in ("vocab_size", "seq_len", "batch_size", "steps", "eval_every", "lora_rank", "gen_reviews", "gen_tokens"):
@@ -110,7 +123,7 @@ PRESETS: dict[str, LMPreset] = {
         name="ci", data_source="sample", holdout_reviews=50, vocab_size=1024, sizes=("xs",), seq_len=64,
         batch_size=16, steps=60, warmup_steps=10, eval_every=30, eval_tokens=4096, lora_size="xs",
         lora_rank=4, lora_steps=20, gen_reviews=8, gen_tokens=24, attention_lengths=(64, 128, 256),
-        attention_batch=1,
+        attention_batch=1, decode_sizes=("xs", "s"), decode_prompt=32, decode_tokens=8, decode_repeat=2,
     ),
     # One GPU: every row as its own process (see results/lm/README.md).
     "full": LMPreset(name="full"),
@@ -515,6 +528,87 @@ def run_attention(preset: LMPreset, out: Path, vocab_size: int, device: torch.de
     return result
 
 
+# --------------------------------------------------------------------------- decoding on the CPU
+
+
+def decode_models(size: str, preset: LMPreset, vocab_size: int) -> dict[str, torch.nn.Module]:
+    """The three decode rows of one size, random weights (seeded): FP32, torch dynamic INT8 of the
+    FP32 model, and the BitNet b1.58 model packed for the CPU kernels (``pack_model``)."""
+    from labutils.benchmark import int8_dynamic
+    from labutils.kernels import pack_model
+
+    max_len = preset.decode_prompt + preset.decode_tokens
+    fp32 = Decoder(row_config(f"fp-{size}", preset, vocab_size, max_seq_len=max_len), seed=preset.seed).eval()
+    ternary = Decoder(row_config(f"w1.58a8-{size}", preset, vocab_size, max_seq_len=max_len), seed=preset.seed).eval()
+    packed = pack_model(ternary, inplace=True)
+    return {"fp32": fp32, "int8": int8_dynamic(fp32), "w1.58a8": packed}
+
+
+@torch.no_grad()
+def _decode_once(model: Decoder, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Seconds of the prefill of ``prompt`` [1, T] and of ``new_tokens`` greedy steps after it."""
+    cache = KVCache(model.config, 1, dtype=torch.float32, device="cpu")
+    start = time.perf_counter()
+    logits = model(prompt, cache)[:, -1]
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = model(logits.argmax(-1, keepdim=True), cache)[:, -1]
+    return prefill, time.perf_counter() - start
+
+
+def run_decode(preset: LMPreset, out: Path, vocab_size: int, quiet: bool) -> dict:
+    """llama-bench's split at batch 1 on ``threads`` threads: prompt processing (pp, tokens/s over
+    a ``decode_prompt``-token prefill) and text generation (tg, tokens/s over ``decode_tokens``
+    greedy steps with the KV cache), FP32 vs INT8 vs packed W1.58A8, at each of ``decode_sizes``.
+    Rows are interleaved within each repeat; medians and the per-repeat ratios' spread are kept."""
+    from labutils.benchmark import _weights_bytes
+    from labutils.kernels import active_path
+
+    torch.set_num_threads(preset.threads)
+    try:
+        import numba
+
+        numba.set_num_threads(min(preset.threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:  # pragma: no cover - numba is a dependency
+        pass
+    prompt = torch.randint(3, vocab_size, (1, preset.decode_prompt), generator=torch.Generator().manual_seed(preset.seed))
+    sizes = []
+    for size in _progress(preset.decode_sizes, quiet, desc="decode"):
+        models = decode_models(size, preset, vocab_size)
+        for model in models.values():
+            _decode_once(model, prompt[:, :8], 2)  # warm-up: Numba compilation, allocator
+        runs: dict[str, list[tuple[float, float]]] = {row: [] for row in models}
+        for _ in range(preset.decode_repeat):
+            for row, model in models.items():
+                runs[row].append(_decode_once(model, prompt, preset.decode_tokens))
+        rows = {}
+        for row, samples in runs.items():
+            pp = [preset.decode_prompt / p for p, _ in samples]
+            tg = [preset.decode_tokens / g for _, g in samples]
+            rows[row] = {"pp_tokens_per_s": float(np.median(pp)), "tg_tokens_per_s": float(np.median(tg)),
+                         "pp_samples": pp, "tg_samples": tg, "weights_bytes": _weights_bytes(models[row])}  # fmt: skip
+        for row in rows:
+            for kind in ("pp", "tg"):
+                ratios = [a / b for a, b in zip(rows[row][f"{kind}_samples"], rows["fp32"][f"{kind}_samples"])]
+                rows[row][f"{kind}_vs_fp32"] = {"median": float(np.median(ratios)), "min": min(ratios), "max": max(ratios)}
+        n_layer, n_head, d_model = SIZES[size]
+        config = models["fp32"].config
+        sizes.append({"size": size, "n_layer": n_layer, "n_head": n_head, "d_model": d_model,
+                      "non_embedding_parameters": models["fp32"].num_parameters(embeddings=False),
+                      "kv_cache_bytes_fp32": KVCache(config, 1, dtype=torch.float32, device="meta").nbytes,
+                      "rows": rows})  # fmt: skip
+        if not quiet:
+            tg = ", ".join(f"{r} {v['tg_tokens_per_s']:.1f}" for r, v in rows.items())
+            print(f"[decode] {size}: tg tokens/s {tg}", flush=True)
+        del models
+    result = {"threads": preset.threads, "prompt": preset.decode_prompt, "new_tokens": preset.decode_tokens,
+              "repeat": preset.decode_repeat, "kernel_path": active_path(), "sizes": sizes,
+              "provenance": _provenance(torch.device("cpu"))}  # fmt: skip
+    _write_json(out / "decode_cpu.json", result)
+    return result
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -546,6 +640,8 @@ def run(preset: LMPreset, out: Path, *, stages: Sequence[str], rows: Sequence[st
         done["lora"] = run_lora(preset, out, tokenizer, reviews, dev, classifier, model_path, quiet)
     if "attention" in stages:
         done["attention"] = run_attention(preset, out, vocab, dev, quiet)
+    if "decode" in stages:
+        done["decode"] = run_decode(preset, out, vocab, quiet)
     return done
 
 

@@ -815,6 +815,7 @@ ONNX_ROWS = ("onnx-fp32", "onnx-int8")
 """Extra CPU-stage rows (latency, memory, weights only): the FP32 teacher exported to ONNX and
 its dynamic INT8 quantization (``onnxruntime.quantization.quantize_dynamic``), run by ONNX
 Runtime on the same threads: what a CPU user would deploy without retraining."""
+ONNX_LABELS = {"onnx-fp32": "FP32 (ONNX Runtime)", "onnx-int8": "INT8 dynamic (ONNX Runtime)"}
 
 
 class OnnxModel(nn.Module):
@@ -826,6 +827,9 @@ class OnnxModel(nn.Module):
         super().__init__()
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        # no spin-waiting after a call: with rows interleaved, ONNX Runtime's spinning threads would
+        # take the cores from the next row (they made FP32 at batch 1 2.5x slower)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.weights_nbytes = _onnx_initializer_bytes(path)
 
@@ -1072,6 +1076,16 @@ def _rows_of(out: Path, cpu: Mapping[str, Any]) -> dict[str, dict]:
             if name in cpu.get(key, {}):
                 entry[key] = cpu[key][name]
         rows[name] = entry
+    # The ONNX Runtime rows compute what fp32 computes: latency and weights only. Their peak memory
+    # stays in cpu.json but not in the report: ONNX Runtime's arena keeps what an earlier call
+    # allocated, so the extra RSS of one call (measure.peak_memory) reads near 0 and is no peak.
+    for name in ONNX_ROWS:
+        if name in cpu.get("latency", {}):
+            entry = {"label": ONNX_LABELS[name], "accuracy": None}
+            for key in ("latency", "weights_bytes", "weights_source"):
+                if name in cpu.get(key, {}):
+                    entry[key] = cpu[key][name]
+            rows[name] = entry
     return rows
 
 
@@ -1162,7 +1176,7 @@ RESULTS_SCHEMA: dict[str, Any] = {
         },
         "rows": {
             "type": "object",
-            "propertyNames": {"enum": list(ROWS)},
+            "propertyNames": {"enum": [*ROWS, *ONNX_ROWS]},
             "additionalProperties": {
                 "type": "object",
                 "required": ["label", "accuracy"],
@@ -1336,6 +1350,37 @@ def charts(results: Mapping[str, Any]) -> dict[str, Any]:
                       template="plotly_white")
     figs["memory_vs_length"] = mem
     return figs
+
+
+def profile_chart(profiles: Mapping[str, Mapping[str, Any]], rows: Sequence[str] = ("w1.58a8", "w1a1"),
+                  points: Sequence[str] = ("b1_L128", "b32_L256"), share: bool = True) -> Any:
+    """Where the time of a forward pass goes, before and after: one panel per (batch, length) of
+    ``points``, one stacked bar per (row, profile) with the categories of
+    ``kernels.profile.CATEGORIES``. ``profiles`` maps a label ("before", "after") to the JSON
+    ``python -m labutils.kernels.profile`` writes; ``share`` stacks percentages of each pass (the
+    hooked total in ms above each bar), else milliseconds."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from labutils.kernels.profile import CATEGORIES
+
+    fig = make_subplots(rows=1, cols=len(points), subplot_titles=[p.replace("_", " ").replace("b", "batch ", 1).replace(" L", ", length ") for p in points])
+    palette = ["#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880", "#ff97ff", "#fecb52"]
+    for col, point in enumerate(points, start=1):
+        bars = [(f"{ROWS[row].label.split(' (')[0]}<br>{when}", data["profiles"][row][point])
+                for row in rows for when, data in profiles.items() if point in data["profiles"].get(row, {})]
+        for i, category in enumerate(CATEGORIES):
+            ys = [1e3 * p[category] * (100 / (1e3 * p["total"]) if share else 1) for _, p in bars]
+            fig.add_trace(go.Bar(x=[b for b, _ in bars], y=ys, name=category.replace("_", " "), legendgroup=category,
+                                 marker_color=palette[i % len(palette)], showlegend=col == 1,
+                                 customdata=[1e3 * p[category] for _, p in bars],
+                                 hovertemplate="%{x}: %{customdata:.1f} ms<extra>" + category + "</extra>"), row=1, col=col)
+        fig.add_trace(go.Scatter(x=[b for b, _ in bars], y=[100 if share else 1e3 * p["total"] for _, p in bars],
+                                 text=[f"{1e3 * p['total']:,.0f} ms" for _, p in bars], mode="text", textposition="top center",
+                                 showlegend=False, hoverinfo="skip"), row=1, col=col)
+    fig.update_yaxes(title_text="share of the forward pass (%)" if share else "ms per forward pass", range=[0, 112] if share else None)
+    fig.update_layout(barmode="stack", template="plotly_white", title="Where the time of a packed forward pass goes (2 threads)")
+    return fig
 
 
 # --------------------------------------------------------------------------- the command

@@ -330,3 +330,25 @@ def test_cpu_stage_remeasures_some_columns_and_keeps_the_others(tiny_run, tmp_pa
     assert after["column_provenance"]["compute"]["date"] == after["provenance"]["date"]
     with pytest.raises(ValueError, match="cpu columns"):
         B.run("ci", again, stages=("cpu",), cpu_columns=("latency", "speed"), **TINY)
+
+
+def test_report_rows_include_onnx_runtime_rows(tmp_path):
+    timing = {"b1": {"L128": {"median_ms": 30.0, "best_ms": 29.0}}}
+    cpu = {"latency": {"fp32": timing, "onnx-int8": timing}, "weights_bytes": {"fp32": 90, "onnx-int8": 25}}
+    rows = B._rows_of(tmp_path, cpu)
+    assert set(rows) == {"fp32", "onnx-int8"}
+    assert rows["onnx-int8"]["label"] == B.ONNX_LABELS["onnx-int8"] and rows["onnx-int8"]["accuracy"] is None
+    results = {**_fake_results(), "rows": {**_fake_results()["rows"], "onnx-int8": rows["onnx-int8"]}}
+    results["targets"] = B.check_targets(results)
+    B.validate_results(results)
+
+
+def test_profile_chart_stacks_every_category():
+    from labutils.kernels.profile import CATEGORIES
+
+    one = {**dict.fromkeys(CATEGORIES, 0.001), "total": 0.01, "total_unhooked": 0.01, "repeat": 1}
+    profile = {"profiles": {"w1.58a8": {"b1_L128": one, "b32_L256": one}}}
+    fig = B.profile_chart({"before": profile, "after": profile}, rows=("w1.58a8",))
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert len(bars) == 2 * len(CATEGORIES) and all(len(t.x) == 2 for t in bars)
+    assert sum(t.y[0] for t in bars[: len(CATEGORIES)]) == pytest.approx(100)

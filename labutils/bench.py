@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["COMMANDS", "Command", "UsageError", "main", "positive_int", "run_packing", "single_thread"]
+__all__ = ["COMMANDS", "Command", "UsageError", "main", "parse_set_options", "positive_int", "run_packing", "single_thread"]
 
 
 class UsageError(ValueError):
@@ -57,6 +57,31 @@ class Command:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], dict[str, Any]]
     out_is_dir: bool = False  # --out names a folder the command fills itself (imdb)
+
+
+def parse_set_options(items: list[str] | tuple[str, ...], preset_type: type) -> dict[str, Any]:
+    """``--set FIELD=VALUE`` options -> ``{field: value}`` for the dataclass ``preset_type``.
+
+    ``["steps=8", "lengths=[64,128]"]`` -> ``{"steps": 8, "lengths": (64, 128)}``: values are read
+    as JSON where they parse (numbers, null, true, lists; lists become tuples), else as strings.
+    Unknown fields and the preset's name are rejected (UsageError) before any work starts."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(preset_type)} - {"name"}
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--set takes FIELD=VALUE, got {item!r}")
+        if key not in fields:
+            raise UsageError(f"--set {key}: not a preset field; fields are {sorted(fields)}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        overrides[key] = tuple(value) if isinstance(value, list) else value
+    return overrides
 
 
 def single_thread() -> None:

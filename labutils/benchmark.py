@@ -1509,27 +1509,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["student_epochs=8", "latency_lengths=[64,128]"]`` -> ``{"student_epochs": 8, ...}``.
+    """``["student_epochs=8", "latency_lengths=[64,128]"]`` -> ``{"student_epochs": 8, ...}``
+    (``labutils.bench.parse_set_options`` on this module's ``Preset``)."""
+    from labutils.bench import parse_set_options
 
-    Values are read as JSON where they parse (numbers, null, true, lists; lists become tuples),
-    else as strings. Unknown fields and the preset's name are rejected before any work starts."""
-    from labutils.bench import UsageError
-
-    fields = {f.name for f in dataclasses.fields(Preset)} - {"name"}
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UsageError(f"--set takes FIELD=VALUE, got {item!r}")
-        if key not in fields:
-            raise UsageError(f"--set {key}: not a preset field; fields are {sorted(fields)}")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        overrides[key] = tuple(value) if isinstance(value, list) else value
-    return overrides
+    return parse_set_options(items, Preset)
 
 
 def run_command(args: argparse.Namespace) -> dict[str, Any]:

@@ -116,9 +116,6 @@ class PackedBitLinear(nn.Module):
         self.register_buffer("weight_scale", scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1))
         self.register_buffer("bias", bias)
         self.fused = True  # False: the unfused steps (torch quantization, kernel, torch rescale)
-        # zero-copy numpy views for the fused kernels (scales: 1 or out_features; bias: 0 or out)
-        self._ws = self.weight_scale.reshape(-1).expand(self.out_features).contiguous().numpy()
-        self._bias = (self.bias if self.bias is not None else torch.zeros(self.out_features)).numpy()
         self._qp, self._eps = np.float32(2 ** (self.act_bits - 1) - 1), np.float32(self.eps)
         if (act_shift is None) != (act_scale is None):
             raise ValueError("act_shift (β) and act_scale (α) of elastic activations go together: give both or neither")
@@ -233,8 +230,12 @@ class PackedBitLinear(nn.Module):
         xf = h.contiguous().numpy()
         y = torch.empty(h.shape[0], self.out_features)
         w = self.weights
-        args = ((xf, w.data, w.k, self._ws, self._bias, y.numpy()) if w.scheme == "w1a1"
-                else (xf, w.data, self._ws, self._bias, y.numpy(), self._qp, self._eps))  # fmt: skip
+        # Read from the buffers at each call (a load_state_dict may have replaced them): the fused
+        # kernels take one scale per output and a bias, zeros where the layer has none.
+        ws = self.weight_scale.reshape(-1).expand(self.out_features).contiguous().numpy()
+        bias = (self.bias if self.bias is not None else torch.zeros(self.out_features)).numpy()
+        args = ((xf, w.data, w.k, ws, bias, y.numpy()) if w.scheme == "w1a1"
+                else (xf, w.data, ws, bias, y.numpy(), self._qp, self._eps))  # fmt: skip
         mark and mark("conversions")
         if self.threads is None or self.threads == numba.get_num_threads():
             x_scale = kernel(*args)

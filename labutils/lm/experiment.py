@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -657,32 +656,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true")
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["steps=100", "sizes=[\\"s\\"]"]`` -> ``{"steps": 100, "sizes": ("s",)}`` (JSON values, else strings)."""
-    from labutils.bench import UsageError
-
-    fields = {f.name for f in dataclasses.fields(LMPreset)} - {"name"}
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or key.strip() not in fields:
-            raise UsageError(f"--set takes FIELD=VALUE with FIELD among {sorted(fields)}, got {item!r}")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        overrides[key.strip()] = tuple(value) if isinstance(value, list) else value
-    return overrides
-
-
 def run_command(args: argparse.Namespace) -> dict[str, Any]:
-    from labutils.bench import UsageError
+    from labutils.bench import UsageError, parse_set_options
 
     stages = tuple(s.strip() for s in args.stage.split(","))
     if any(s not in STAGES for s in stages):
         raise UsageError(f"--stage must be among {STAGES}, got {args.stage!r}")
     try:
-        preset = dataclasses.replace(PRESETS[args.preset], **parse_overrides(args.overrides))
+        preset = dataclasses.replace(PRESETS[args.preset], **parse_set_options(args.overrides, LMPreset))
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
     rows = tuple(r.strip() for r in args.rows.split(",")) if args.rows else None

@@ -417,7 +417,6 @@ def _sentiment_scores(model, tokenizer, judge: SentimentJudge, preset: LMPreset)
 
 def run_lora(preset: LMPreset, out: Path, tokenizer, reviews: Reviews, device: torch.device, classifier: str, model_path: str | None, quiet: bool) -> dict:
     """LoRA adapters on the frozen ternary model; the classifier grades base vs LoRA generations."""
-    from labutils.benchmark import _save_safetensors
     from labutils.bitlinear import add_lora_
 
     row = f"w1.58a8-{preset.lora_size}"
@@ -450,7 +449,7 @@ def run_lora(preset: LMPreset, out: Path, tokenizer, reviews: Reviews, device: t
     lora_scores, lora_samples = _sentiment_scores(model, tokenizer, judge, preset)
     unchanged = all(torch.equal(codes, m.quantized_weight()[0]) for m, codes in frozen)
     adapters = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    _save_safetensors(_AdapterHolder(adapters), out / "lora_adapters.safetensors")
+    _save_tensors(adapters, out / "lora_adapters.safetensors")
     result = {
         "row": row, "preset": asdict(preset), "wrapped_layers": wrapped,
         "trainable_parameters": sum(p.numel() for p in params), "history": history, "train_seconds": seconds,
@@ -461,15 +460,13 @@ def run_lora(preset: LMPreset, out: Path, tokenizer, reviews: Reviews, device: t
     return result
 
 
-class _AdapterHolder(torch.nn.Module):
-    """A module whose state dict is exactly the given tensors (names with '.' kept as keys)."""
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write named tensors as one safetensors file (float32, CPU), atomically."""
+    from safetensors.torch import save
 
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self._tensors = tensors
+    from labutils.packfile import sorted_metadata, write_atomic
 
-    def state_dict(self, *args, **kwargs):  # noqa: D102 - the adapters, by their model names
-        return {k: v.float().cpu().contiguous() for k, v in self._tensors.items()}
+    write_atomic(path, sorted_metadata(save({k: v.float().cpu().contiguous() for k, v in tensors.items()})))
 
 
 def _bitlinears(model: torch.nn.Module):

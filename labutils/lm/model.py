@@ -293,6 +293,7 @@ def generate(
 
     temperature 0 is greedy; otherwise sampling from the top_k most likely tokens, seeded.
     Returns [B, T0 + n] int64; rows that emit ``stop_token`` keep emitting it (padding).
+    Leaves the model in eval mode (a training loop that samples must call ``train()`` again).
     """
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be [batch, time >= 1], got {tuple(prompt.shape)}")

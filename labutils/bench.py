@@ -544,7 +544,8 @@ def run_kernels(args: argparse.Namespace) -> dict[str, Any]:
     LLaMA-7B layers at batch 1 (GEMV); ``--quick``: one of each. Timed: the matmul alone
     (activations already quantized or packed for the integer kernels and onnxruntime, floats
     for torch, whose int8 Linear quantizes its input itself). The unsuffixed kernel names are
-    the first path run (the default: this CPU's best); ``name@path`` are the others.
+    the first path run (the default: the active path, ``LABBOOK_KERNEL_PATH`` or this CPU's best);
+    ``name@path`` are the others.
     """
     import numba
     import torch
@@ -554,8 +555,9 @@ def run_kernels(args: argparse.Namespace) -> dict[str, Any]:
 
     if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
         raise SystemExit(f"--threads must be in [1, {numba.config.NUMBA_NUM_THREADS}], got {args.threads}")
+    # The active path (LABBOOK_KERNEL_PATH, else this CPU's best) first: it names the unsuffixed rows.
     available = kernels.available_paths()
-    args.path = list(dict.fromkeys(args.path or available))
+    args.path = list(dict.fromkeys(args.path or [kernels.active_path(), *available]))
     for path in args.path:
         try:
             kernels.dispatch.check_path(path)

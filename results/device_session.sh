@@ -39,6 +39,7 @@ case ${1:?start|poll|collect} in
 start)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   setsid nohup bash results/imdb-full/gpu_sweep.sh run "$work/sweep" >"$work/sweep.log" 2>&1 </dev/null &
+  # ROWS / LR_CHECKS pass through (a session that only adds the rows an earlier one lacked).
   SKIP_ATTENTION=1 setsid nohup bash results/lm/gpu_train.sh "$work/lm" "$work/sweep/teacher/teacher/model.safetensors" >"$work/lm.log" 2>&1 </dev/null &
   sleep 5; echo started
   ;;

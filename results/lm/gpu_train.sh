@@ -5,6 +5,10 @@
 # attention-vs-length measurement (skipped with SKIP_ATTENTION=1).
 #
 #   bash results/lm/gpu_train.sh OUT CLASSIFIER
+#   ROWS="w1.58a8-s w1.58a8-m w1.58a8-l" LR_CHECKS="w1.58a8-m:lr_bitnet:1.5e-3" bash results/lm/gpu_train.sh OUT CLASSIFIER
+#
+# ROWS and LR_CHECKS (row:field:value, space separated) default to every row and every check;
+# setting them trains only some (a later session adding the rows an earlier one did not finish).
 #
 # OUT: the output folder (train_<row>.json, <row>.packed / .safetensors, lora.json, attention_cuda.json,
 #      lr/<name>/train_<row>.json). CLASSIFIER: a trained IMDb classifier's model.safetensors (the
@@ -20,13 +24,13 @@ lm=(python -m labutils.bench lm --preset full --tokenizer "$here/tokenizer.json"
 mkdir -p "$out/lr"
 
 pids=()
-for row in fp-s w1.58a8-s fp-m w1.58a8-m fp-l w1.58a8-l; do
+for row in ${ROWS:-fp-s w1.58a8-s fp-m w1.58a8-m fp-l w1.58a8-l}; do
   "${lm[@]}" --stage train --rows "$row" --out "$out" >"$out/$row.log" 2>&1 &
   pids+=($!)
 done
 # Is each variant at a fair learning rate? The same size m at half and double its preset rate.
-for spec in "fp-m lr_fp 5e-4" "fp-m lr_fp 2e-3" "w1.58a8-m lr_bitnet 1.5e-3" "w1.58a8-m lr_bitnet 6e-3"; do
-  read -r row field value <<<"$spec"
+for spec in ${LR_CHECKS-fp-m:lr_fp:5e-4 fp-m:lr_fp:2e-3 w1.58a8-m:lr_bitnet:1.5e-3 w1.58a8-m:lr_bitnet:6e-3}; do
+  IFS=: read -r row field value <<<"$spec"
   "${lm[@]}" --stage train --rows "$row" --set "$field=$value" --out "$out/lr/$row-$value" >"$out/lr/$row-$value.log" 2>&1 &
   pids+=($!)
 done

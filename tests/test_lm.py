@@ -265,6 +265,17 @@ def test_ci_preset_end_to_end(tmp_path, monkeypatch):
         assert math.isfinite(result["test_ppl"]) and result["test_ppl"] < 400 * 2
         assert result["provenance"]["commit"] is None or len(result["provenance"]["commit"]) == 40
     assert "test_ppl_packed" in json.loads((tmp_path / "train_w1.58a8-xs.json").read_text())
+    # The curve is on disk while training (a killed run keeps it) and matches the final one.
+    for row in ("fp-xs", "w1.58a8-xs"):
+        progress = json.loads((tmp_path / f"progress_{row}.json").read_text())
+        assert progress["history"] == json.loads((tmp_path / f"train_{row}.json").read_text())["history"]
+    # The eval stage re-reads the weights files: the same perplexities as training measured.
+    assert main(["lm", "--preset", "ci", "--stage", "eval", *args[5:]]) == 0
+    for row, key in (("fp-xs", "test_ppl"), ("w1.58a8-xs", "test_ppl_packed")):
+        evaluated = json.loads((tmp_path / f"eval_{row}.json").read_text())
+        trained = json.loads((tmp_path / f"train_{row}.json").read_text())
+        assert evaluated["test_ppl"] == pytest.approx(trained[key], rel=1e-5)
+        assert evaluated["holdout_ppl"] == pytest.approx(trained["holdout_ppl"], rel=1e-3)
     attention = json.loads((tmp_path / "attention_cpu.json").read_text())
     assert {r["attention"] for r in attention["rows"]} == {"eager", "sdpa"}
     # Resumable: a second run finds every file and trains nothing.

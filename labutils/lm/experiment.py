@@ -13,6 +13,9 @@ so a killed run resumes where it stopped):
 - ``train``: one decoder per row ("fp-s", "w1.58a8-m", ...) -> ``train_<row>.json`` (loss curve,
   holdout and test perplexity) and the weights (``<row>.packed`` for ternary rows, written with
   :func:`labutils.packfile.save_packed`; ``<row>.safetensors`` for full precision).
+  While it trains, ``progress_<row>.json`` holds the curve so far.
+- ``eval``: holdout and test perplexity of each row's weights file already in ``--out`` ->
+  ``eval_<row>.json`` (weights whose training run was cut short after saving them).
 - ``lora``: LoRA on the frozen ternary model of ``lora_size`` -> ``lora.json`` (share of generated
   reviews the classifier reads as the requested sentiment, base vs LoRA; samples) and
   ``lora_adapters.safetensors``. Needs ``--classifier`` (a trained IMDb classifier's
@@ -32,6 +35,7 @@ stays honest.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import time
@@ -61,7 +65,7 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "350m": (24, 16, 1024),
     "700m": (24, 24, 1536),
 }
-STAGES = ("tokenizer", "train", "lora", "attention", "decode")
+STAGES = ("tokenizer", "train", "eval", "lora", "attention", "decode")
 DECODE_ROWS = ("fp32", "int8", "w1.58a8")
 
 
@@ -298,16 +302,20 @@ def train_row(row: str, preset: LMPreset, out: Path, tokenizer, reviews: Reviews
             hold_ppl = perplexity(model, holdout, preset.seq_len, preset.eval_tokens)
             history.append({"step": step + 1, "tokens": (step + 1) * preset.batch_size * preset.seq_len,
                             "train_loss": train_loss, "holdout_ppl": hold_ppl})  # fmt: skip
+            # The curve so far, on disk: a run killed later (a lent GPU taken back) keeps it.
+            _write_json(out / f"progress_{row}.json", {"row": row, "lr": peak, "history": history})
             if not quiet:
                 print(f"[{row}] step {step + 1}: train loss {train_loss:.3f}, holdout ppl {hold_ppl:.2f}", flush=True)
     seconds = time.perf_counter() - start
+    # On the training device, before saving: 2026-12-01's BitNet rows at sizes m and l spent their
+    # last GPU minutes evaluating this on the host CPU, after a save had moved the model there.
+    test_ppl = perplexity(model, test, preset.seq_len, preset.eval_tokens)
     weights = _save_row(model, out, row)
     result = {
         "row": row, "config": config.to_dict(), "preset": asdict(preset), "lr": peak,
         "parameters": model.num_parameters(), "non_embedding_parameters": model.num_parameters(embeddings=False),
         "train_tokens_available": int(train.numel()), "tokens_seen": preset.steps * preset.batch_size * preset.seq_len,
-        "history": history, "holdout_ppl": history[-1]["holdout_ppl"],
-        "test_ppl": perplexity(model, test, preset.seq_len, preset.eval_tokens),
+        "history": history, "holdout_ppl": history[-1]["holdout_ppl"], "test_ppl": test_ppl,
         "train_seconds": seconds, "weights_file": weights.name, "weights_bytes": weights.stat().st_size,
         "provenance": _provenance(device),
     }  # fmt: skip
@@ -319,11 +327,30 @@ def train_row(row: str, preset: LMPreset, out: Path, tokenizer, reviews: Reviews
     return result
 
 
+def evaluate_row(row: str, preset: LMPreset, out: Path, tokenizer, reviews: Reviews, device: torch.device) -> dict:
+    """Holdout and test perplexity of a trained row's weights file in ``out`` -> ``eval_<row>.json``.
+
+    For weights whose training run stopped before it wrote ``train_<row>.json`` (its curve, if
+    any, is in ``progress_<row>.json``), and to re-check a committed file on another machine."""
+    model = load_row(out, row, preset, tokenizer.get_vocab_size()).to(device)
+    holdout, test = token_stream(tokenizer, reviews.holdout), token_stream(tokenizer, reviews.test)
+    weights = out / (f"{row}.safetensors" if model.config.quant == "fp" else f"{row}.packed")
+    result = {
+        "row": row, "weights_file": weights.name, "weights_bytes": weights.stat().st_size,
+        "holdout_ppl": perplexity(model, holdout, preset.seq_len, preset.eval_tokens),
+        "test_ppl": perplexity(model, test, preset.seq_len, preset.eval_tokens),
+        "parameters": model.num_parameters(), "non_embedding_parameters": model.num_parameters(embeddings=False),
+        "provenance": _provenance(device),
+    }  # fmt: skip
+    _write_json(out / f"eval_{row}.json", result)
+    return result
+
+
 def _save_row(model: Decoder, out: Path, row: str) -> Path:
     from labutils.benchmark import _save_safetensors
     from labutils.packfile import save_packed
 
-    model = model.float().cpu().eval()
+    model = copy.deepcopy(model).float().cpu().eval()  # a copy: the caller's model stays where it is
     if model.config.quant == "fp":
         path = out / f"{row}.safetensors"
         _save_safetensors(model, path)
@@ -621,7 +648,7 @@ def run(preset: LMPreset, out: Path, *, stages: Sequence[str], rows: Sequence[st
         reviews = load_reviews(preset)
         train_tokenizer(reviews.train, preset.vocab_size).save(str(tok_file))
         done["tokenizer"] = str(tok_file)
-    tokenizer = load_tokenizer(tok_file) if {"train", "lora"} & set(stages) or tok_file.is_file() else None
+    tokenizer = load_tokenizer(tok_file) if {"train", "eval", "lora"} & set(stages) or tok_file.is_file() else None
     vocab = tokenizer.get_vocab_size() if tokenizer else preset.vocab_size
     if "train" in stages:
         for row in rows or rows_of(preset):
@@ -629,6 +656,12 @@ def run(preset: LMPreset, out: Path, *, stages: Sequence[str], rows: Sequence[st
                 continue
             reviews = reviews or load_reviews(preset)
             done[row] = train_row(row, preset, out, tokenizer, reviews, dev, quiet)
+    if "eval" in stages:
+        for row in rows or rows_of(preset):
+            if (out / f"eval_{row}.json").is_file():
+                continue
+            reviews = reviews or load_reviews(preset)
+            done[f"eval_{row}"] = evaluate_row(row, preset, out, tokenizer, reviews, dev)
     if "lora" in stages and not (out / "lora.json").is_file():
         if classifier is None:
             raise ValueError("the lora stage needs --classifier (a trained IMDb classifier's model.safetensors)")

@@ -8,6 +8,8 @@ Subcommands:
 
 - ``imdb``: the IMDb benchmark (``labutils.benchmark``): ``--preset {ci,full} --out DIR``.
 - ``lm``: chapter 8's language models (``labutils.lm.experiment``): ``--preset {ci,full} --stage ... --out DIR``.
+- ``peers``: the book's packed CPU path next to llama.cpp on the same GGUF-exported models
+  (``labutils.peers``; needs ``labutils[peers]``): ``--preset {ci,full} --out DIR``.
 - ``packing``: pack / unpack throughput of ``labutils.packing`` (millions of weights per second,
   best of ``--repeat``, one thread) against the targets: 200 M/s for 1-bit and 2-bit, 50 M/s
   for base 3.
@@ -620,7 +622,19 @@ COMMANDS: dict[str, Command] = {
         lambda args: _lm().run_command(args),
         out_is_dir=True,
     ),
+    "peers": Command(
+        "the book's packed W1.58A8 path next to llama.cpp (GGUF TQ2_0/TQ1_0/Q8_0/F16; labutils.peers)",
+        lambda parser: _peers().add_arguments(parser),
+        lambda args: _peers().run_command(args),
+        out_is_dir=True,
+    ),
 }
+
+
+def _peers():
+    from labutils import peers  # needs llama-cpp-python to run (pip install 'labutils[peers]')
+
+    return peers
 
 
 def _lm():

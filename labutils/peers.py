@@ -72,6 +72,7 @@ __all__ = [
     "PeersPreset",
     "PRESETS",
     "TARGET_RATIO",
+    "AGREEMENT_TOLERANCE",
     "PUBLISHED",
     "require_llama_cpp",
     "fold_norms_like_llama",
@@ -91,6 +92,10 @@ __all__ = [
 ]
 
 TARGET_RATIO = 0.8  # issue 15: packed W1.58A8 generation tokens/s >= 0.8x llama.cpp TQ2_0
+# The stated agreement: llama.cpp's logits within this share of the book's largest |logit| at
+# every position (the trained decoder, with its approximate norm fold, measured 0.07 on Zen 3),
+# and the greedy arg-max the same wherever the book's top two logits are further apart than that.
+AGREEMENT_TOLERANCE = 0.1
 BOOK_ROWS = ("torch fp32", "book w1.58a8")
 TERNARY_GGUF = ("TQ2_0", "TQ1_0")
 FLOAT_GGUF = ("Q8_0", "F16")
@@ -170,7 +175,7 @@ PRESETS: dict[str, PeersPreset] = {
     # dummy agreement model; what CI-like runs and the tests exercise.
     "ci": PeersPreset(name="ci", sizes=("s",), trained_dir=None, prompt=32, new_tokens=8, repeat=2, agreement_tokens=8),
     # About 10 minutes on 2 Zen 3 cores (results/peers-zen3/README.md).
-    "full": PeersPreset(name="full"),
+    "full": PeersPreset(name="full", repeat=5),
 }
 
 
@@ -589,7 +594,7 @@ def run_peers(preset: PeersPreset, out: Path, work: Path | None = None, quiet: b
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(_resolve(preset.tokenizer))
     vocab = tokenizer.get_vocab_size()
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), list(os.getloadavg())
     models = []
     with threads(preset.threads):
         model, described = _agreement_model(preset, vocab)
@@ -609,7 +614,8 @@ def run_peers(preset: PeersPreset, out: Path, work: Path | None = None, quiet: b
         "benchmark": "the book's packed W1.58A8 CPU path next to llama.cpp (issue 15)",
         "preset": asdict(preset), "threads": preset.threads, "prompt": preset.prompt, "new_tokens": preset.new_tokens,
         "repeat": preset.repeat, "models": models, "agreement": agree, "target": target_check(models),
-        "published": PUBLISHED, "seconds": time.perf_counter() - started, "provenance": _provenance(llama_cpp),
+        "published": PUBLISHED, "seconds": time.perf_counter() - started, "load_average_before": load_before,
+        "provenance": _provenance(llama_cpp),  # its load_average: at the end
     }  # fmt: skip
     _write_json(out / "peers.json", result)
     chart(result).write_html(out / "peers.html", include_plotlyjs="cdn", full_html=True)

@@ -178,11 +178,6 @@ def test_published_figures_are_cited():
 
 # --------------------------------------------------------------------------- with llama.cpp
 
-# The agreement tolerance stated in the chapter: llama.cpp's logits within 5 % of the largest
-# |logit| of the book's packed path (Q8_K activations, fp16 head and KV cache; see labutils.peers).
-TOLERANCE = 0.05
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     from labutils.lm.tokenizer import train_tokenizer
@@ -197,15 +192,13 @@ def test_llama_cpp_generates_and_agrees_with_the_packed_path(tmp_path, tokenizer
     pytest.importorskip("llama_cpp", reason=LLAMA_SKIP)
     model = ternary(d_model=512, vocab=tokenizer.get_vocab_size())  # rows of 512 and 1408: TQ2_0 and an F16 fallback
     with torch.no_grad():
-        model.embed.weight.mul_(50)  # a residual stream of rms ~1, as in a trained model: logits of a few units
+        model.embed.weight.mul_(50)  # a residual stream of rms ~1: the RMSNorm eps cannot tell the norms apart
     result = peers.agreement(model, tokenizer, "the movie was", 12, tmp_path, threads=2, approximate_norms=False)
     assert result["llama_tokenizer_agrees"], (result["llama_prompt_ids"], result["prompt_ids"])
     assert len(result["llama_tokens"]) == 12 and result["files"]["TQ2_0"]["projection_types"]["TQ2_0"] > 0
     tf = result["teacher_forced"]
-    assert tf["max_abs_diff"] <= TOLERANCE * tf["max_abs_logit"], result["parts"]
-    assert result["parts"]["fold"] <= 1e-3 * tf["max_abs_logit"]  # uniform gains, large inputs: the fold is exact
-    # Where the arg-max differs, the book's top two were closer than the logit difference allows.
-    assert all(m <= 2 * tf["max_abs_diff"] for m in tf["book_top1_margin_where_disagreeing"])
+    assert tf["max_abs_diff"] <= peers.AGREEMENT_TOLERANCE * tf["max_abs_logit"], result["parts"]
+    assert result["parts"]["fold"] <= 1e-3 * tf["max_abs_logit"]  # uniform gains: the fold is exact, all is rounding
     if tf["argmax_agreement"] == 1.0:
         assert result["common_prefix"] == 12
 

@@ -505,48 +505,78 @@ def _bitlinears(model: torch.nn.Module):
 # --------------------------------------------------------------------------- attention and length
 
 
-def _peak_bytes(device: torch.device, fn) -> tuple[float, int]:
-    """Seconds and peak extra bytes of one call of fn (CUDA: max_memory_allocated; CPU: RSS)."""
+def _seconds(device: torch.device, fn) -> float:
+    """Wall seconds of one call of fn (CUDA: synchronized before and after)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _peak_bytes(device: torch.device, fn) -> int:
+    """Peak extra bytes of one call of fn (CUDA: max_memory_allocated; CPU: resident memory)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        start = time.perf_counter()
         fn()
         torch.cuda.synchronize()
-        return time.perf_counter() - start, torch.cuda.max_memory_allocated() - before
+        return torch.cuda.max_memory_allocated() - before
     from labutils.measure import peak_memory
 
-    start = time.perf_counter()
-    peak = peak_memory(fn)
-    return time.perf_counter() - start, peak.peak_bytes
+    return peak_memory(fn).peak_bytes
 
 
-def run_attention(preset: LMPreset, out: Path, vocab_size: int, device: torch.device, quiet: bool) -> dict:
-    """Forward time (median of 5) and peak memory of the largest size, eager vs SDPA, at each
-    length in ``attention_lengths`` (batch ``attention_batch``), plus the KV cache's bytes."""
+def _attention_forward(preset: LMPreset, size: str, vocab_size: int, length: int, how: str, device: torch.device):
+    """A no-grad forward pass of a random fp decoder of ``size`` over [attention_batch, length] tokens."""
+    config = row_config(f"fp-{size}", preset, vocab_size, attention=how, max_seq_len=length)
+    model = Decoder(config, seed=preset.seed).to(device).eval()
+    tokens = torch.randint(0, vocab_size, (preset.attention_batch, length), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def forward():
+        with torch.no_grad(), _autocast(device):
+            model(tokens)
+
+    return config, forward
+
+
+def run_attention(preset: LMPreset, out: Path, vocab_size: int, device: torch.device, quiet: bool, repeats: int = 5) -> dict:
+    """Forward time (median of ``repeats``, eager and SDPA interleaved) and peak memory of the
+    largest size, eager vs SDPA, at each length in ``attention_lengths`` (batch
+    ``attention_batch``), plus the KV cache's bytes.
+
+    All timing comes first: on Linux the CPU memory measurement pins glibc's mmap threshold for
+    the rest of the process (see ``labutils.measure.peak_memory``), after which every large
+    buffer is a fresh mapping that page-faults, and forward passes timed after it run slower."""
     size = preset.sizes[-1]
     rows = []
-    for length in _progress(preset.attention_lengths, quiet, desc="attention"):
-        for how in ("eager", "sdpa"):
-            config = row_config(f"fp-{size}", preset, vocab_size, attention=how, max_seq_len=length)
-            model = Decoder(config, seed=preset.seed).to(device).eval()
-            tokens = torch.randint(0, vocab_size, (preset.attention_batch, length), generator=torch.Generator().manual_seed(0)).to(device)
-
-            def forward():
-                with torch.no_grad(), _autocast(device):
-                    model(tokens)
-
+    for length in _progress(preset.attention_lengths, quiet, desc="attention (time)"):
+        forwards = {how: _attention_forward(preset, size, vocab_size, length, how, device) for how in ("eager", "sdpa")}
+        for _, forward in forwards.values():
             forward()  # warm-up (kernel selection, allocator)
-            times = [_peak_bytes(device, forward) for _ in range(5)]
+        times: dict[str, list[float]] = {how: [] for how in forwards}
+        for _ in range(repeats):  # interleaved, so a change of load hits both alike
+            for how, (_, forward) in forwards.items():
+                times[how].append(_seconds(device, forward))
+        for how, (config, _) in forwards.items():
             kv = 2 * config.n_layer * preset.attention_batch * length * config.d_model * (2 if device.type == "cuda" else 4)
-            rows.append({"length": length, "attention": how, "seconds": float(np.median([t for t, _ in times])),
-                         "peak_bytes": int(max(b for _, b in times)), "kv_cache_bytes": kv,
-                         "kv_cache_bytes_int8": kv // (2 if device.type == "cuda" else 4)})  # fmt: skip
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    result = {"size": size, "batch": preset.attention_batch, "rows": rows, "provenance": _provenance(device)}
+            rows.append({"length": length, "attention": how, "seconds": float(np.median(times[how])),
+                         "seconds_spread": [float(min(times[how])), float(max(times[how]))],
+                         "kv_cache_bytes": kv, "kv_cache_bytes_int8": kv // (2 if device.type == "cuda" else 4)})  # fmt: skip
+        del forwards
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for row in _progress(rows, quiet, desc="attention (memory)"):
+        _, forward = _attention_forward(preset, size, vocab_size, row["length"], row["attention"], device)
+        forward()
+        row["peak_bytes"] = int(max(_peak_bytes(device, forward) for _ in range(2)))
+        del forward
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result = {"size": size, "batch": preset.attention_batch, "repeats": repeats, "rows": rows, "provenance": _provenance(device)}
     _write_json(out / f"attention_{device.type}.json", result)
     return result
 

@@ -33,6 +33,8 @@ if [ ! -f "$work/minilm/config.json" ]; then
   mkdir -p "$work/minilm" && tar xJf "$carry"/minilm_bf16.tar.xz -C "$work/minilm" --strip-components=1
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LABBOOK_IMDB_DIR=$work/imdb MODEL=$work/minilm
+# An IMDb student holds ~19.5 GB of GPU memory: 7 beside 5 language-model runs filled an H200.
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True} MAX_PARALLEL=${MAX_PARALLEL:-5}
 export LABBOOK_COMMIT=${LABBOOK_COMMIT:-$(cat "$carry"/COMMIT 2>/dev/null || echo unknown)}
 
 case ${1:?start|poll|collect} in
@@ -40,6 +42,9 @@ start)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   setsid nohup bash results/imdb-full/gpu_sweep.sh run "$work/sweep" >"$work/sweep.log" 2>&1 </dev/null &
   # ROWS / LR_CHECKS pass through (a session that only adds the rows an earlier one lacked).
+  # Unless this session retrains it, LoRA tunes the committed ternary model (results/lm/full).
+  mkdir -p "$work/lm"
+  [[ " ${ROWS-w1.58a8-l} " == *" w1.58a8-l "* ]] || cp -n results/lm/full/w1.58a8-l.packed "$work/lm/"
   SKIP_ATTENTION=1 setsid nohup bash results/lm/gpu_train.sh "$work/lm" "$work/sweep/teacher/teacher/model.safetensors" >"$work/lm.log" 2>&1 </dev/null &
   sleep 5; echo started
   ;;

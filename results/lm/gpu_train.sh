@@ -8,7 +8,8 @@
 #   ROWS="w1.58a8-s w1.58a8-m w1.58a8-l" LR_CHECKS="w1.58a8-m:lr_bitnet:1.5e-3" bash results/lm/gpu_train.sh OUT CLASSIFIER
 #
 # ROWS and LR_CHECKS (row:field:value, space separated) default to every row and every check;
-# setting them trains only some (a later session adding the rows an earlier one did not finish).
+# setting them trains only some (a later session adding the rows an earlier one did not finish);
+# ROWS="" trains none (LoRA then tunes a w1.58a8-l.packed already in OUT, e.g. the committed one).
 #
 # OUT: the output folder (train_<row>.json, <row>.packed / .safetensors, lora.json, attention_cuda.json,
 #      lr/<name>/train_<row>.json). CLASSIFIER: a trained IMDb classifier's model.safetensors (the
@@ -24,7 +25,7 @@ lm=(python -m labutils.bench lm --preset full --tokenizer "$here/tokenizer.json"
 mkdir -p "$out/lr"
 
 pids=()
-for row in ${ROWS:-fp-s w1.58a8-s fp-m w1.58a8-m fp-l w1.58a8-l}; do
+for row in ${ROWS-fp-s w1.58a8-s fp-m w1.58a8-m fp-l w1.58a8-l}; do
   "${lm[@]}" --stage train --rows "$row" --out "$out" >"$out/$row.log" 2>&1 &
   pids+=($!)
 done

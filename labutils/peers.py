@@ -20,8 +20,9 @@ threads:
   (ratio of medians, spread of the per-round ratios) against llama.cpp TQ2_0 and torch fp32;
 - **memory**: bytes of the weights each row holds (torch: its tensors; llama.cpp:
   ``llama_model_size``), the resident-set growth of loading a llama.cpp model and running it
-  once (weights read into memory, ``use_mmap=False``, plus its KV cache and compute buffers),
-  and file sizes (GGUF; the book's ``.packed`` file);
+  once (weights read into memory, ``use_mmap=False``, plus its KV cache and compute buffers;
+  measured after handing freed heap pages back to the OS, still a lower bound where the heap
+  reuses pages it keeps), and file sizes (GGUF; the book's ``.packed`` file);
 - **agreement** (:func:`agreement`): greedy generation and logits of the same prompt through
   llama.cpp (TQ2_0) and the book's packed path, with the difference split into its two causes
   (see below).
@@ -314,9 +315,19 @@ def _export(model, tokenizer, path: Path, weight_type: str, **kwargs) -> dict[st
             "seconds": time.perf_counter() - start}  # fmt: skip
 
 
-def _rss_bytes() -> int:
-    from labutils.measure import _status_kib
+def _rss_bytes(trim: bool = False) -> int:
+    """This process's resident set (bytes); ``trim``: first hand freed heap pages back to the OS
+    (``gc.collect`` and glibc's ``malloc_trim``), so that a later growth is not hidden by pages
+    that the export freed and the next allocation reuses."""
+    import gc
 
+    from labutils.measure import _glibc, _status_kib
+
+    if trim:
+        gc.collect()
+        libc = _glibc()
+        if libc is not None:
+            libc.malloc_trim(0)
     return _status_kib("VmRSS") * 1024
 
 
@@ -400,7 +411,7 @@ def _time_model(name: str, kind: str, ternary: torch.nn.Module, fp: torch.nn.Mod
     llamas = {}
     llama_cpp = require_llama_cpp()
     for wtype in (*TERNARY_GGUF, *(FLOAT_GGUF if fp is not None else ())):
-        before = _rss_bytes()
+        before = _rss_bytes(trim=True)
         llm = load_llama(work / files[wtype]["file"], n_ctx, preset.threads)
         llama_decode_once(llm, [0, 1], 1)  # first use allocates the compute buffers
         row = f"llama.cpp {wtype}"

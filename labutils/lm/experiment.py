@@ -334,7 +334,7 @@ def evaluate_row(row: str, preset: LMPreset, out: Path, tokenizer, reviews: Revi
     any, is in ``progress_<row>.json``), and to re-check a committed file on another machine."""
     model = load_row(out, row, preset, tokenizer.get_vocab_size()).to(device)
     holdout, test = token_stream(tokenizer, reviews.holdout), token_stream(tokenizer, reviews.test)
-    weights = out / (f"{row}.safetensors" if model.config.quant == "fp" else f"{row}.packed")
+    weights = weights_path(out, row)
     result = {
         "row": row, "weights_file": weights.name, "weights_bytes": weights.stat().st_size,
         "holdout_ppl": perplexity(model, holdout, preset.seq_len, preset.eval_tokens),
@@ -346,16 +346,20 @@ def evaluate_row(row: str, preset: LMPreset, out: Path, tokenizer, reviews: Revi
     return result
 
 
+def weights_path(out: str | Path, row: str) -> Path:
+    """Where a row's weights live in ``out``: ``<row>.safetensors`` (fp) or ``<row>.packed`` (ternary)."""
+    return Path(out) / (f"{row}.safetensors" if row.startswith("fp-") else f"{row}.packed")
+
+
 def _save_row(model: Decoder, out: Path, row: str) -> Path:
     from labutils.benchmark import _save_safetensors
     from labutils.packfile import save_packed
 
     model = copy.deepcopy(model).float().cpu().eval()  # a copy: the caller's model stays where it is
+    path = weights_path(out, row)
     if model.config.quant == "fp":
-        path = out / f"{row}.safetensors"
         _save_safetensors(model, path)
     else:
-        path = out / f"{row}.packed"
         save_packed(model, path, ternary="ternary2", embeddings="float", float_dtype="fp16")
     return path
 
@@ -366,12 +370,11 @@ def load_row(out: str | Path, row: str, preset: LMPreset, vocab_size: int, atten
 
     from labutils.packfile import load_packed
 
-    out = Path(out)
     model = Decoder(row_config(row, preset, vocab_size, attention, max_seq_len))
     if model.config.quant == "fp":
-        load_model(model, out / f"{row}.safetensors")
+        load_model(model, weights_path(out, row))
     else:
-        load_packed(out / f"{row}.packed", model)
+        load_packed(weights_path(out, row), model)
     return model.eval()
 
 
@@ -561,11 +564,12 @@ def run_attention(preset: LMPreset, out: Path, vocab_size: int, device: torch.de
         for _ in range(repeats):  # interleaved, so a change of load hits both alike
             for how, (_, forward) in forwards.items():
                 times[how].append(_seconds(device, forward))
+        number_bytes = 2 if device.type == "cuda" else 4  # the cache in the forward pass's dtype
         for how, (config, _) in forwards.items():
-            kv = 2 * config.n_layer * preset.attention_batch * length * config.d_model * (2 if device.type == "cuda" else 4)
+            kv_numbers = 2 * config.n_layer * preset.attention_batch * length * config.d_model
             rows.append({"length": length, "attention": how, "seconds": float(np.median(times[how])),
                          "seconds_spread": [float(min(times[how])), float(max(times[how]))],
-                         "kv_cache_bytes": kv, "kv_cache_bytes_int8": kv // (2 if device.type == "cuda" else 4)})  # fmt: skip
+                         "kv_cache_bytes": kv_numbers * number_bytes, "kv_cache_bytes_int8": kv_numbers})  # fmt: skip
         del forwards
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -41,7 +41,7 @@ case ${1:?start|poll|collect} in
 start)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   setsid nohup bash results/imdb-full/gpu_sweep.sh run "$work/sweep" >"$work/sweep.log" 2>&1 </dev/null &
-  # ROWS / LR_CHECKS pass through (a session that only adds the rows an earlier one lacked).
+  # ONLY (IMDb variants), ROWS / LR_CHECKS (language models) pass through (a session that only adds the rows an earlier one lacked).
   # Unless this session retrains it, LoRA tunes the committed ternary model (results/lm/full).
   mkdir -p "$work/lm"
   [[ " ${ROWS-w1.58a8-l} " == *" w1.58a8-l "* ]] || cp -n results/lm/full/w1.58a8-l.packed "$work/lm/"
@@ -51,7 +51,7 @@ start)
 poll)
   deadline=$((SECONDS + ${2:-540}))
   while [ $SECONDS -lt $deadline ]; do
-    if grep -qs "all runs finished" "$work/sweep.log" && grep -qs "lora done" "$work/lm.log"; then echo "ALL DONE"; break; fi
+    if grep -qs "all runs finished" "$work/sweep.log" && grep -qs "lm all done" "$work/lm.log"; then echo "ALL DONE"; break; fi
     sleep 60
     echo "---- $(date -u +%T)"; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     bash results/imdb-full/gpu_sweep.sh status "$work/sweep" 2>&1 | tail -20

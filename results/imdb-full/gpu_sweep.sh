@@ -8,6 +8,7 @@
 # teacher linked in, so every folder's preset.json records exactly the recipe it ran.
 #
 #   bash results/imdb-full/gpu_sweep.sh run OUT       # teacher, then the students, MAX_PARALLEL (6) at a time
+#   ONLY="base-w1a8 chain-w1a1" bash results/imdb-full/gpu_sweep.sh run OUT   # only these variants
 #   bash results/imdb-full/gpu_sweep.sh status OUT    # which runs finished, best validation accuracy so far
 #   bash results/imdb-full/gpu_sweep.sh collect OUT DEST   # JSONs and logs as one tarball
 #
@@ -76,6 +77,8 @@ run)
   pids=()
   for v in "${VARIANTS[@]}"; do
     IFS='|' read -r name rows sets after <<<"$v"
+    # ONLY (variant names): a later session runs what an earlier one did not finish.
+    [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || continue
     missing=""
     if [ "$sets" != "-" ]; then for s in $sets; do [[ " $fields " == *" ${s%%=*} "* ]] || missing="${s%%=*}"; done; fi
     if [ -n "$missing" ]; then echo "skipped $name: no preset field $missing here" >"$out/$name.done"; continue; fi

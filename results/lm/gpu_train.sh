@@ -24,10 +24,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 lm=(python -m labutils.bench lm --preset full --tokenizer "$here/tokenizer.json" --quiet)
 mkdir -p "$out/lr"
 
-pids=()
+pids=() lora_after=()
 for row in ${ROWS-fp-s w1.58a8-s fp-m w1.58a8-m fp-l w1.58a8-l}; do
   "${lm[@]}" --stage train --rows "$row" --out "$out" >"$out/$row.log" 2>&1 &
   pids+=($!)
+  [ "$row" != w1.58a8-l ] || lora_after=($!)
 done
 # Is each variant at a fair learning rate? The same size m at half and double its preset rate.
 for spec in ${LR_CHECKS-fp-m:lr_fp:5e-4 fp-m:lr_fp:2e-3 w1.58a8-m:lr_bitnet:1.5e-3 w1.58a8-m:lr_bitnet:6e-3}; do
@@ -35,11 +36,14 @@ for spec in ${LR_CHECKS-fp-m:lr_fp:5e-4 fp-m:lr_fp:2e-3 w1.58a8-m:lr_bitnet:1.5e
   "${lm[@]}" --stage train --rows "$row" --set "$field=$value" --out "$out/lr/$row-$value" >"$out/lr/$row-$value.log" 2>&1 &
   pids+=($!)
 done
-failed=0
-for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
-echo "train: $failed of ${#pids[@]} runs failed"
+# LoRA needs only the largest ternary model (trained here or already in OUT) and the classifier.
+for pid in "${lora_after[@]}"; do wait "$pid" || true; done
 while [ ! -f "$classifier" ]; do sleep 10; done
 "${lm[@]}" --stage lora --out "$out" --classifier "$classifier" --model "$MODEL" >"$out/lora.log" 2>&1
 echo "lora done"
+failed=0
+for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
+echo "train: $failed of ${#pids[@]} runs failed"
 # Timed alone where possible: results/device_session.sh runs it after both sweeps have finished.
 [ "${SKIP_ATTENTION:-0}" = 1 ] || "${lm[@]}" --stage attention --out "$out" >"$out/attention.log" 2>&1
+echo "lm all done"

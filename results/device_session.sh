@@ -9,6 +9,14 @@
 #     && git rev-parse HEAD > .carry/COMMIT
 #
 #   bash results/device_session.sh start;   bash results/device_session.sh poll 540
+#
+# Since the working tree itself carries chapter 8's committed model and adapters (~20 MB), the
+# MiniLM archive, IMDb and the tree no longer fit one call's 64 MiB. The third session
+# (2026-12-02) ran from the tree (no .carry/src) in two calls a few seconds apart, the machine
+# keeping /tmp between them: first carry [.carry/minilm_bf16.tar.xz .carry/whl .carry/COMMIT] and run
+#   mkdir -p /tmp/labbook/minilm && tar xJf .carry/minilm_bf16.tar.xz -C /tmp/labbook/minilm --strip-components=1 \
+#     && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/whl/*.whl
+# then carry [.carry/imdb .carry/whl .carry/COMMIT] in every later call and run this script from the tree.
 #   bash results/device_session.sh poll 570
 #   bash results/device_session.sh collect
 set -uo pipefail

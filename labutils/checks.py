@@ -1,10 +1,11 @@
 """Self-checks for the chapter exercises: call ``check_*()`` on your answer for instant feedback.
 
 nbgrader's hidden tests do not run in Colab or for a reader on their own, so each exercise of
-chapters 1 to 5 that asks for a value has a check here. A check recomputes the answer with
-``labutils`` (so no answer is written in this file), compares, and either returns ``True`` after
-printing what was right, or raises :class:`ExerciseError` with a message that says *what* is
-wrong: a shape or a dtype, a factor of 2, the wrong reduction, the bit order reversed, the KL
+chapters 1 to 8 that asks for a value (or, in 8.2, for generated tokens) has a check here. A
+check recomputes the answer with ``labutils`` (so no answer is written in this file), compares,
+and either returns ``True`` after printing what was right, or raises :class:`ExerciseError` with
+a message that says *what* is wrong: a shape or a dtype, a factor of 2 (K and V, fp16 bytes),
+bits for bytes, a layer count forgotten, the wrong reduction, the bit order reversed, the KL
 divergence the wrong way round, ... Typical use, in a chapter's exercise cell::
 
     from labutils.checks import check_row_scales
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from fractions import Fraction
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -36,7 +38,16 @@ __all__ = [
     "check_kd_loss",
     "check_packed_byte",
     "check_base3_trits",
+    "check_trit_bytes",
     "check_embedding_shares",
+    "check_xnor_dot",
+    "check_padding_error",
+    "check_gemv_roofs",
+    "check_table_reading",
+    "check_energy_ratio",
+    "check_restored_epoch",
+    "check_kv_cache",
+    "check_generations",
 ]
 
 
@@ -60,6 +71,15 @@ def _number(value: object, name: str) -> float:
     if not math.isfinite(float(value)):
         raise ExerciseError(f"{name} must be finite, got {value}")
     return float(value)
+
+
+def _integer(value: object, name: str) -> int:
+    _filled(value, name)
+    if isinstance(value, (np.integer, torch.Tensor)) and not isinstance(value, bool):
+        value = value.item() if isinstance(value, torch.Tensor) else int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ExerciseError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
 
 
 def _ratio_hint(mine: float, expected: float) -> str:
@@ -318,6 +338,37 @@ def check_base3_trits(trits: Sequence[int], byte: int = 0xC0) -> bool:
     raise ExerciseError(f"not the trits of 0x{byte:02x}; digit i = (3 * (3^i * byte mod 256)) >> 8")
 
 
+def _trits_in(bits: int) -> int:
+    """The largest k with 3^k <= 2^bits, in exact integers."""
+    k = 0
+    while 3 ** (k + 1) <= 2**bits:
+        k += 1
+    return k
+
+
+def check_trit_bytes(n_bytes: int, bits_per_trit: float = 1.6) -> bool:
+    """Exercise 5.3: the fewest whole bytes whose bits hold trits at *less* than ``bits_per_trit`` bits each."""
+    mine = _integer(n_bytes, "n_bytes")
+    limit = Fraction(str(bits_per_trit))
+    expected = next(b for b in range(1, 10_000) if Fraction(8 * b, _trits_in(8 * b)) < limit)
+    k = _trits_in(8 * expected)
+    if mine == expected:
+        return _ok(f"{expected} bytes hold {k} trits (3^{k} <= 2^{8 * expected}): {8 * expected / k:.4f} bits per trit")
+    if mine == 8 * expected:
+        raise ExerciseError(f"{mine} is a number of bits: give whole bytes (bits / 8)")
+    if mine == k:
+        raise ExerciseError(f"{mine} is the number of trits the bytes hold: give the number of bytes")
+    if mine < 1:
+        raise ExerciseError(f"n_bytes must be at least 1, got {mine}")
+    if mine > expected:
+        raise ExerciseError(f"{mine} bytes do spend less than {bits_per_trit} bits per trit, but fewer bytes do too")
+    held = _trits_in(8 * mine)
+    if round(8 * mine / math.log2(3)) > held and Fraction(8 * mine, held + 1) < limit:
+        raise ExerciseError(f"{mine} bytes hold {held} trits, not {held + 1}: 3^{held + 1} > 2^{8 * mine}. "
+                            "A rounded floating-point logarithm overcounts; k is the largest with 3^k <= 2^m")
+    raise ExerciseError(f"{mine} bytes hold {held} trits: {8 * mine / held:.4f} bits per trit, not less than {bits_per_trit}")
+
+
 def check_embedding_shares(bert_share: float, llama_share: float) -> bool:
     """Exercise 5.4: the embedding share of the parameters of bert-base and a LLaMA-2-7B shape."""
     bert = _number(bert_share, "bert_share")
@@ -346,3 +397,289 @@ def check_embedding_shares(bert_share: float, llama_share: float) -> bool:
     if messages:
         raise ExerciseError("; ".join(messages))
     return _ok(f"bert-base {bert:.1%}, LLaMA-2-7B shape {llama:.1%}")
+
+
+# --------------------------------------------------------------------------- chapter 6
+
+
+def check_xnor_dot(popcount: int, dot: int, a: Sequence[int] = (1, -1, -1, 1, 1),
+                   w: Sequence[int] = (1, 1, -1, -1, 1)) -> bool:
+    """Exercise 6.1: ``popcount(a XOR w)`` of the packed signs and the dot product ``K - 2 popcount``."""
+    mine_count = _integer(popcount, "popcount")
+    mine_dot = _integer(dot, "dot")
+    words = packing.pack_binary_rows(np.array([list(a), list(w)], dtype=np.int8))
+    k = len(a)
+    expected_count = int(np.bitwise_count(words[0] ^ words[1]).sum())
+    expected_dot = k - 2 * expected_count
+    messages = []
+    if mine_count != expected_count:
+        if mine_count == k - expected_count:
+            messages.append(f"popcount {mine_count} counts the positions where the bits agree (XNOR); "
+                            "popcount(a XOR w) counts those where they differ")
+        else:
+            messages.append(f"popcount {mine_count} is wrong: write +1 as bit 1 and -1 as bit 0, XOR, count the 1s")
+    if mine_dot != expected_dot:
+        if mine_dot == k - expected_count:
+            messages.append(f"dot {mine_dot} = K - popcount: a differing position turns a +1 product into -1, "
+                            "a change of 2, so the dot is K - 2 popcount")
+        elif mine_dot == -expected_dot:
+            messages.append(f"dot {mine_dot}: sign flipped, the dot is K - 2 popcount, not 2 popcount - K")
+        elif mine_count != expected_count and mine_dot == k - 2 * mine_count:
+            messages.append("dot follows from your popcount by K - 2 popcount; fix the popcount")
+        else:
+            messages.append(f"dot {mine_dot} is not K - 2 popcount with K = {k}")
+    if messages:
+        raise ExerciseError("; ".join(messages))
+    return _ok(f"popcount {expected_count}, dot {k} - 2 x {expected_count} = {expected_dot}")
+
+
+def check_padding_error(error: int, k: int = 100, *, seed: int = 0) -> bool:
+    """Exercise 6.2: (K - 2 popcount(a XOR w)) - (true dot) when the activations' padding bits are 1
+    and the weights' 0, for rows of ``k`` signs packed in 64-bit words."""
+    mine = _integer(error, "error")
+    rng = np.random.default_rng(seed)
+    a_signs, w_signs = (np.where(rng.random((4, k)) < 0.5, -1, 1).astype(np.int8) for _ in range(2))
+    a_words, w_words = packing.pack_binary_rows(a_signs), packing.pack_binary_rows(w_signs)
+    padding = 64 * a_words.shape[1] - k
+    if padding:
+        a_words[:, -1] |= ~np.uint64(0) << np.uint64(64 - padding)
+    formula = k - 2 * np.bitwise_count(a_words ^ w_words).sum(axis=1).astype(np.int64)
+    errors = formula - (a_signs.astype(np.int64) * w_signs).sum(axis=1)
+    expected = int(errors[0])
+    assert (errors == expected).all()  # the same for every dot product
+    if mine == expected:
+        return _ok(f"{expected}: each of the {padding} padding bits differs and subtracts 2, for every dot product")
+    if expected and mine == -expected:
+        raise ExerciseError(f"{mine}: the direction is wrong; the formula comes out too small, so (formula) - (true dot) < 0")
+    if expected and mine * 2 == expected:
+        raise ExerciseError(f"{mine}: each differing bit changes K - 2 popcount by 2, not 1")
+    if mine == -2:
+        raise ExerciseError(f"{mine} is one padding bit's worth: all {padding} padding bits are set")
+    if mine < 0 and mine % 2 == 0:
+        raise ExerciseError(f"{mine} is {-mine // 2} differing padding bits; count the bits of the last word past K "
+                            f"(the words hold {64 * a_words.shape[1]} bits, K = {k})")
+    raise ExerciseError(f"{mine} is not the error; try it: set the padding bits of the activations and call xnor_dots")
+
+
+def _gemv_roof(bandwidth: float, k: int, n: int, weight: float, act: float, out: float) -> float:
+    """GMAC/s at B GB/s when one GEMV moves its weights, input and output once (bytes per element)."""
+    return bandwidth * k * n / (weight * n * k + act * k + out * n)
+
+
+def check_gemv_roofs(f32_roof: float, ternary_roof: float, bandwidth: float, k: int = 4096, n: int = 11008) -> bool:
+    """Exercise 6.3: the memory roofs, in GMAC/s, of a float32 GEMV and a W1.58A8 GEMV (2-bit weights,
+    int8 inputs, int32 outputs) of shape K x N at ``bandwidth`` GB/s."""
+    f32 = _number(f32_roof, "f32_roof")
+    ternary = _number(ternary_roof, "ternary_roof")
+    b = _number(bandwidth, "bandwidth")
+    expected = {"f32_roof": _gemv_roof(b, k, n, 4, 4, 4), "ternary_roof": _gemv_roof(b, k, n, 2 / 8, 1, 4)}
+
+    def near(x: float, y: float) -> bool:
+        return math.isclose(x, y, rel_tol=0.02)
+
+    if near(f32, expected["ternary_roof"]) and near(ternary, expected["f32_roof"]):
+        raise ExerciseError("the two roofs are swapped: the float32 GEMV moves more bytes, so its roof is lower")
+    mistakes = {
+        "f32_roof": [(_gemv_roof(b, k, n, 32, 32, 32), "float32 is 4 bytes (32 bits), not 32 bytes"),
+                     (_gemv_roof(b, k, n, 2, 2, 2), "float32 is 4 bytes per number, not 2 (fp16)")],
+        "ternary_roof": [(_gemv_roof(b, k, n, 2, 1, 4), "a 2-bit weight is a quarter byte, not 2 bytes"),
+                         (_gemv_roof(b, k, n, math.log2(3) / 8, 1, 4),
+                          "the kernel stores 2 bits per weight, not log2(3) = 1.58"),
+                         (_gemv_roof(b, k, n, 1 / 8, 1, 4), "a ternary weight takes 2 bits; 1 bit is binary"),
+                         (_gemv_roof(b, k, n, 1, 1, 4), "those are int8 weights; the ternary ones are packed 4 per byte")],
+    }
+    messages = []
+    for name, mine in (("f32_roof", f32), ("ternary_roof", ternary)):
+        roof = expected[name]
+        if near(mine, roof):
+            continue
+        if near(mine, roof / b):
+            messages.append(f"{name} {mine:.3g} is the intensity I in MAC/byte: multiply by the bandwidth B")
+        elif near(mine, roof * 1e9) or near(mine, roof * 1e6):
+            messages.append(f"{name} {mine:.3g}: give GMAC/s (with B in GB/s, B x I is already in GMAC/s)")
+        else:
+            hint = next((words for wrong, words in mistakes[name] if near(mine, wrong)), None)
+            messages.append(f"{name}: {hint}" if hint else f"{name} {mine:.3g} is not B x I{_ratio_hint(mine, roof)}")
+    if messages:
+        raise ExerciseError("; ".join(messages))
+    return _ok(f"float32 {expected['f32_roof']:.1f} GMAC/s, W1.58A8 {expected['ternary_roof']:.1f} GMAC/s at {b:.1f} GB/s")
+
+
+# --------------------------------------------------------------------------- chapter 7
+
+
+def check_table_reading(file_ratio: float, min_extra_errors: int, rows: dict, n_test: int = 25_000) -> bool:
+    """Exercise 7.1: how many times smaller the W1A1 file is than the FP32 teacher's, and the fewest
+    test reviews the W1.58A8 student gets wrong that the teacher gets right (``rows``: ``full["rows"]``)."""
+    ratio = _number(file_ratio, "file_ratio")
+    _filled(min_extra_errors, "min_extra_errors")
+    teacher, small, student = rows["fp32"], rows["w1a1"], rows["w1.58a8"]
+    expected_ratio = teacher["file_bytes"] / small["file_bytes"]
+    gap = teacher["accuracy"] - student["accuracy"]
+    expected_errors = round(gap * n_test)
+    messages = []
+    if not math.isclose(ratio, expected_ratio, rel_tol=1e-3):
+        if math.isclose(ratio * expected_ratio, 1, rel_tol=1e-3):
+            messages.append("file_ratio is the wrong way round: the teacher's bytes over the student's")
+        elif math.isclose(ratio, teacher["weights_bytes"] / small["weights_bytes"], rel_tol=1e-3):
+            messages.append("file_ratio compares weights_bytes (the tensors in memory); the files are file_bytes")
+        elif math.isclose(ratio, teacher["file_bytes"] / student["file_bytes"], rel_tol=1e-3):
+            messages.append("file_ratio is the W1.58A8 student's; the exercise asks for the W1A1 one")
+        else:
+            messages.append(f"file_ratio {ratio:.3g} is not the FP32 file over the W1A1 file{_ratio_hint(ratio, expected_ratio)}")
+    errors = min_extra_errors
+    if isinstance(errors, numbers.Real) and not isinstance(errors, (bool, numbers.Integral)):
+        if math.isclose(errors, gap, rel_tol=1e-3):
+            messages.append(f"min_extra_errors {errors:.4g} is a fraction of the reviews: times {n_test:,}")
+        elif math.isclose(errors, 100 * gap, rel_tol=1e-3):
+            messages.append(f"min_extra_errors {errors:.4g} is in percentage points: a count of the {n_test:,} reviews")
+        else:
+            messages.append(f"min_extra_errors must be an int (a number of reviews), got {errors!r}")
+    else:
+        mine = _integer(errors, "min_extra_errors")
+        if mine == expected_errors:
+            pass
+        elif mine == -expected_errors:
+            messages.append("min_extra_errors has the wrong sign: the teacher's accuracy minus the student's")
+        elif mine == int(gap * n_test):
+            messages.append(f"min_extra_errors: int() truncates {gap * n_test:.6f}; round it")
+        elif mine == round((teacher["accuracy"] - small["accuracy"]) * n_test):
+            messages.append("min_extra_errors is the W1A1 student's; the exercise asks for W1.58A8")
+        else:
+            messages.append(f"min_extra_errors {mine} is not (a_T - a_S) x {n_test:,}{_ratio_hint(mine, expected_errors)}")
+    if messages:
+        raise ExerciseError("; ".join(messages))
+    return _ok(f"the W1A1 file is {expected_ratio:.1f} x smaller; at least {expected_errors} reviews "
+               f"({gap:.2%} of {n_test:,}) the teacher gets right and the W1.58A8 student wrong")
+
+
+def check_energy_ratio(ratio: float) -> bool:
+    """Exercise 7.2: an FP16 multiply-add over an INT8 add, in the 45 nm table ``measure.ENERGY_PJ``."""
+    from labutils import measure
+
+    mine = _number(ratio, "ratio")
+
+    def rule(table: dict, num: tuple[str, ...] = ("mul", "add"), fmt: str = "fp16", den: tuple[str, ...] = ("add",)) -> float:
+        return sum(table[fmt][op] for op in num) / sum(table["int8"][op] for op in den)
+
+    t45 = measure.ENERGY_PJ
+    expected = rule(t45)
+    if math.isclose(mine, expected, rel_tol=1e-3):
+        return _ok(f"({t45['fp16']['mul']} + {t45['fp16']['add']}) / {t45['int8']['add']} = {expected:.1f}")
+    for wrong, words in ((rule(measure.ENERGY_PJ_7NM), "that is the 7 nm table; use measure.ENERGY_PJ (45 nm)"),
+                         (1 / expected, "the wrong way round: FP16 over INT8"),
+                         (rule(t45, ("mul",)), "a multiply-add is a multiply and an add: add the FP16 add"),
+                         (rule(t45, ("add",)), "a multiply-add is a multiply and an add: add the FP16 multiply"),
+                         (rule(t45, den=("mul", "add")), "a ternary weight needs no multiply: divide by the INT8 add alone"),
+                         (rule(t45, fmt="fp32"), "that is FP32; the rule prices an FP16 multiply-add")):
+        if math.isclose(mine, wrong, rel_tol=1e-3):
+            raise ExerciseError(f"ratio {mine:.4g}: {words}")
+    raise ExerciseError(f"ratio {mine:.4g} is not (FP16 mul + FP16 add) / INT8 add at 45 nm{_ratio_hint(mine, expected)}")
+
+
+def check_restored_epoch(epoch: int, history: Sequence[dict], monitor: str = "eval_accuracy") -> bool:
+    """Exercise 7.3: the epoch a student trained with ``restore_best=True`` ends at (``history``: its
+    per-epoch rows, a list of dicts or a DataFrame)."""
+    from labutils import distill
+
+    if hasattr(history, "to_dict"):
+        history = history.to_dict("records")
+    rows = list(history)
+    _filled(epoch, "epoch")
+    if isinstance(epoch, numbers.Real) and not isinstance(epoch, numbers.Integral) and 0 < epoch < 1:
+        raise ExerciseError(f"{epoch} is an accuracy; give the epoch it was reached at")
+    mine = _integer(epoch, "epoch")
+    expected = distill.restored_epoch(rows, monitor)
+    best = next(r for r in rows if int(r["epoch"]) == expected)[monitor]
+    if mine == expected:
+        return _ok(f"epoch {expected}, the best {monitor} ({best:.4f}): the validation hold-out chose it, not the test set")
+    epochs = [int(r["epoch"]) for r in rows]
+    if 0 <= mine < len(rows) and epochs[mine] == expected:
+        raise ExerciseError(f"{mine} looks like the row's index (what idxmax returns); give that row's epoch column")
+    if mine == epochs[-1]:
+        raise ExerciseError(f"epoch {mine} is the last one; restore_best goes back to the best {monitor}")
+    for other in distill.MONITORS:
+        if other != monitor and other in rows[0] and distill.restored_epoch(rows, other) == mine:
+            raise ExerciseError(f"epoch {mine} is the best by {other}; the students are restored by {monitor}")
+    raise ExerciseError(f"epoch {mine} is not the epoch of the best {monitor}")
+
+
+# --------------------------------------------------------------------------- chapter 8
+
+
+def check_kv_cache(kv_bytes: int, equivalent_weights: int, size: str = "700m", context: int = 4096,
+                   batch: int = 1, weight_bits: int = 2) -> bool:
+    """Exercise 8.1: the bytes of the fp16 KV cache of the ``size`` decoder at ``context`` tokens, and
+    how many ``weight_bits``-bit weights take the same bytes."""
+    from labutils.lm.experiment import SIZES
+    from labutils.lm.model import KVCache, LMConfig
+
+    kv = _integer(kv_bytes, "kv_bytes")
+    weights = _integer(equivalent_weights, "equivalent_weights")
+    n_layer, n_head, d_model = SIZES[size]
+    config = LMConfig(vocab_size=8, n_layer=n_layer, n_head=n_head, d_model=d_model, max_seq_len=context)
+    expected_kv = KVCache(config, batch, dtype=torch.float16, device="meta").nbytes
+    expected_weights = expected_kv * 8 // weight_bits
+    messages = []
+    if kv != expected_kv:
+        for wrong, words in ((expected_kv // 4, "a quarter: count both K and V, and 2 bytes per fp16 number"),
+                             (expected_kv // 2, "half: count both K and V (factor 2), each 2 bytes per fp16 number"),
+                             (expected_kv * 2, "double: fp16 is 2 bytes per number (not 4), K and V counted once each"),
+                             (expected_kv // n_layer, f"one layer's cache: every one of the {n_layer} layers keeps its own"),
+                             (expected_kv * 8, "in bits; give bytes (8 bits each)")):
+            if kv == wrong:
+                messages.append(f"kv_bytes {kv:,} is {words}")
+                break
+        else:
+            messages.append(f"kv_bytes {kv:,} is not layers x (K and V) x tokens x d_model x 2 bytes"
+                            f"{_ratio_hint(kv, expected_kv)}")
+    if weights != expected_weights:
+        per_byte = 8 // weight_bits
+        if kv != expected_kv and weights == kv * per_byte:
+            messages.append("equivalent_weights follows from your kv_bytes; fix that")
+        elif weights == expected_kv // per_byte:
+            messages.append(f"equivalent_weights: a {weight_bits}-bit weight is 1/{per_byte} byte, so multiply the bytes "
+                            f"by {per_byte}, not divide")
+        elif weights == expected_kv * 8:
+            messages.append(f"equivalent_weights: a ternary weight is stored in {weight_bits} bits, not 1")
+        elif math.isclose(weights, expected_kv * 8 / math.log2(3), rel_tol=1e-3):
+            messages.append(f"equivalent_weights: the weights are stored at {weight_bits} bits, not log2(3) = 1.58")
+        elif weights in (expected_kv, expected_kv // 2):
+            messages.append("equivalent_weights: those are 8- or 16-bit weights; the ternary ones take "
+                            f"{weight_bits} bits")
+        else:
+            messages.append(f"equivalent_weights {weights:,} is not the bytes at {weight_bits} bits per weight"
+                            f"{_ratio_hint(weights, expected_weights)}")
+    if messages:
+        raise ExerciseError("; ".join(messages))
+    return _ok(f"{expected_kv:,} bytes of KV cache = {expected_weights:,} weights at {weight_bits} bits")
+
+
+def check_generations(greedy: torch.Tensor, greedy_again: torch.Tensor, sampled: torch.Tensor,
+                      sampled_other: torch.Tensor, model: torch.nn.Module, prompt: torch.Tensor,
+                      new_tokens: int = 10) -> bool:
+    """Exercise 8.2: two greedy continuations of ``prompt`` (equal) and two sampled ones with
+    different seeds (different), each ``new_tokens`` tokens after the prompt, from ``generate``."""
+    from labutils.lm.model import generate
+
+    named = {"greedy": greedy, "greedy_again": greedy_again, "sampled": sampled, "sampled_other": sampled_other}
+    for name, value in named.items():
+        _filled(value, name)
+        if not isinstance(value, torch.Tensor):
+            raise ExerciseError(f"{name} must be the tensor generate returns, got {type(value).__name__}")
+    expected = generate(model, prompt, new_tokens, temperature=0)
+    for name, value in named.items():
+        if value.shape != expected.shape:
+            raise ExerciseError(f"{name} has shape {tuple(value.shape)}, expected {tuple(expected.shape)}: "
+                                f"the prompt's {prompt.shape[1]} tokens and {new_tokens} new ones")
+        if not torch.equal(value[:, : prompt.shape[1]], prompt):
+            raise ExerciseError(f"{name} does not start with the prompt: continue the same prompt")
+    if not torch.equal(greedy, greedy_again):
+        raise ExerciseError("the two greedy runs differ: generate both with temperature=0 (the arg-max)")
+    if not torch.equal(greedy, expected):
+        raise ExerciseError("greedy is not the arg-max continuation: temperature=0 makes generate greedy")
+    if torch.equal(sampled, sampled_other):
+        if torch.equal(sampled, expected):
+            raise ExerciseError("the samples are the greedy continuation: sample with temperature=1.0")
+        raise ExerciseError("the two samples are equal: give them different seeds")
+    return _ok("greedy decoding repeats itself; two seeds give two different samples")

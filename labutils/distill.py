@@ -49,6 +49,7 @@ __all__ = [
     "unpack_outputs",
     "evaluate",
     "train",
+    "restored_epoch",
     "save_checkpoint",
     "load_checkpoint",
 ]
@@ -590,6 +591,21 @@ def _is_better(value: float, best: float | None, monitor: str) -> bool:
     if best is None:
         return True
     return value > best if MONITORS[monitor] == "max" else value < best
+
+
+def restored_epoch(history: Sequence[Mapping[str, Any]], monitor: str = "eval_accuracy") -> int:
+    """The epoch whose weights ``train(..., TrainConfig(restore_best=True, monitor=monitor))`` ends
+    with, replayed from its ``history``: the first epoch that beats every earlier one on
+    ``monitor`` and is not beaten later (a tie keeps the earlier epoch, as in training)."""
+    if monitor not in MONITORS:
+        raise ValueError(f"monitor must be one of {tuple(MONITORS)}, got {monitor!r}")
+    best, epoch = None, None
+    for row in history:
+        if _is_better(row[monitor], best, monitor):
+            best, epoch = row[monitor], int(row["epoch"])
+    if epoch is None:
+        raise ValueError("the history is empty")
+    return epoch
 
 
 def train(

@@ -185,6 +185,30 @@ def test_base3_trits():
         checks.check_base3_trits([-1, -1, -1, 0, 1], byte=200)
 
 
+def test_trit_bytes():
+    def trits_in(bits):
+        return max(k for k in range(bits + 1) if 3**k <= 2**bits)
+
+    answer = next(b for b in range(1, 100) if 8 * b * 5 < 8 * trits_in(8 * b))  # 8b / k < 1.6, exactly
+    assert checks.check_trit_bytes(answer)
+    with wrong("still None"):
+        checks.check_trit_bytes(None)
+    with wrong("must be an int"):
+        checks.check_trit_bytes(float(answer))
+    with wrong("number of bits"):
+        checks.check_trit_bytes(8 * answer)
+    with wrong("number of trits"):
+        checks.check_trit_bytes(trits_in(8 * answer))
+    with wrong("fewer bytes do too"):
+        checks.check_trit_bytes(answer + 1)
+    with wrong("1.6000 bits per trit, not less"):
+        checks.check_trit_bytes(2)  # 16 bits hold 10 trits (16 / log2 3 = 10.09), exactly 1.6 bits each
+    # round(8b / log2 3) overcounts where the fraction is >= 0.5: 21 bytes, 168 bits: 105.996 -> 106
+    # trits, which do not fit.
+    assert round(168 / math.log2(3)) == 106 and 3**106 > 2**168
+    with wrong("floating-point logarithm overcounts"):
+        checks.check_trit_bytes(21)
+
 def test_embedding_shares():
     def share(vocab, hidden, layers, ffn, ffn_matrices, tables):
         emb = tables * vocab * hidden
@@ -202,3 +226,218 @@ def test_embedding_shares():
         checks.check_embedding_shares(100 * bert, llama)
     with wrong("bert_share = 0.5000 is wrong"):
         checks.check_embedding_shares(0.5, llama)
+
+
+# --------------------------------------------------------------------------- chapter 6
+
+
+def test_xnor_dot():
+    a, w = [1, -1, -1, 1, 1], [1, 1, -1, -1, 1]
+    differ = sum(x != y for x, y in zip(a, w))
+    dot = sum(x * y for x, y in zip(a, w))
+    assert dot == len(a) - 2 * differ
+    assert checks.check_xnor_dot(differ, dot)
+    with wrong("still None"):
+        checks.check_xnor_dot(None, dot)
+    with wrong("where the bits agree"):
+        checks.check_xnor_dot(len(a) - differ, dot)
+    with wrong("K - 2 popcount"):
+        checks.check_xnor_dot(differ, len(a) - differ)
+    with wrong("sign flipped"):
+        checks.check_xnor_dot(differ, -dot)
+    with wrong("follows from your popcount"):
+        checks.check_xnor_dot(differ + 2, len(a) - 2 * (differ + 2))
+    with wrong("must be an int"):
+        checks.check_xnor_dot(float(differ), dot)
+
+
+def test_padding_error():
+    padding = 128 - 100  # two 64-bit words for K = 100
+    answer = -2 * padding
+    assert checks.check_padding_error(answer)
+    assert checks.check_padding_error(-2 * (64 - 10), k=10)
+    assert checks.check_padding_error(0, k=128)  # no padding, no error
+    with wrong("still None"):
+        checks.check_padding_error(None)
+    with wrong("direction is wrong"):
+        checks.check_padding_error(-answer)
+    with wrong("by 2, not 1"):
+        checks.check_padding_error(-padding)
+    with wrong("one padding bit's worth"):
+        checks.check_padding_error(-2)
+    with wrong("36 differing padding bits"):
+        checks.check_padding_error(-2 * 36)  # the data bits of the last word counted as padding
+    with wrong("not the error"):
+        checks.check_padding_error(-55)
+
+
+def test_gemv_roofs():
+    bandwidth, k, n = 20.0, 4096, 11008
+
+    def roof(weight, act, out):
+        return bandwidth * n * k / (weight * n * k + act * k + out * n)
+
+    f32, ternary = roof(4, 4, 4), roof(0.25, 1, 4)
+    assert 15 < ternary / f32 < 16.1
+    assert checks.check_gemv_roofs(f32, ternary, bandwidth)
+    assert checks.check_gemv_roofs(bandwidth / 4, bandwidth * 4, bandwidth)  # weights only: within 2 %
+    with wrong("still None"):
+        checks.check_gemv_roofs(None, ternary, bandwidth)
+    with wrong("swapped"):
+        checks.check_gemv_roofs(ternary, f32, bandwidth)
+    with wrong("intensity I in MAC/byte"):
+        checks.check_gemv_roofs(f32 / bandwidth, ternary, bandwidth)
+    with wrong("give GMAC/s"):
+        checks.check_gemv_roofs(f32, ternary * 1e9, bandwidth)
+    with wrong(r"float32 is 4 bytes \(32 bits\), not 32 bytes"):
+        checks.check_gemv_roofs(roof(32, 32, 32), ternary, bandwidth)
+    with wrong("quarter byte, not 2 bytes"):
+        checks.check_gemv_roofs(f32, roof(2, 1, 4), bandwidth)
+    with wrong(r"not log2\(3\)"):
+        checks.check_gemv_roofs(f32, roof(math.log2(3) / 8, 1, 4), bandwidth)
+    with wrong("1 bit is binary"):
+        checks.check_gemv_roofs(f32, roof(1 / 8, 1, 4), bandwidth)
+    with wrong("int8 weights"):
+        checks.check_gemv_roofs(f32, roof(1, 1, 4), bandwidth)
+
+
+# --------------------------------------------------------------------------- chapter 7
+
+
+@pytest.fixture
+def imdb_rows() -> dict:
+    def row(file_bytes, weights_bytes, accuracy, evals=()):
+        history = [{"epoch": i + 1, "eval_accuracy": acc, "eval_loss": loss, "train_loss": 1.0 / (i + 1)}
+                   for i, (acc, loss) in enumerate(zip(evals, (0.5, 0.4, 0.3, 0.35)))]
+        return {"file_bytes": file_bytes, "weights_bytes": weights_bytes, "accuracy": accuracy, "history": history}
+
+    return {"fp32": row(90_000_000, 88_000_000, 22_700 / 25_000),
+            "w1.58a8": row(9_000_000, 9_800_000, 22_300 / 25_000, (0.86, 0.89, 0.88, 0.885)),
+            "w1a1": row(8_000_000, 8_100_000, 21_500 / 25_000)}
+
+
+def test_table_reading(imdb_rows):
+    assert checks.check_table_reading(90 / 8, 400, imdb_rows)
+    with wrong("still None"):
+        checks.check_table_reading(90 / 8, None, imdb_rows)
+    with wrong("wrong way round"):
+        checks.check_table_reading(8 / 90, 400, imdb_rows)
+    with wrong("weights_bytes"):
+        checks.check_table_reading(88 / 8.1, 400, imdb_rows)
+    with wrong("W1.58A8 student's; the exercise asks for the W1A1"):
+        checks.check_table_reading(90 / 9, 400, imdb_rows)
+    with wrong("fraction of the reviews"):
+        checks.check_table_reading(90 / 8, 400 / 25_000, imdb_rows)
+    with wrong("percentage points"):
+        checks.check_table_reading(90 / 8, 1.6, imdb_rows)
+    with wrong("wrong sign"):
+        checks.check_table_reading(90 / 8, -400, imdb_rows)
+    with wrong("W1A1 student's; the exercise asks for W1.58A8"):
+        checks.check_table_reading(90 / 8, 1200, imdb_rows)
+    with wrong(r"not \(a_T - a_S\)"):
+        checks.check_table_reading(90 / 8, 401, imdb_rows)
+
+
+def test_energy_ratio():
+    from labutils import measure
+
+    t = measure.ENERGY_PJ
+    assert checks.check_energy_ratio((t["fp16"]["mul"] + t["fp16"]["add"]) / t["int8"]["add"])
+    with wrong("still None"):
+        checks.check_energy_ratio(None)
+    t7 = measure.ENERGY_PJ_7NM
+    with wrong("7 nm table"):
+        checks.check_energy_ratio((t7["fp16"]["mul"] + t7["fp16"]["add"]) / t7["int8"]["add"])
+    with wrong("add the FP16 add"):
+        checks.check_energy_ratio(t["fp16"]["mul"] / t["int8"]["add"])
+    with wrong("needs no multiply"):
+        checks.check_energy_ratio((t["fp16"]["mul"] + t["fp16"]["add"]) / (t["int8"]["mul"] + t["int8"]["add"]))
+    with wrong("wrong way round"):
+        checks.check_energy_ratio(t["int8"]["add"] / (t["fp16"]["mul"] + t["fp16"]["add"]))
+
+
+def test_restored_epoch(imdb_rows):
+    import pandas as pd
+
+    history = imdb_rows["w1.58a8"]["history"]  # validation accuracy peaks at epoch 2 of 4, its loss at 3
+    assert checks.check_restored_epoch(2, history)
+    assert checks.check_restored_epoch(2, pd.DataFrame(history))
+    with wrong("still None"):
+        checks.check_restored_epoch(None, history)
+    with wrong("is an accuracy"):
+        checks.check_restored_epoch(0.89, history)
+    with wrong("row's index"):
+        checks.check_restored_epoch(1, history)
+    with wrong("best by eval_loss"):
+        checks.check_restored_epoch(3, history)
+    with wrong("last one"):
+        checks.check_restored_epoch(4, history)
+    # A tie keeps the earlier epoch, as training does (it restores on a strict improvement only).
+    tie = [{"epoch": 1, "eval_accuracy": 0.9}, {"epoch": 2, "eval_accuracy": 0.9}]
+    assert checks.check_restored_epoch(1, tie)
+
+
+# --------------------------------------------------------------------------- chapter 8
+
+
+def test_kv_cache():
+    from labutils.lm.experiment import SIZES
+
+    n_layer, _, d = SIZES["700m"]
+    kv = 2 * n_layer * 4096 * d * 2  # K and V, every layer, every position, fp16
+    assert checks.check_kv_cache(kv, 4 * kv)
+    assert checks.check_kv_cache(2 * kv, 8 * kv, context=8192)
+    with wrong("still None"):
+        checks.check_kv_cache(None, 4 * kv)
+    with wrong(r"half: count both K and V"):
+        checks.check_kv_cache(kv // 2, 2 * kv)
+    with wrong("follows from your kv_bytes"):
+        checks.check_kv_cache(kv // 2, 2 * kv)
+    with wrong("double: fp16 is 2 bytes"):
+        checks.check_kv_cache(2 * kv, 4 * kv)
+    with wrong(f"one layer's cache: every one of the {n_layer} layers"):
+        checks.check_kv_cache(kv // n_layer, 4 * kv)
+    with wrong("in bits; give bytes"):
+        checks.check_kv_cache(8 * kv, 4 * kv)
+    with wrong("multiply the bytes by 4, not divide"):
+        checks.check_kv_cache(kv, kv // 4)
+    with wrong("stored in 2 bits, not 1"):
+        checks.check_kv_cache(kv, 8 * kv)
+    with wrong(r"not log2\(3\)"):
+        checks.check_kv_cache(kv, round(8 * kv / math.log2(3)))
+    with wrong("8- or 16-bit weights"):
+        checks.check_kv_cache(kv, kv // 2)
+    with wrong("must be an int"):
+        checks.check_kv_cache(float(kv), 4 * kv)
+
+
+def test_generations():
+    from labutils.lm.model import Decoder, LMConfig, generate
+
+    torch.manual_seed(0)
+    model = Decoder(LMConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=64))
+    prompt = torch.tensor([[0, 5, 7]])
+
+    def gen(**kw):
+        return generate(model, prompt, 10, **kw)
+
+    greedy = gen(temperature=0)
+    s0, s1 = gen(temperature=1.0, seed=0), gen(temperature=1.0, seed=1)
+    assert checks.check_generations(greedy, gen(temperature=0), s0, s1, model, prompt)
+    with wrong("still None"):
+        checks.check_generations(None, greedy, s0, s1, model, prompt)
+    with wrong("the tensor generate returns"):
+        checks.check_generations(greedy.tolist(), greedy, s0, s1, model, prompt)
+    with wrong(r"shape \(1, 10\), expected \(1, 13\)"):
+        checks.check_generations(greedy[:, 3:], greedy, s0, s1, model, prompt)
+    with wrong("does not start with the prompt"):
+        checks.check_generations(generate(model, torch.tensor([[1, 2, 3]]), 10, temperature=0), greedy, s0, s1,
+                                 model, prompt)
+    with wrong("two greedy runs differ"):
+        checks.check_generations(greedy, s0, s0, s1, model, prompt)
+    with wrong("not the arg-max"):
+        checks.check_generations(s0, s0, s0, s1, model, prompt)
+    with wrong("give them different seeds"):
+        checks.check_generations(greedy, greedy, s0, s0, model, prompt)
+    with wrong("sample with temperature=1.0"):
+        checks.check_generations(greedy, greedy, greedy, greedy, model, prompt)

@@ -3,6 +3,7 @@ round trip, LoRA on frozen ternary weights, and the ``ci`` preset end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -321,3 +322,24 @@ def test_decode_stage_reports_tokens_per_second_and_weight_bytes(tmp_path):
     # Packed ternary projections: 2 bits per weight instead of 32 (embeddings and norms stay float).
     assert rows["w1.58a8"]["weights_bytes"] < rows["fp32"]["weights_bytes"]
     assert json.loads((tmp_path / "decode_cpu.json").read_text())["kernel_path"] in ("avx512", "avx2", "generic")
+
+
+def test_load_lora_restores_the_adapters_and_rejects_ones_that_do_not_fit(tmp_path):
+    """load_lora = load_row + add_lora_ + the saved adapters: the same logits as the tuned model."""
+    preset = dataclasses.replace(experiment.PRESETS["ci"], lora_rank=2)
+    model = Decoder(experiment.row_config(f"w1.58a8-{preset.lora_size}", preset, 64), seed=3).eval()
+    experiment._save_row(model, tmp_path, f"w1.58a8-{preset.lora_size}")
+    tuned = experiment.load_row(tmp_path, f"w1.58a8-{preset.lora_size}", preset, 64)
+    add_lora_(tuned, rank=preset.lora_rank, alpha=preset.lora_alpha, seed=preset.seed)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    adapters = {n: p.detach() for n, p in tuned.named_parameters() if ".lora_" in n}
+    experiment._save_tensors(adapters, tmp_path / "lora_adapters.safetensors")
+    x = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(experiment.load_lora(tmp_path, preset, 64)(x), tuned(x), atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit"):
+        experiment.load_lora(tmp_path, dataclasses.replace(preset, lora_rank=3), 64)
+

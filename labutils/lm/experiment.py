@@ -378,6 +378,32 @@ def load_row(out: str | Path, row: str, preset: LMPreset, vocab_size: int, atten
     return model.eval()
 
 
+def load_lora(out: str | Path, preset: LMPreset, vocab_size: int) -> Decoder:
+    """The LoRA stage's model: ``w1.58a8-<lora_size>`` from ``out`` with the adapters of
+    ``out/lora_adapters.safetensors`` (float32, eval mode). The ternary codes are the file's.
+
+    Raises ValueError when the adapters do not fit the wrapped model (another size or rank).
+    """
+    from safetensors.torch import load_file
+
+    from labutils.bitlinear import add_lora_
+
+    model = load_row(out, f"w1.58a8-{preset.lora_size}", preset, vocab_size)
+    model.requires_grad_(False)
+    add_lora_(model, rank=preset.lora_rank, alpha=preset.lora_alpha, seed=preset.seed)
+    adapters = load_file(str(Path(out) / "lora_adapters.safetensors"))
+    expected = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    if set(adapters) != set(expected):
+        missing, extra = sorted(set(expected) - set(adapters)), sorted(set(adapters) - set(expected))
+        raise ValueError(f"lora_adapters.safetensors does not fit w1.58a8-{preset.lora_size} at rank {preset.lora_rank}: "
+                         f"missing {missing[:3]}, unexpected {extra[:3]}")  # fmt: skip
+    for name, tensor in adapters.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"lora_adapters.safetensors does not fit: {name} is {tuple(tensor.shape)}, the model's {tuple(expected[name].shape)}")
+        expected[name].data.copy_(tensor)
+    return model.eval()
+
+
 # --------------------------------------------------------------------------- LoRA: write a requested sentiment
 
 

@@ -5,6 +5,7 @@ One module per concept (import the one you need: ``from labutils import quant``)
 - ``labutils.quant``      uniform, binary and ternary quantizers and their error metrics
 - ``labutils.widgets``    the bit-width explorer (live ipywidgets and a static plotly twin)
 - ``labutils.bitlinear``  BitLinear, the straight-through estimator, ``quantize_(model, config)``
+- ``labutils.sensitivity`` one layer at a time: which layers ternarization hurts, mixed-precision plans
 - ``labutils.distill``    knowledge-distillation losses and one training loop (accelerate)
 - ``labutils.packing``    1-bit, 2-bit and base-3 (1.6-bit) packers with exact inverses
 - ``labutils.packfile``   the packed model file (safetensors, checksummed) and size reports

@@ -378,6 +378,15 @@ def load_row(out: str | Path, row: str, preset: LMPreset, vocab_size: int, atten
     return model.eval()
 
 
+def add_preset_lora_(model: Decoder, preset: LMPreset) -> list[str]:
+    """Freeze ``model`` and wrap every BitLinear in the preset's LoRA adapters, in place (the one
+    wrapping that training and :func:`load_lora` share). Returns the wrapped layers' names."""
+    from labutils.bitlinear import add_lora_
+
+    model.requires_grad_(False)
+    return add_lora_(model, rank=preset.lora_rank, alpha=preset.lora_alpha, seed=preset.seed)
+
+
 def load_lora(out: str | Path, preset: LMPreset, vocab_size: int) -> Decoder:
     """The LoRA stage's model: ``w1.58a8-<lora_size>`` from ``out`` with the adapters of
     ``out/lora_adapters.safetensors`` (float32, eval mode). The ternary codes are the file's.
@@ -386,11 +395,8 @@ def load_lora(out: str | Path, preset: LMPreset, vocab_size: int) -> Decoder:
     """
     from safetensors.torch import load_file
 
-    from labutils.bitlinear import add_lora_
-
     model = load_row(out, f"w1.58a8-{preset.lora_size}", preset, vocab_size)
-    model.requires_grad_(False)
-    add_lora_(model, rank=preset.lora_rank, alpha=preset.lora_alpha, seed=preset.seed)
+    add_preset_lora_(model, preset)
     adapters = load_file(str(Path(out) / "lora_adapters.safetensors"))
     expected = {n: p for n, p in model.named_parameters() if ".lora_" in n}
     if set(adapters) != set(expected):
@@ -473,15 +479,12 @@ def _sentiment_scores(model, tokenizer, judge: SentimentJudge, preset: LMPreset)
 
 def run_lora(preset: LMPreset, out: Path, tokenizer, reviews: Reviews, device: torch.device, classifier: str, model_path: str | None, quiet: bool) -> dict:
     """LoRA adapters on the frozen ternary model; the classifier grades base vs LoRA generations."""
-    from labutils.bitlinear import add_lora_
-
     row = f"w1.58a8-{preset.lora_size}"
     model = load_row(out, row, preset, tokenizer.get_vocab_size()).to(device)
     judge = SentimentJudge(classifier, model_path, device)
     base_scores, base_samples = _sentiment_scores(model, tokenizer, judge, preset)
     frozen = [(m, m.quantized_weight()[0].clone()) for _, m in _bitlinears(model)]
-    model.requires_grad_(False)
-    wrapped = add_lora_(model, rank=preset.lora_rank, alpha=preset.lora_alpha, seed=preset.seed)
+    wrapped = add_preset_lora_(model, preset)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=preset.lora_lr, weight_decay=0.0)
     inputs, targets = _tagged_batches(tokenizer, reviews.train, reviews.train_labels, preset.seq_len)

@@ -4,7 +4,8 @@ Two faces of one picture, both built on ``labutils.quant.quantize_weight``:
 
 - ``bitwidth_explorer(weights)``: live ipywidgets (a bit-width slider and a method dropdown)
   driving a plotly ``FigureWidget``: the histogram of the original weights against the
-  histogram of their quantized values, with MSE, SQNR and size beside it. Needs a kernel.
+  histogram of their quantized values, with MSE, SQNR and size beside it. Needs a kernel; in
+  Colab, displaying it first switches on Colab's custom widget manager (``enable_colab_widgets``).
 - ``bitwidth_figure(weights, method=...)``: the static twin for the rendered book, one plotly
   figure with plotly's own slider and one precomputed frame per bit width, so the web page can
   compare bit widths without a kernel.
@@ -18,6 +19,7 @@ samples, which keeps widget messages and the book's HTML small.
 from __future__ import annotations
 
 import numbers
+import sys
 
 import ipywidgets as ipw
 import numpy as np
@@ -32,6 +34,7 @@ __all__ = [
     "BitwidthExplorer",
     "bitwidth_explorer",
     "bitwidth_figure",
+    "enable_colab_widgets",
     "histogram_fractions",
     "metrics_html",
     "metrics_title",
@@ -284,7 +287,23 @@ class BitwidthExplorer:
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
+        enable_colab_widgets()
         display(self.widget)
+
+
+def enable_colab_widgets() -> bool:
+    """In Colab, switch on its custom widget manager, without which third-party widgets such as
+    plotly's ``FigureWidget`` draw nothing; elsewhere do nothing.
+
+    Returns:
+        True where the manager was switched on (Colab), False elsewhere.
+    """
+    if "google.colab" not in sys.modules:
+        return False
+    from google.colab import output  # type: ignore[import-not-found]  # only exists in Colab
+
+    output.enable_custom_widget_manager()
+    return True
 
 
 def bitwidth_explorer(

@@ -68,6 +68,29 @@ def test_explorer_displays_its_widget(weights, monkeypatch):
     assert shown == [explorer.widget]
 
 
+def test_in_colab_displaying_switches_on_the_custom_widget_manager(weights, monkeypatch):
+    import sys
+    import types
+
+    import IPython.display
+
+    calls = []
+    output = types.SimpleNamespace(enable_custom_widget_manager=lambda: calls.append("enabled"))
+    colab = types.ModuleType("google.colab")
+    colab.output = output
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setattr(IPython.display, "display", lambda obj: calls.append(obj))
+    explorer = widgets.bitwidth_explorer(weights, max_samples=1000)
+    explorer._ipython_display_()
+    assert calls == ["enabled", explorer.widget]  # before the widget, or Colab draws nothing
+
+
+def test_outside_colab_no_widget_manager_is_touched():
+    assert "google.colab" not in __import__("sys").modules
+    assert widgets.enable_colab_widgets() is False
+
+
 def test_explorer_initial_state(weights):
     explorer = widgets.bitwidth_explorer(weights, max_samples=1000)
     assert (explorer.slider.value, explorer.method.value) == (1.58, "uniform")

@@ -16,6 +16,7 @@ One module per concept (import the one you need: ``from labutils import quant``)
 - ``labutils.benchmark``  the IMDb benchmark: train, measure, report (``bench imdb``)
 - ``labutils.bench``      ``python -m labutils.bench {packing,kernels,imdb}``
 - ``labutils.plots``      plotly figures that draw in Jupyter, Colab and the offline book
+- ``labutils.checks``     self-checks of the chapters' and the labs' exercises (``check_*``)
 """
 
 __version__ = "0.1.0"

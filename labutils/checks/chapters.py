@@ -1,7 +1,6 @@
-"""Self-checks for the chapter exercises: call ``check_*()`` on your answer for instant feedback.
+"""Self-checks for the chapter exercises (import them from :mod:`labutils.checks`).
 
-nbgrader's hidden tests do not run in Colab or for a reader on their own, so each exercise of
-chapters 1 to 8 that asks for a value (or, in 8.2, for generated tokens) has a check here. A
+Each exercise of chapters 1 to 8 that asks for a value (or, in 8.2, for generated tokens) has a check here. A
 check recomputes the answer with ``labutils`` (so no answer is written in this file), compares,
 and either returns ``True`` after printing what was right, or raises :class:`ExerciseError` with
 a message that says *what* is wrong: a shape or a dtype, a factor of 2 (K and V, fp16 bytes),
@@ -26,6 +25,16 @@ import numpy as np
 import torch
 
 from labutils import packing, quant
+from labutils.checks._common import (
+    ExerciseError,
+    _filled,
+    _integer,
+    _kd_mistake,
+    _kd_reference,
+    _number,
+    _ok,
+    _ratio_hint,
+)
 
 __all__ = [
     "ExerciseError",
@@ -49,54 +58,6 @@ __all__ = [
     "check_kv_cache",
     "check_generations",
 ]
-
-
-class ExerciseError(AssertionError):
-    """An answer to an exercise is wrong; the message says how."""
-
-
-def _filled(value: object, name: str) -> None:
-    if value is None:
-        raise ExerciseError(f"{name} is still None: fill in your answer, then run the check again")
-
-
-def _number(value: object, name: str) -> float:
-    _filled(value, name)
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ExerciseError(f"{name} must be a single number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ExerciseError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(float(value)):
-        raise ExerciseError(f"{name} must be finite, got {value}")
-    return float(value)
-
-
-def _integer(value: object, name: str) -> int:
-    _filled(value, name)
-    if isinstance(value, (np.integer, torch.Tensor)) and not isinstance(value, bool):
-        value = value.item() if isinstance(value, torch.Tensor) else int(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ExerciseError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    return int(value)
-
-
-def _ratio_hint(mine: float, expected: float) -> str:
-    """' (off by a factor 2)' and the like when mine/expected is a telling ratio, else ''."""
-    if expected == 0 or mine == 0:
-        return ""
-    ratio = mine / expected
-    for factor, words in ((2.0, "2"), (0.5, "1/2"), (-1.0, "-1 (sign flipped)"), (4.0, "4"), (0.25, "1/4"),
-                          (9.0, "9"), (1 / 9, "1/9")):
-        if math.isclose(ratio, factor, rel_tol=1e-3):
-            return f" (off by a factor {words})"
-    return f" (yours is {ratio:.3g} x the expected value)"
-
-
-def _ok(message: str) -> bool:
-    print(f"correct: {message}")
-    return True
 
 
 # --------------------------------------------------------------------------- chapter 1
@@ -283,21 +244,11 @@ def check_absmax_activations(codes: torch.Tensor, scale: torch.Tensor, x: torch.
 def check_kd_loss(kd_loss: float, z_student: torch.Tensor, z_teacher: torch.Tensor, temperature: float) -> bool:
     """Exercise 4.1: ``T² · KL(softmax(z_t / T) || softmax(z_s / T))``, averaged over the rows."""
     mine = _number(kd_loss, "kd_loss")
-    T = float(temperature)
-    log_p_t = torch.log_softmax(z_teacher.double() / T, -1)
-    log_p_s = torch.log_softmax(z_student.double() / T, -1)
-    rows = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    expected = float(T**2 * rows.mean())
+    expected = _kd_reference(z_student, z_teacher, float(temperature))
     if math.isclose(mine, expected, rel_tol=1e-4, abs_tol=1e-7):
         return _ok(f"{expected:.6f}")
-    reversed_kl = float(T**2 * (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1).mean())
-    if math.isclose(mine, reversed_kl, rel_tol=1e-4):
-        raise ExerciseError("KL the wrong way round: the expectation is under the teacher, KL(p_t || p_s)")
-    if math.isclose(mine, expected / T**2, rel_tol=1e-4):
-        raise ExerciseError(f"missing the T^2 factor (off by a factor {T**2:g})")
-    if math.isclose(mine, expected * z_student.shape[0], rel_tol=1e-4):
-        raise ExerciseError("summed over the rows: average them")
-    raise ExerciseError(f"{mine:.6f} is not T^2 KL(p_t || p_s){_ratio_hint(mine, expected)}")
+    words = _kd_mistake(mine, z_student, z_teacher, temperature)
+    raise ExerciseError(words or f"{mine:.6f} is not T^2 KL(p_t || p_s){_ratio_hint(mine, expected)}")
 
 
 # --------------------------------------------------------------------------- chapter 5

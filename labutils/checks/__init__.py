@@ -17,7 +17,7 @@ Import any of them from here: ``from labutils.checks import check_row_scales``. 
 torch and numpy only; numba, transformers and ``labutils.lm`` are imported by the checks that use them.
 """
 
-from labutils.checks import chapters, lab01, lab02, lab03, lab04, lab05, lab06
+from labutils.checks import chapters, lab01, lab02, lab03, lab04, lab05, lab06, lab07, lab08
 from labutils.checks._common import ExerciseError
 from labutils.checks.chapters import *  # noqa: F403
 from labutils.checks.lab01 import *  # noqa: F403
@@ -26,8 +26,10 @@ from labutils.checks.lab03 import *  # noqa: F403
 from labutils.checks.lab04 import *  # noqa: F403
 from labutils.checks.lab05 import *  # noqa: F403
 from labutils.checks.lab06 import *  # noqa: F403
+from labutils.checks.lab07 import *  # noqa: F403
+from labutils.checks.lab08 import *  # noqa: F403
 
-LABS = {1: lab01, 2: lab02, 3: lab03, 4: lab04, 5: lab05, 6: lab06}
+LABS = {1: lab01, 2: lab02, 3: lab03, 4: lab04, 5: lab05, 6: lab06, 7: lab07, 8: lab08}
 """The labs' check modules, by lab number."""
 
 __all__ = ["ExerciseError", *(n for n in chapters.__all__ if n != "ExerciseError")]

@@ -418,7 +418,7 @@ def _gemv_roof(bandwidth: float, k: int, n: int, weight: float, act: float, out:
 
 
 def check_gemv_roofs(f32_roof: float, ternary_roof: float, bandwidth: float, k: int = 4096, n: int = 11008) -> bool:
-    """Exercise 6.3: the memory roofs, in GMAC/s, of a float32 GEMV and a W1.58A8 GEMV (2-bit weights,
+    """Exercise B.1 (appendix B): the memory roofs, in GMAC/s, of a float32 GEMV and a W1.58A8 GEMV (2-bit weights,
     int8 inputs, int32 outputs) of shape K x N at ``bandwidth`` GB/s."""
     f32 = _number(f32_roof, "f32_roof")
     ternary = _number(ternary_roof, "ternary_roof")

@@ -151,7 +151,7 @@ def notebook_times(junit_xml: Path) -> dict[str, float]:
     return times
 
 
-def timing_record(times: dict[str, float]) -> dict:
+def timing_record(times: dict[str, float], commit: str = "HEAD") -> dict:
     """``times`` with what they were measured on: CPU, cores, commit, date (for results/timing/)."""
     import datetime
     import os
@@ -160,10 +160,11 @@ def timing_record(times: dict[str, float]) -> dict:
     from labutils.kernels import cpu_features
 
     features = cpu_features()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", commit], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {
-        "command": "bash .ci/test --junitxml=junit.xml; python tests/standalone_support.py times junit.xml --json FILE",
-        "what": "seconds per notebook under nbval in .ci/test (each alone outside the checkout, one at a time)",
+        "command": "bash .ci/test --junitxml=junit.xml && python tests/standalone_support.py times junit.xml --json results/timing/<cpu>.json",
+        "what": "seconds per notebook under nbval in .ci/test: each alone outside the checkout, one at a time, "
+        "after the book build of the same run (so tokenized IMDb was cached), nothing else running",
         "seconds": {name: round(value, 1) for name, value in times.items()},
         "cpu": f"{features.get('cpu')} ({features.get('llvm_cpu')})",
         "kernel_path": features.get("path"),
@@ -174,18 +175,55 @@ def timing_record(times: dict[str, float]) -> dict:
     }
 
 
+def notebook_title(stem: str) -> str:
+    """The first heading of a book page (``book/<stem>.md``) or a lab (``labs/source/<stem>/``)."""
+    import nbformat
+
+    page = ROOT / "book" / f"{stem}.md"
+    lab = ROOT / "labs" / "source" / stem / f"{stem}.ipynb"
+    if page.is_file():
+        lines, fenced = [], False
+        for line in page.read_text().splitlines():  # headings of the Markdown, not comments in code cells
+            fenced ^= line.startswith("```")
+            if not fenced:
+                lines.append(line)
+    elif lab.is_file():
+        lines = [line for cell in nbformat.read(lab, as_version=4).cells if cell.cell_type == "markdown"
+                 for line in cell.source.splitlines()]
+    else:
+        return stem
+    return next((line[2:].strip() for line in lines if line.startswith("# ")), stem)
+
+
+def timing_table(record: dict) -> str:
+    """A Markdown table of ``timing_record``'s seconds, for the book's introduction to include."""
+    rows = ["| notebook | wall time |", "|:---|---:|"]
+    for stem, seconds in record["seconds"].items():
+        minutes, rest = divmod(round(seconds), 60)
+        rows.append(f"| {notebook_title(stem)} | {f'{minutes} min ' if minutes else ''}{rest} s |")
+    return (
+        "\n".join(rows)
+        + f"\n\nMeasured on {record['date']} at commit {record['commit'][:7]}: {record['what']}; "
+        f"{record['cpu']}, {record['cores']} cores, {record['kernel_path']} kernels, Python {record['python']}. "
+        f"Written by `{record['command']}`.\n"
+    )
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["stage", "serve", "times"])
     parser.add_argument("path", type=Path, help="the stage folder (stage, serve) or a JUnit XML report (times)")
     parser.add_argument("--json", type=Path, help="times: also write the seconds and the machine to this file")
+    parser.add_argument("--commit", default="HEAD", help="times: the commit the report measured (default HEAD)")
     args = parser.parse_args()
     if args.command == "times":
         times = notebook_times(args.path)
         for notebook, seconds in times.items():
             print(f"{notebook:40s} {int(seconds) // 60:3d} min {seconds % 60:4.1f} s")
-        if args.json:
+        if args.json:  # and the table beside it, FILE with .md, which book/intro.md includes
+            record = timing_record(times, args.commit)
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(timing_record(times), indent=1) + "\n")
+            args.json.write_text(json.dumps(record, indent=1) + "\n")
+            args.json.with_suffix(".md").write_text(timing_table(record))
     else:
         stage(args.path) if args.command == "stage" else serve(args.path)

@@ -198,10 +198,12 @@ def _mistake(mine: Any, candidates: Iterable[tuple[Callable[[], Any], str]], **t
 
 
 def _kd_reference(z_student: torch.Tensor, z_teacher: torch.Tensor, temperature: float) -> float:
-    """T² · KL(softmax(z_t / T) || softmax(z_s / T)), averaged over the rows (float64)."""
-    log_p_t = torch.log_softmax(z_teacher.detach().double() / temperature, -1)
-    log_p_s = torch.log_softmax(z_student.detach().double() / temperature, -1)
-    return float(temperature**2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean())
+    """T² · KL(softmax(z_t / T) || softmax(z_s / T)), averaged over the rows: the loss the book
+    trains with, ``labutils.distill.soft_target_kl``."""
+    from labutils.distill import soft_target_kl  # imported here: the other checks need no training code
+
+    with torch.no_grad():
+        return float(soft_target_kl(z_student, z_teacher, temperature))
 
 
 def _kd_mistake(mine: float, z_student: torch.Tensor, z_teacher: torch.Tensor, temperature: float) -> str | None:

@@ -631,6 +631,30 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def kernel_run_path(run: dict[str, Any]) -> str:
+    """The kernel path ("avx512", "avx2", "generic") a ``bench kernels`` JSON run measured: as
+    recorded, else inferred from its peak (the first committed run predates the recorded paths
+    and measured AVX-512 VPOPCNTDQ + VNNI kernels)."""
+    recorded = run.get("kernel_path") or run.get("path") or (run.get("cpu_features") or {}).get("path")
+    if recorded:
+        return recorded
+    peak = run["peak"]
+    if peak["vector_bits"] >= 512 and peak["mac_per_cycle_per_core"]["binary"] >= 512:
+        return "avx512"
+    return "avx2" if peak["vector_bits"] >= 256 else "generic"
+
+
+def committed_kernel_runs(folder: str | Path) -> dict[str, tuple[str, dict[str, Any]]]:
+    """One full (not ``--quick``) ``bench kernels`` run per kernel path, from the ``*.json`` files
+    of ``folder`` in name order (the first of a path wins): {path: (file name, run)}."""
+    runs: dict[str, tuple[str, dict[str, Any]]] = {}
+    for file in sorted(Path(folder).glob("*.json")):
+        run = json.loads(file.read_text())
+        if run.get("command") == "kernels" and not run.get("quick"):
+            runs.setdefault(kernel_run_path(run), (file.name, run))
+    return runs
+
+
 def _peers():
     from labutils import peers  # needs llama-cpp-python to run (pip install 'labutils[peers]')
 

@@ -65,6 +65,7 @@ __all__ = [
     "PackedFileError",
     "SizeRow",
     "format_size_report",
+    "header_bytes",
     "load_packed",
     "save_packed",
     "size_report",
@@ -426,6 +427,15 @@ class PackedContents:
 
 def _fail(message: str) -> NoReturn:
     raise PackedFileError(message)
+
+
+def header_bytes(path: str | os.PathLike) -> int:
+    """Bytes before a safetensors file's data: the 8-byte little-endian length, then the JSON header."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+    if len(prefix) < 8:
+        _fail(f"{path} is truncated: {len(prefix)} bytes, less than the 8-byte header length")
+    return 8 + int.from_bytes(prefix, "little")
 
 
 def _read_header(data: bytes) -> tuple[dict, int]:

@@ -24,6 +24,7 @@ from labutils.packfile import (
     PackedContents,
     PackedFileError,
     format_size_report,
+    header_bytes,
     load_packed,
     save_packed,
     size_report,
@@ -565,3 +566,15 @@ def test_the_same_model_gives_the_same_bytes_every_time(tmp_path):
         saved.add((tmp_path / "m.packed").read_bytes())
     assert len(saved) == 1
     assert isinstance(load_packed(saved.pop()), PackedContents)
+
+
+def test_header_bytes_is_where_the_tensor_data_starts(tiny_file, tmp_path):
+    data = tiny_file
+    (tmp_path / "tiny.safetensors").write_bytes(data)
+    start = header_bytes(tmp_path / "tiny.safetensors")
+    header = json.loads(data[8:start])  # exactly the JSON header, nothing of the data
+    assert "__metadata__" in header and start == 8 + int.from_bytes(data[:8], "little")
+    stub = tmp_path / "stub.safetensors"
+    stub.write_bytes(data[:5])
+    with pytest.raises(PackedFileError, match="truncated"):
+        header_bytes(stub)

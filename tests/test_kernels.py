@@ -328,6 +328,12 @@ def _recorded(name: str) -> list[str]:
     return [line for line in (DATA / name).read_text().splitlines() if line and not line.startswith(";")]
 
 
+def _recorded_flags(name: str) -> list[str]:
+    """The flags the recorded assembly was compiled for (its header's NUMBA_CPU_FEATURES)."""
+    header = (DATA / name).read_text().splitlines()[0]
+    return K.flags_of_features(header.split("NUMBA_CPU_FEATURES=")[1])
+
+
 RECORDED = [("asm_avx512_w1a1.txt", "avx512", "popcount"), ("asm_avx512_w158a8.txt", "avx512", "dot"),
             ("asm_avx2_w1a1.txt", "avx2", "popcount"), ("asm_avx2_w158a8.txt", "avx2", "dot")]  # fmt: skip
 
@@ -335,10 +341,11 @@ RECORDED = [("asm_avx512_w1a1.txt", "avx512", "popcount"), ("asm_avx512_w158a8.t
 @pytest.mark.parametrize("name,path,kind", RECORDED)
 def test_expected_instructions_match_recorded_assembly(name, path, kind):
     """Assembly recorded from each path's kernel (AVX-512: compiled for Zen 4; AVX2: Zen 3) holds
-    what expected_instructions says, and not the other path's instructions."""
+    what expected_instructions says for the CPU it was compiled for, and not the other path's."""
     found = asm.mnemonics(_recorded(name))
-    assert set(K.expected_instructions(path)[kind]) <= found
-    other = K.expected_instructions("avx2" if path == "avx512" else "avx512")[kind]
+    flags = _recorded_flags(name)
+    assert set(K.expected_instructions(path, flags)[kind]) <= found
+    other = K.expected_instructions("avx2" if path == "avx512" else "avx512", flags)[kind]
     assert not set(other) & found - {"vpshufb"}  # vpshufb also moves bytes in AVX-512 code
 
 
@@ -347,12 +354,28 @@ def test_expected_instructions_errors_and_generic():
         K.expected_instructions("neon")
     assert K.expected_instructions("generic", ["neon", "asimd"]) == {"popcount": ["cnt"], "dot": ["mla"]}
     assert K.expected_instructions("generic", ["popcnt", "avx2"]) == {"popcount": ["popcntq"], "dot": ["vpmulld"]}
+    avx512 = ["avx2", "avx512bw", "avx512f", "avx512_vnni", "avx512_vpopcntdq", "popcnt"]
+    assert K.expected_instructions("generic", avx512)["dot"] == ["vpmaddwd"]
+
+
+@pytest.mark.parametrize("flags,widen", [(["avx2", "popcnt"], "vpmaddwd"), (["avx2", "avx_vnni"], "vpdpwssd"),
+                                         (["avx2", "avx512bw", "avx512_vnni"], "vpdpwssd")])  # fmt: skip
+def test_expected_avx2_widening_depends_on_vnni(flags, widen):
+    """On a CPU with a VNNI extension LLVM fuses the AVX2 path's int16 -> int32 widening with its add."""
+    assert K.expected_instructions("avx2", flags)["dot"] == ["vpmaddubsw", widen]
+
+
+def test_flags_of_features():
+    assert K.flags_of_features("+avx2,+popcnt,+fma,-avx512f") == ["avx2", "popcnt"]
+    assert K.flags_of_features("+avx512vnni,+avxvnni,+avx512vpopcntdq") == ["avx512_vnni", "avx512_vpopcntdq", "avx_vnni"]
+    assert K.flags_of_features("") == []
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS)
 def test_live_assembly_of_this_cpu(path):
-    """What this CPU's kernels on ``path`` contain: the expected popcount and dot instructions."""
+    """What this CPU's kernels on ``path`` contain: the expected popcount and dot instructions
+    for this CPU (a forced path is compiled for the host, so its instructions depend on it)."""
     expected = K.expected_instructions(path)
     popcount = asm.mnemonics(K.asm_lines("w1a1", r"^\s*[a-z]", path))
     dot = asm.mnemonics(K.dot_asm_lines("w1.58a8", path))
@@ -362,7 +385,7 @@ def test_live_assembly_of_this_cpu(path):
         assert K.popcount_asm_lines("w1a1", path) and K.vnni_asm_lines(K.w158a8_gemm, path)
     if path == "avx2":
         assert not K.popcount_asm_lines("w1a1", path)  # no popcount instruction on this path
-        assert {"vpmaddubsw", "vpmaddwd"} <= asm.mnemonics(K.vnni_asm_lines("w1a8", path))
+        assert set(expected["dot"]) <= asm.mnemonics(K.vnni_asm_lines("w1a8", path))
 
 
 def test_asm_errors():

@@ -126,7 +126,7 @@ from labutils.kernels.asm import (
     popcount_asm_lines,
     vnni_asm_lines,
 )
-from labutils.kernels.cpu import PATHS, available_paths
+from labutils.kernels.cpu import PATHS, available_paths, flags_of_features, target_flags
 from labutils.kernels.dispatch import ENV_VAR, active_path, cpu_features, use
 from labutils.kernels.generic import w1a1_gemm_simple
 from labutils.kernels.layer import ACT_MODES, PackedBitLinear, pack_model
@@ -158,6 +158,7 @@ __all__ = [
     "cpu_features",
     "dot_asm_lines",
     "expected_instructions",
+    "flags_of_features",
     "pack_model",
     "packed_matmul",
     "popcount",
@@ -166,6 +167,7 @@ __all__ = [
     "prepack_w1a1",
     "prepack_w1a8",
     "prepack_w158a8",
+    "target_flags",
     "use",
     "vnni_asm_lines",
     "w1a1_gemm",

@@ -24,7 +24,7 @@ POPCOUNT_PATTERN = r"^\s*(v?popcnt[bwdq]?|cnt)\b"
 """Bit-count instructions: x86 ``popcnt``, AVX-512 ``vpopcnt[bwdq]``, arm64 ``cnt``."""
 
 DOT_PATTERN = (
-    r"^\s*(\{vex\}\s*)?(vpdpbusds?|v?pmaddubsw|v?pmaddwd|v?pmulld|v?pmullw|v?pmuldq|v?pmuludq"
+    r"^\s*(\{vex\}\s*)?(vpdpbusds?|vpdpwssds?|v?pmaddubsw|v?pmaddwd|v?pmulld|v?pmullw|v?pmuldq|v?pmuludq"
     r"|imul[lq]?|mla|mul|smlal2?|sdot|udot)\b"
 )
 """Integer multiply(-add) instructions of any path: VNNI, AVX2 pairs, plain multiplies, arm64."""
@@ -83,8 +83,8 @@ def popcount_asm_lines(kernel: Any, path: str | None = None) -> list[str]:
 
 
 def vnni_asm_lines(kernel: Any, path: str | None = None) -> list[str]:
-    """The ``vpdpbusd`` / ``vpmaddubsw`` / ``vpmaddwd`` instructions in ``kernel``'s assembly."""
-    return asm_lines(kernel, r"^\s*(\{vex\}\s*)?(vpdpbusds?|vpmaddubsw|vpmaddwd)\b", path)
+    """The ``vpdpbusd`` / ``vpdpwssd`` / ``vpmaddubsw`` / ``vpmaddwd`` instructions in ``kernel``'s assembly."""
+    return asm_lines(kernel, r"^\s*(\{vex\}\s*)?(vpdpbusds?|vpdpwssds?|vpmaddubsw|vpmaddwd)\b", path)
 
 
 def dot_asm_lines(kernel: Any, path: str | None = None) -> list[str]:
@@ -95,24 +95,33 @@ def dot_asm_lines(kernel: Any, path: str | None = None) -> list[str]:
 
 def expected_instructions(path: str, flags: list[str] | None = None) -> dict[str, list[str]]:
     """The instructions each path's kernels must contain: ``{"popcount": [...], "dot": [...]}``
-    (mnemonics; every one should appear in the W1A1 resp. A8 kernel's assembly).
+    (mnemonics; every one should appear in the W1A1 resp. A8 kernel's assembly), for a compile
+    target with ``flags`` (/proc/cpuinfo names; default: this CPU's, ``cpu.target_flags()``).
 
-    "avx512" and "avx2" are fixed by their code. "generic" is whatever LLVM makes of plain
-    loops, so it depends on the CPU: ``flags`` (default: this CPU's, ``cpu.target_flags()``) and
-    the architecture. arm64: ``cnt`` and ``mla``. x86: the scalar ``popcntq`` (LLVM does not
-    vectorize the counting loop, whose counters it cannot prove apart from the weights), and
-    ``vpmulld`` where AVX2 lets it vectorize the int32 products (no check below AVX2).
+    Numba compiles every path for the target CPU, so a forced path's instructions depend on it:
+    - "avx512": ``vpopcntq`` and ``vpdpbusd``, fixed by its intrinsics.
+    - "avx2": ``vpshufb``/``vpsadbw`` and ``vpmaddubsw``; the int16 -> int32 widening is
+      ``vpmaddwd``, except where the target has a VNNI extension (AVX-VNNI or AVX512-VNNI: Intel
+      since Ice Lake, AMD Zen 4), whose ``vpdpwssd`` LLVM uses to fuse that widening with the
+      add into the accumulator.
+    - "generic": whatever LLVM makes of plain loops. arm64: ``cnt`` and ``mla``. x86: the scalar
+      ``popcntq`` (LLVM does not vectorize the counting loop, whose counters it cannot prove apart
+      from the weights); the int8 products vectorized as ``vpmaddwd`` (pairs of int16 products
+      summed) where AVX-512BW is there, as ``vpmulld`` (int32 products) with AVX2 alone, and no
+      check below AVX2. (Seen on Zen 3, Zen 4 and an Intel Xeon with AVX-512.)
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    flags = set(target_flags() if flags is None else flags)
     if path == "avx512":
         return {"popcount": ["vpopcntq"], "dot": ["vpdpbusd"]}
     if path == "avx2":
-        return {"popcount": ["vpshufb", "vpsadbw"], "dot": ["vpmaddubsw", "vpmaddwd"]}
-    flags = target_flags() if flags is None else list(flags)
+        widen = "vpdpwssd" if flags & {"avx_vnni", "avx512_vnni"} else "vpmaddwd"
+        return {"popcount": ["vpshufb", "vpsadbw"], "dot": ["vpmaddubsw", widen]}
     if "neon" in flags or "asimd" in flags:
         return {"popcount": ["cnt"], "dot": ["mla"]}
-    return {"popcount": ["popcntq"] if "popcnt" in flags else [], "dot": ["vpmulld"] if "avx2" in flags else []}
+    dot = ["vpmaddwd"] if "avx512bw" in flags else ["vpmulld"] if "avx2" in flags else []
+    return {"popcount": ["popcntq"] if "popcnt" in flags else [], "dot": dot}
 
 
 def mnemonics(lines: list[str]) -> set[str]:

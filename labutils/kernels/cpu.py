@@ -59,6 +59,14 @@ def target_flags() -> list[str]:
     return sorted({name for llvm_name, name in _FLAG_NAMES.items() if llvm_name in enabled})
 
 
+def flags_of_features(features: str) -> list[str]:
+    """The kernel-relevant flags (sorted, /proc/cpuinfo names) of an LLVM feature string such as
+    ``NUMBA_CPU_FEATURES`` ("+avx2,+popcnt,-avx512f"): what ``target_flags`` would say for a
+    compile target with those features."""
+    enabled = {f.strip()[1:] for f in features.split(",") if f.strip().startswith("+")}
+    return sorted({name for llvm_name, name in _FLAG_NAMES.items() if llvm_name in enabled})
+
+
 def missing_features(path: str) -> list[str]:
     """The features ``path`` needs that the compile target lacks (ValueError for an unknown path)."""
     if path not in PATHS:

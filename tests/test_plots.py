@@ -67,3 +67,92 @@ def test_panels_chart_refuses_lines_for_missing_panels():
         plots.panels_chart({"A": [Series("s", [1], [1])]}, title="T", y_title="Y", lines={"Z": (1.0, "x")})
     with pytest.raises(ValueError, match="no panels"):
         plots.panels_chart({}, title="T", y_title="Y")
+
+
+# --------------------------------------------------------------------------- chapters 1 to 3
+
+
+def test_grid_chart_lays_out_panels_and_keeps_one_colour_per_name():
+    panels = {"A": [Series("run", [1, 2], [3, 4])], "B": [Series("run", [1, 2], [3, 5]), Series("q", [1, 2], [0, 1])],
+              "C": [Series("q", [1], [2])]}
+    fig = plots.grid_chart(panels, title="T", x_title=["xa", "xb", "xc"], y_title="Y", rows=3, shared_x=True,
+                           marks={"B": [plots.Mark(1.5, "here"), plots.Mark(0.5, axis="y")]}, steps=["q"],
+                           percent_y=["C"], legend_below=True)
+    assert [(t.name, t.showlegend) for t in fig.data] == [("run", True), ("run", False), ("q", True), ("q", False)]
+    assert fig.data[0].line.color == fig.data[1].line.color != fig.data[2].line.color == fig.data[3].line.color
+    assert [t.line.shape for t in fig.data] == [None, None, "hv", "hv"]
+    assert [t.yaxis for t in fig.data] == ["y", "y2", "y2", "y3"]  # three rows, one panel each
+    assert len(fig.layout.shapes) == 2 and fig.layout.yaxis3.tickformat == ".0%"
+    assert fig.layout.xaxis3.title.text == "xc" and fig.layout.xaxis.title.text is None  # shared x: bottom title only
+    assert [a.text for a in fig.layout.annotations][:3] == ["A", "B", "C"]
+
+
+def test_grid_chart_refuses_what_it_cannot_draw():
+    one = {"A": [Series("s", [1], [1])]}
+    with pytest.raises(ValueError, match="no panels"):
+        plots.grid_chart({}, title="T")
+    with pytest.raises(ValueError, match="rows must be 1 to 1"):
+        plots.grid_chart(one, title="T", rows=2)
+    with pytest.raises(ValueError, match="do not exist"):
+        plots.grid_chart(one, title="T", marks={"Z": [plots.Mark(1.0)]})
+    with pytest.raises(ValueError, match="2 entries for 1 panels"):
+        plots.grid_chart(one, title="T", x_title=["a", "b"])
+    with pytest.raises(ValueError, match="axis must be"):
+        plots.Mark(1.0, axis="z")
+
+
+def test_weight_range_chart_counts_every_weight_and_sorts_the_rows():
+    import torch
+
+    w = torch.tensor([[0.0, 1.0, -3.0], [0.5, 0.5, 0.5]])
+    fig = plots.weight_range_chart(w, title="T", bins=4)
+    assert sum(fig.data[0].y) == w.numel() and fig.layout.yaxis.type == "log"
+    assert list(fig.data[1].y) == [3.0, 0.5]
+    with pytest.raises(ValueError, match=r"\[out, in\]"):
+        plots.weight_range_chart(torch.zeros(3), title="T")
+
+
+def test_sqnr_band_chart_draws_range_median_and_rule():
+    import numpy as np
+
+    table = np.array([[1.0, 7.0, 13.0], [3.0, 9.0, 15.0], [2.0, 8.0, 20.0]])
+    fig = plots.sqnr_band_chart([2, 3, 4], table, title="T", db_per_bit=6.0)
+    band, median, rule = fig.data
+    assert list(band.y) == [3.0, 9.0, 20.0, 13.0, 7.0, 1.0]  # max left to right, then min back
+    assert list(median.y) == [2.0, 8.0, 15.0]
+    assert list(rule.y) == pytest.approx([3.0, 9.0, 15.0])  # through the median's last point, 6 per bit
+    with pytest.raises(ValueError, match="must be"):
+        plots.sqnr_band_chart([2, 3], table, title="T", db_per_bit=6.0)
+
+
+def test_channel_outlier_chart_shows_each_channels_max():
+    import torch
+
+    acts = torch.tensor([[1.0, -9.0, 0.5], [-2.0, 3.0, 0.25]])
+    fig = plots.channel_outlier_chart(acts, outlier=1, typical=0, title="T")
+    assert list(fig.data[0].y) == [2.0, 9.0, 0.5]
+    assert [t.name for t in fig.data[1:]] == ["channel 1", "channel 0"] and list(fig.data[1].x) == [-9.0, 3.0]
+    with pytest.raises(ValueError, match="channels 5"):
+        plots.channel_outlier_chart(acts, outlier=5, typical=0, title="T")
+
+
+def test_bitlinear_diagram_draws_one_box_per_step():
+    steps = [("x", "input", ""), ("norm", "RMSNorm", "BitLinear.norm"), ("matmul", "int", "F.linear")]
+    fig = plots.bitlinear_diagram(steps, ("quantize W", "ternary", "quant.ternarize_absmean"), joins_at=2, title="T")
+    assert len(fig.layout.shapes) == len(steps) + 1
+    texts = [a.text for a in fig.layout.annotations]
+    assert "<b>norm</b>" in texts and "<b>quantize W</b>" in texts
+    assert sum(1 for a in fig.layout.annotations if a.showarrow) == len(steps) - 1 + 2  # chain, latent W, join
+    with pytest.raises(ValueError, match="joins_at"):
+        plots.bitlinear_diagram(steps, ("w", "", ""), joins_at=3, title="T")
+
+
+def test_heatmap_pair_checks_the_grid_shape():
+    import numpy as np
+
+    fig = plots.heatmap_pair(np.ones((2, 3)), -np.ones((2, 3)), x=["a", "b", "c"], y=["r0", "r1"], titles=("L", "R"),
+                             formats=(".2f", "+.1f"), title="T")
+    assert fig.data[1].zmid == 0 and fig.data[0].zmid is None and fig.data[0].texttemplate == "%{z:.2f}"
+    with pytest.raises(ValueError, match=r"\[2, 3\]"):
+        plots.heatmap_pair(np.ones((3, 2)), np.ones((2, 3)), x=["a", "b", "c"], y=["r0", "r1"], titles=("L", "R"),
+                           formats=("", ""), title="T")

@@ -156,3 +156,28 @@ def test_heatmap_pair_checks_the_grid_shape():
     with pytest.raises(ValueError, match=r"\[2, 3\]"):
         plots.heatmap_pair(np.ones((3, 2)), np.ones((2, 3)), x=["a", "b", "c"], y=["r0", "r1"], titles=("L", "R"),
                            formats=("", ""), title="T")
+
+
+def test_packed_bytes_chart_labels_each_weight_where_its_bits_are():
+    fig = plots.packed_bytes_chart([0x46], [1, 0, -1, 0], 2, title="one byte", positions=[0, 32, 64, 96])
+    texts = [a.text for a in fig.layout.annotations]
+    assert texts[:8] == ["<b>0</b>", "<b>1</b>", "<b>1</b>", "<b>0</b>", "<b>0</b>", "<b>0</b>", "<b>1</b>", "<b>0</b>"]
+    assert "w0<br>+1 → 10" in texts and "w96<br>0 → 01" in texts  # w0 in bits 0-1, labelled by its position
+    assert any("0x46" in t for t in texts)
+    bit0 = fig.layout.shapes[0]  # bit 0 is drawn rightmost and coloured by the weight it belongs to
+    assert bit0.x0 == 7 and bit0.fillcolor == plots.VALUE_COLORS[1]
+    padded = plots.packed_bytes_chart([0b1], [1], 1, title="padding")
+    assert sum(a.text == "pad" for a in padded.layout.annotations) == 7
+    with pytest.raises(ValueError, match="do not fit"):
+        plots.packed_bytes_chart([0], [1] * 5, 2, title="too many")
+    with pytest.raises(ValueError, match="bits_per_weight"):
+        plots.packed_bytes_chart([0], [1], 3, title="three bits")
+
+
+def test_stacked_size_chart_stacks_the_parts_in_megabytes():
+    parts = [("a", "part a", "red"), ("b", "part b", "blue")]
+    fig = plots.stacked_size_chart({"x": {"a": 1_000_000, "b": 500_000, "file": 1_500_000}}, parts, title="sizes")
+    assert [t.name for t in fig.data[:2]] == ["part a", "part b"] and fig.layout.barmode == "stack"
+    assert list(fig.data[0].y) == [1.0] and list(fig.data[1].y) == [0.5] and list(fig.data[2].text) == ["1.5 MB"]
+    with pytest.raises(ValueError, match=r"needs the parts \['b'\]"):
+        plots.stacked_size_chart({"x": {"a": 1, "file": 1}}, parts, title="missing")

@@ -245,8 +245,8 @@ def export_gguf(
             norms = {key: layer.norm for key, layer in layers.items()}
             if any(not isinstance(n, torch.nn.RMSNorm) for n in norms.values()):
                 raise ValueError(f"block {i}: llama.cpp's bitnet graph needs BitLinear norm='rms' on every projection")
-            g_attn = _fold_norms(g_attn, f32(norms["qkv"].weight), approximate_norms, f"blk.{i}.attn_norm")
-            g_mlp = _fold_norms(g_mlp, f32(norms["gate_up"].weight), approximate_norms, f"blk.{i}.ffn_norm")
+            g_attn = fold_norm_gains(g_attn, f32(norms["qkv"].weight), approximate_norms, f"blk.{i}.attn_norm")
+            g_mlp = fold_norm_gains(g_mlp, f32(norms["gate_up"].weight), approximate_norms, f"blk.{i}.ffn_norm")
             _add(writer, gguf, p + "attn_sub_norm.weight", f32(norms["o"].weight), "F32", types)
             _add(writer, gguf, p + "ffn_sub_norm.weight", f32(norms["down"].weight), "F32", types)
         _add(writer, gguf, p + "attn_norm.weight", g_attn, "F32", types)
@@ -260,8 +260,10 @@ def export_gguf(
     return types
 
 
-def _fold_norms(g_block: np.ndarray, g_layer: np.ndarray, approximate: bool, where: str) -> np.ndarray:
-    """One RMSNorm gain for RMSNorm_layer(RMSNorm_block(x)): g_layer * g_block / rms(g_block)."""
+def fold_norm_gains(g_block: np.ndarray, g_layer: np.ndarray, approximate: bool, where: str) -> np.ndarray:
+    """One RMSNorm gain for RMSNorm_layer(RMSNorm_block(x)): ``g_layer * g_block / rms(g_block)``
+    (float32 ``[dim]`` from two ``[dim]`` gains); exact only for a uniform ``g_block``: else
+    ValueError naming ``where``, or a warning and the approximate fold if ``approximate``."""
     rms = float(np.sqrt(np.mean(g_block.astype(np.float64) ** 2)))
     if rms == 0:
         raise ValueError(f"{where}: the block norm's gain is all zeros")

@@ -47,6 +47,7 @@ __all__ = [
     "PEAK_METHODS",
     "peak_memory",
     "peak_memory_support",
+    "resident_bytes",
     "threads",
     "time_callable",
 ]
@@ -272,6 +273,20 @@ def _glibc() -> ctypes.CDLL | None:
     except (OSError, AttributeError):
         return None
     return libc
+
+
+def resident_bytes(trim: bool = False) -> int:
+    """This process's resident set in bytes (Linux: /proc/self/status). ``trim``: first hand freed
+    heap pages back to the OS (``gc.collect`` and glibc's ``malloc_trim``), so that a later growth
+    is not hidden by pages that were freed and that the next allocation would reuse."""
+    import gc
+
+    if trim:
+        gc.collect()
+        libc = _glibc()
+        if libc is not None:
+            libc.malloc_trim(0)
+    return _status_kib("VmRSS") * 1024
 
 
 def _linux_reset_works() -> bool:

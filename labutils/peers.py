@@ -29,7 +29,7 @@ threads:
 
 Both sides' decode loops are the same: a prefill of the prompt, then ``argmax`` of the last
 logits fed back one token at a time (the torch rows use
-:func:`labutils.lm.experiment._decode_once`, chapter 8.5's loop; llama.cpp rows
+:func:`labutils.lm.experiment.decode_once`, chapter 8.5's loop; llama.cpp rows
 :func:`llama_decode_once`, written to match). Two asymmetries remain and are recorded: llama.cpp
 computes the head only for the last prompt position (the book's prefill computes it for all, a
 ~2 % share of the prefill at 700m), and llama.cpp keeps its KV cache in fp16 (the book: float32).
@@ -68,6 +68,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from labutils.measure import resident_bytes
+from labutils.runs import UsageError, parse_set_options, provenance, weights_bytes, write_json
 
 __all__ = [
     "PeersPreset",
@@ -217,7 +220,7 @@ def llama_last_logits(llm) -> np.ndarray:
 
 def llama_decode_once(llm, prompt: Sequence[int], new_tokens: int) -> tuple[float, float]:
     """Seconds of the prefill of ``prompt`` and of ``new_tokens`` greedy steps after it, in
-    llama.cpp: the loop of :func:`labutils.lm.experiment._decode_once` (the KV cache is cleared
+    llama.cpp: the loop of :func:`labutils.lm.experiment.decode_once` (the KV cache is cleared
     first: ``eval`` after ``reset`` drops every cached position)."""
     llm.reset()
     start = time.perf_counter()
@@ -262,7 +265,7 @@ def fold_norms_like_llama(model: torch.nn.Module) -> torch.nn.Module:
     Equal to ``model`` when every block gain is uniform; otherwise its logits minus ``model``'s
     are the approximate fold's share of the llama.cpp difference."""
     from labutils.bitlinear import BitLinear
-    from labutils.export import _fold_norms
+    from labutils.export import fold_norm_gains
 
     if getattr(getattr(model, "config", None), "quant", None) != "w1.58a8":
         raise ValueError("fold_norms_like_llama takes a ternary Decoder (config.quant='w1.58a8')")
@@ -273,7 +276,7 @@ def fold_norms_like_llama(model: torch.nn.Module) -> torch.nn.Module:
             for norm, layer in ((block.attn_norm, block.attn.qkv), (block.mlp_norm, block.mlp.gate_up)):
                 if not isinstance(layer, BitLinear) or not isinstance(layer.norm, torch.nn.RMSNorm):
                     raise ValueError(f"block {i}: expected BitLinear projections with norm='rms'")
-                gain = _fold_norms(norm.weight.numpy(), layer.norm.weight.numpy(), True, f"blk.{i}")
+                gain = fold_norm_gains(norm.weight.numpy(), layer.norm.weight.numpy(), True, f"blk.{i}")
                 norm.weight.copy_(torch.from_numpy(gain))
                 layer.norm = None
     return folded
@@ -315,29 +318,13 @@ def _export(model, tokenizer, path: Path, weight_type: str, **kwargs) -> dict[st
             "seconds": time.perf_counter() - start}  # fmt: skip
 
 
-def _rss_bytes(trim: bool = False) -> int:
-    """This process's resident set (bytes); ``trim``: first hand freed heap pages back to the OS
-    (``gc.collect`` and glibc's ``malloc_trim``), so that a later growth is not hidden by pages
-    that the export freed and the next allocation reuses."""
-    import gc
-
-    from labutils.measure import _glibc, _status_kib
-
-    if trim:
-        gc.collect()
-        libc = _glibc()
-        if libc is not None:
-            libc.malloc_trim(0)
-    return _status_kib("VmRSS") * 1024
-
-
 # --------------------------------------------------------------------------- timing
 
 
 def _torch_engine(model: torch.nn.Module) -> Callable[[torch.Tensor, int], tuple[float, float]]:
-    from labutils.lm.experiment import _decode_once
+    from labutils.lm.experiment import decode_once
 
-    return lambda prompt, n: _decode_once(model, prompt, n)
+    return lambda prompt, n: decode_once(model, prompt, n)
 
 
 def _llama_engine(llm) -> Callable[[torch.Tensor, int], tuple[float, float]]:
@@ -384,7 +371,6 @@ def measure_model(engines: dict[str, Callable[[torch.Tensor, int], tuple[float, 
 def _time_model(name: str, kind: str, ternary: torch.nn.Module, fp: torch.nn.Module | None, tokenizer,
                 preset: PeersPreset, work: Path, quiet: bool) -> dict[str, Any]:  # fmt: skip
     """Export, load and time one model (dummy size or the trained decoder): every row of it."""
-    from labutils.benchmark import _weights_bytes
     from labutils.kernels import pack_model
     from labutils.packfile import save_packed
 
@@ -405,17 +391,17 @@ def _time_model(name: str, kind: str, ternary: torch.nn.Module, fp: torch.nn.Mod
     engines: dict[str, Callable] = {}
     if fp is not None:
         engines["torch fp32"] = _torch_engine(fp)
-        rows["torch fp32"] = {"weights_bytes": _weights_bytes(fp), "file_bytes": None}
+        rows["torch fp32"] = {"weights_bytes": weights_bytes(fp), "file_bytes": None}
     engines["book w1.58a8"] = _torch_engine(packed)
-    rows["book w1.58a8"] = {"weights_bytes": _weights_bytes(packed), "file_bytes": files["book .packed"]["bytes"]}
+    rows["book w1.58a8"] = {"weights_bytes": weights_bytes(packed), "file_bytes": files["book .packed"]["bytes"]}
     llamas = {}
     llama_cpp = require_llama_cpp()
     for wtype in (*TERNARY_GGUF, *(FLOAT_GGUF if fp is not None else ())):
-        before = _rss_bytes(trim=True)
+        before = resident_bytes(trim=True)
         llm = load_llama(work / files[wtype]["file"], n_ctx, preset.threads)
         llama_decode_once(llm, [0, 1], 1)  # first use allocates the compute buffers
         row = f"llama.cpp {wtype}"
-        rows[row] = {"weights_bytes": int(llama_cpp.llama_model_size(llm.model)), "rss_growth_bytes": _rss_bytes() - before,
+        rows[row] = {"weights_bytes": int(llama_cpp.llama_model_size(llm.model)), "rss_growth_bytes": resident_bytes() - before,
                      "file_bytes": files[wtype]["bytes"]}  # fmt: skip
         llamas[row] = llm
         engines[row] = _llama_engine(llm)
@@ -576,7 +562,6 @@ def target_check(models: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _provenance(llama_cpp) -> dict[str, Any]:
-    from labutils.benchmark import provenance
     from labutils.kernels import active_path
 
     prov = provenance("cpu")
@@ -595,7 +580,6 @@ def _provenance(llama_cpp) -> dict[str, Any]:
 
 def run_peers(preset: PeersPreset, out: Path, work: Path | None = None, quiet: bool = False) -> dict[str, Any]:
     """Export, agree, time: write ``out/peers.json`` and ``out/peers.html``; return the result."""
-    from labutils.lm.experiment import _write_json
     from labutils.lm.tokenizer import load_tokenizer
     from labutils.measure import threads
 
@@ -628,7 +612,7 @@ def run_peers(preset: PeersPreset, out: Path, work: Path | None = None, quiet: b
         "published": PUBLISHED, "seconds": time.perf_counter() - started, "load_average_before": load_before,
         "provenance": _provenance(llama_cpp),  # its load_average: at the end
     }  # fmt: skip
-    _write_json(out / "peers.json", result)
+    write_json(out / "peers.json", result)
     chart(result).write_html(out / "peers.html", include_plotlyjs="cdn", full_html=True)
     if not quiet:
         print(format_table(result))
@@ -722,8 +706,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> dict[str, Any]:
-    from labutils.bench import UsageError, parse_set_options
-
     try:
         preset = dataclasses.replace(PRESETS[args.preset], **parse_set_options(args.overrides, PeersPreset))
     except (TypeError, ValueError) as error:

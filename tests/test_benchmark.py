@@ -218,22 +218,22 @@ def test_w1a1_activations_preset_field(tmp_path):
     a folder saved before the field existed resumes with its default."""
     overrides = B.parse_overrides(["w1a1_activations=elastic"])
     assert overrides == {"w1a1_activations": "elastic"}
-    preset = B._with_overrides(B.PRESETS["ci"], overrides)
+    preset = B.with_overrides(B.PRESETS["ci"], overrides)
     assert B.PRESETS["ci"].w1a1_activations == "sign_mean" and preset.w1a1_activations == "elastic"
     assert B.student_config("w1a1", preset).act_binarizer == "elastic"
     assert B.student_config("w1a1", B.PRESETS["ci"]) == B.ROWS["w1a1"].bitnet
     assert B.student_config("w1a8", preset) == B.ROWS["w1a8"].bitnet
     with pytest.raises(ValueError, match="w1a1_activations must be one of"):
-        B._with_overrides(B.PRESETS["ci"], B.parse_overrides(["w1a1_activations=xnor"]))
-    B._resolve_preset(tmp_path / "a", preset)
+        B.with_overrides(B.PRESETS["ci"], B.parse_overrides(["w1a1_activations=xnor"]))
+    B.resolve_preset(tmp_path / "a", preset)
     assert json.loads((tmp_path / "a" / "preset.json").read_text())["w1a1_activations"] == "elastic"
     with pytest.raises(ValueError, match="w1a1_activations"):
-        B._resolve_preset(tmp_path / "a", B.PRESETS["ci"])
+        B.resolve_preset(tmp_path / "a", B.PRESETS["ci"])
     old = json.loads(json.dumps(B.PRESETS["ci"].__dict__))
     del old["w1a1_activations"]
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "preset.json").write_text(json.dumps(old))
-    B._resolve_preset(tmp_path / "b", B.PRESETS["ci"])  # an older run, the default: resumes
+    B.resolve_preset(tmp_path / "b", B.PRESETS["ci"])  # an older run, the default: resumes
 
 
 def test_elastic_student_parameters_are_optimized():
@@ -242,7 +242,7 @@ def test_elastic_student_parameters_are_optimized():
     from models_support import tiny_bert
 
     model = tiny_bert()
-    quantize_(model, B.student_config("w1a1", B._with_overrides(B.PRESETS["ci"], {"w1a1_activations": "elastic"})))
+    quantize_(model, B.student_config("w1a1", B.with_overrides(B.PRESETS["ci"], {"w1a1_activations": "elastic"})))
     elastic = {id(p) for n, p in model.named_parameters() if n.endswith((".act_alpha", ".act_beta"))}
     assert elastic
     optimized = {id(p) for group in _optimizer(model, TrainConfig()).param_groups for p in group["params"]}
@@ -335,7 +335,7 @@ def test_cpu_stage_remeasures_some_columns_and_keeps_the_others(tiny_run, tmp_pa
 def test_report_rows_include_onnx_runtime_rows(tmp_path):
     timing = {"b1": {"L128": {"median_ms": 30.0, "best_ms": 29.0}}}
     cpu = {"latency": {"fp32": timing, "onnx-int8": timing}, "weights_bytes": {"fp32": 90, "onnx-int8": 25}}
-    rows = B._rows_of(tmp_path, cpu)
+    rows = B.rows_of(tmp_path, cpu)
     assert set(rows) == {"fp32", "onnx-int8"}
     assert rows["onnx-int8"]["label"] == B.ONNX_LABELS["onnx-int8"] and rows["onnx-int8"]["accuracy"] is None
     results = {**_fake_results(), "rows": {**_fake_results()["rows"], "onnx-int8": rows["onnx-int8"]}}

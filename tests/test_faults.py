@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from labutils import bench
+from labutils import bench, runs
 from labutils import benchmark as B
 from labutils.packfile import write_atomic
 
@@ -76,7 +76,7 @@ def test_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        B._write_json(path, {"new": 1})
+        runs.write_json(path, {"new": 1})
     assert path.read_bytes() == b"old"
 
 

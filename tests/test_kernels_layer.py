@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import numba
 import numpy as np
@@ -265,32 +264,6 @@ def test_pack_model_inplace_and_errors():
     assert isinstance(K.pack_model(_bitlinear(BitNetConfig())), K.PackedBitLinear)
 
 
-# --------------------------------------------------------------------------- the benchmark
-
-
-def test_bench_quick_writes_json(tmp_path, capsys):
-    from labutils import bench
-
-    out = tmp_path / "kernels.json"
-    args = ["kernels", "--quick", "--threads", "1", "--repeat", "1", "--budget", "0", "--out", str(out)]
-    assert bench.main(args) == 0
-    result = json.loads(out.read_text())
-    assert result["command"] == "kernels" and result["threads"] == 1
-    assert {"frequency_ghz", "notes"} <= set(result["peak"])
-    assert result["results"], "no shapes measured"
-    # The active path (LABBOOK_KERNEL_PATH, else the best) runs first and names the unsuffixed rows.
-    assert result["kernel_path"] == K.active_path() == result["paths"][0]
-    assert sorted(result["paths"]) == sorted(K.available_paths())
-    assert result["cpu_features"]["flags"] == K.cpu_features()["flags"]
-    assert set(result["int8_baselines"]) >= {"torch_int8"}
-    for row in result["results"]:
-        others = {f"w1a1@{path}" for path in result["paths"][1:]}  # every other path, suffixed
-        assert {"w1a1", "w1a8", "w1.58a8", "torch_f32", "torch_int8", *others} <= set(row["kernels"])
-        for timing in row["kernels"].values():
-            assert timing["seconds"] > 0 and timing["gmac_per_s"] > 0
-            assert timing["spread"][0] <= timing["seconds"] <= timing["spread"][1]
-    assert {t["path"] for t in result["targets"]} <= set(K.available_paths())
-    assert "GMAC/s" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- the fused layer

@@ -84,7 +84,7 @@ def test_preset_rejects_bad_values(field, value):
 
 def test_measure_model_interleaves_and_pairs_ratios():
     from labutils.kernels import pack_model
-    from labutils.lm.experiment import _decode_once
+    from labutils.lm.experiment import decode_once
 
     model = ternary()
     packed = pack_model(model)
@@ -93,7 +93,7 @@ def test_measure_model_interleaves_and_pairs_ratios():
     def engine(name, m):
         def run(prompt, n):
             calls.append(name)
-            return _decode_once(m, prompt, n)
+            return decode_once(m, prompt, n)
 
         return run
 

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from labutils.lm.model import QUANTS, Decoder, KVCache, LMConfig, generate
 from labutils.lm.tokenizer import EOS, NEG, POS, clean_review, load_tokenizer, train_tokenizer
+from labutils.runs import UsageError, device_name, parse_set_options, provenance, save_safetensors, weights_bytes, write_json
 
 __all__ = ["SIZES", "LMPreset", "PRESETS", "STAGES", "row_config", "run", "add_arguments", "run_command"]
 
@@ -152,16 +153,8 @@ def row_config(row: str, preset: LMPreset, vocab_size: int, attention: str = "sd
 # --------------------------------------------------------------------------- small helpers
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    from labutils.benchmark import _write_json as write
-
-    write(path, payload)
-
-
 def _provenance(device: torch.device) -> dict[str, Any]:
-    from labutils.benchmark import _device_name, provenance
-
-    return provenance(_device_name(device))
+    return provenance(device_name(device))
 
 
 def _device(name: str) -> torch.device:
@@ -303,7 +296,7 @@ def train_row(row: str, preset: LMPreset, out: Path, tokenizer, reviews: Reviews
             history.append({"step": step + 1, "tokens": (step + 1) * preset.batch_size * preset.seq_len,
                             "train_loss": train_loss, "holdout_ppl": hold_ppl})  # fmt: skip
             # The curve so far, on disk: a run killed later (a lent GPU taken back) keeps it.
-            _write_json(out / f"progress_{row}.json", {"row": row, "lr": peak, "history": history})
+            write_json(out / f"progress_{row}.json", {"row": row, "lr": peak, "history": history})
             if not quiet:
                 print(f"[{row}] step {step + 1}: train loss {train_loss:.3f}, holdout ppl {hold_ppl:.2f}", flush=True)
     seconds = time.perf_counter() - start
@@ -323,7 +316,7 @@ def train_row(row: str, preset: LMPreset, out: Path, tokenizer, reviews: Reviews
         # What a reader downloads: the packed file loaded back (fp16 embedding), same test text.
         loaded = load_row(out, row, preset, tokenizer.get_vocab_size()).to(device)
         result["test_ppl_packed"] = perplexity(loaded, test, preset.seq_len, preset.eval_tokens)
-    _write_json(out / f"train_{row}.json", result)
+    write_json(out / f"train_{row}.json", result)
     return result
 
 
@@ -342,7 +335,7 @@ def evaluate_row(row: str, preset: LMPreset, out: Path, tokenizer, reviews: Revi
         "parameters": model.num_parameters(), "non_embedding_parameters": model.num_parameters(embeddings=False),
         "provenance": _provenance(device),
     }  # fmt: skip
-    _write_json(out / f"eval_{row}.json", result)
+    write_json(out / f"eval_{row}.json", result)
     return result
 
 
@@ -352,13 +345,12 @@ def weights_path(out: str | Path, row: str) -> Path:
 
 
 def _save_row(model: Decoder, out: Path, row: str) -> Path:
-    from labutils.benchmark import _save_safetensors
     from labutils.packfile import save_packed
 
     model = copy.deepcopy(model).float().cpu().eval()  # a copy: the caller's model stays where it is
     path = weights_path(out, row)
     if model.config.quant == "fp":
-        _save_safetensors(model, path)
+        save_safetensors(model, path)
     else:
         save_packed(model, path, ternary="ternary2", embeddings="float", float_dtype="fp16")
     return path
@@ -515,7 +507,7 @@ def run_lora(preset: LMPreset, out: Path, tokenizer, reviews: Reviews, device: t
         "base": base_scores, "lora": lora_scores, "samples": {"base": base_samples, "lora": lora_samples},
         "ternary_weights_unchanged": unchanged, "provenance": _provenance(device),
     }  # fmt: skip
-    _write_json(out / "lora.json", result)
+    write_json(out / "lora.json", result)
     return result
 
 
@@ -610,7 +602,7 @@ def run_attention(preset: LMPreset, out: Path, vocab_size: int, device: torch.de
         if device.type == "cuda":
             torch.cuda.empty_cache()
     result = {"size": size, "batch": preset.attention_batch, "repeats": repeats, "rows": rows, "provenance": _provenance(device)}
-    _write_json(out / f"attention_{device.type}.json", result)
+    write_json(out / f"attention_{device.type}.json", result)
     return result
 
 
@@ -631,7 +623,7 @@ def decode_models(size: str, preset: LMPreset, vocab_size: int) -> dict[str, tor
 
 
 @torch.no_grad()
-def _decode_once(model: Decoder, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+def decode_once(model: Decoder, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """Seconds of the prefill of ``prompt`` [1, T] and of ``new_tokens`` greedy steps after it."""
     cache = KVCache(model.config, 1, dtype=torch.float32, device="cpu")
     start = time.perf_counter()
@@ -648,7 +640,6 @@ def run_decode(preset: LMPreset, out: Path, vocab_size: int, quiet: bool) -> dic
     a ``decode_prompt``-token prefill) and text generation (tg, tokens/s over ``decode_tokens``
     greedy steps with the KV cache), FP32 vs INT8 vs packed W1.58A8, at each of ``decode_sizes``.
     Rows are interleaved within each repeat; medians and the per-repeat ratios' spread are kept."""
-    from labutils.benchmark import _weights_bytes
     from labutils.kernels import active_path
 
     torch.set_num_threads(preset.threads)
@@ -663,17 +654,17 @@ def run_decode(preset: LMPreset, out: Path, vocab_size: int, quiet: bool) -> dic
     for size in _progress(preset.decode_sizes, quiet, desc="decode"):
         models = decode_models(size, preset, vocab_size)
         for model in models.values():
-            _decode_once(model, prompt[:, :8], 2)  # warm-up: Numba compilation, allocator
+            decode_once(model, prompt[:, :8], 2)  # warm-up: Numba compilation, allocator
         runs: dict[str, list[tuple[float, float]]] = {row: [] for row in models}
         for _ in range(preset.decode_repeat):
             for row, model in models.items():
-                runs[row].append(_decode_once(model, prompt, preset.decode_tokens))
+                runs[row].append(decode_once(model, prompt, preset.decode_tokens))
         rows = {}
         for row, samples in runs.items():
             pp = [preset.decode_prompt / p for p, _ in samples]
             tg = [preset.decode_tokens / g for _, g in samples]
             rows[row] = {"pp_tokens_per_s": float(np.median(pp)), "tg_tokens_per_s": float(np.median(tg)),
-                         "pp_samples": pp, "tg_samples": tg, "weights_bytes": _weights_bytes(models[row])}  # fmt: skip
+                         "pp_samples": pp, "tg_samples": tg, "weights_bytes": weights_bytes(models[row])}  # fmt: skip
         for row in rows:
             for kind in ("pp", "tg"):
                 ratios = [a / b for a, b in zip(rows[row][f"{kind}_samples"], rows["fp32"][f"{kind}_samples"])]
@@ -691,7 +682,7 @@ def run_decode(preset: LMPreset, out: Path, vocab_size: int, quiet: bool) -> dic
     result = {"threads": preset.threads, "prompt": preset.decode_prompt, "new_tokens": preset.decode_tokens,
               "repeat": preset.decode_repeat, "kernel_path": active_path(), "sizes": sizes,
               "provenance": _provenance(torch.device("cpu"))}  # fmt: skip
-    _write_json(out / "decode_cpu.json", result)
+    write_json(out / "decode_cpu.json", result)
     return result
 
 
@@ -703,7 +694,7 @@ def run(preset: LMPreset, out: Path, *, stages: Sequence[str], rows: Sequence[st
     """Run ``stages`` into ``out`` (see the module docstring); returns what each stage wrote."""
     out.mkdir(parents=True, exist_ok=True)
     dev = _device(device)
-    _write_json(out / "preset.json", asdict(preset))
+    write_json(out / "preset.json", asdict(preset))
     done: dict[str, Any] = {}
     tok_file = Path(tokenizer_path) if tokenizer_path else out / "tokenizer.json"
     reviews = None
@@ -750,8 +741,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> dict[str, Any]:
-    from labutils.bench import UsageError, parse_set_options
-
     stages = tuple(s.strip() for s in args.stage.split(","))
     if any(s not in STAGES for s in stages):
         raise UsageError(f"--stage must be among {STAGES}, got {args.stage!r}")

@@ -486,3 +486,15 @@ def stacked_size_chart(sizes: dict[str, dict[str, int]], parts: Sequence[tuple[s
     fig.update_layout(barmode="stack", template="plotly_white", title=title, height=height, yaxis_title=y_title,
                       legend={"orientation": "h", "y": -0.15, "traceorder": "normal"})
     return fig
+
+
+def short_layer_name(name: str) -> str:
+    """A BERT linear layer's name short enough for an axis: "encoder.layer.0.attention.self.query"
+    becomes "L0.query", the feed-forward pair "L0.ffn_up" and "L0.ffn_down"."""
+    for long, short in (("encoder.layer.", "L"), ("attention.self.", ""), ("attention.output.dense", "attn_out"),
+                        ("intermediate.dense", "ffn_up"), ("output.dense", "ffn_down")):
+        name = name.replace(long, short)
+    return name
+
+
+__all__ += ["short_layer_name"]

@@ -135,6 +135,33 @@ def test_absmax_activations():
         checks.check_absmax_activations(codes[0], scale, x)
 
 
+def test_outlier_cost():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 16, generator=gen)
+    x[::3, 5] = 30.0  # channel 5 is the outlier in every third token
+    x[:, 6] = 0.0  # channel 6 is never any token's largest
+    ruled = x.abs().argmax(dim=-1) == 5
+    keep = torch.arange(16) != 5
+    others = x[ruled][:, keep]
+    whole = torch.mul(*quant.quantize_activations_absmax(x, 8))
+    with_outlier = quant.sqnr_db(others, whole[ruled][:, keep])
+    without = quant.sqnr_db(others, torch.mul(*quant.quantize_activations_absmax(others, 8)))
+    assert without > with_outlier + 10
+    assert checks.check_outlier_cost(with_outlier, without, x, 5)
+    with wrong("swapped"):
+        checks.check_outlier_cost(without, with_outlier, x, 5)
+    with wrong("over all tokens"):
+        checks.check_outlier_cost(quant.sqnr_db(x[:, keep], whole[:, keep]), without, x, 5)
+    with wrong("outlier channel itself"):
+        checks.check_outlier_cost(quant.sqnr_db(x[ruled], whole[ruled]), without, x, 5)
+    with wrong("one scale for all"):
+        checks.check_outlier_cost(with_outlier, quant.sqnr_db(others, quant.fake_quantize(others, 8)), x, 5)
+    with wrong("no token"):
+        checks.check_outlier_cost(with_outlier, without, x, 6)
+    with wrong("fill in|None"):
+        checks.check_outlier_cost(None, without, x, 5)
+
+
 # --------------------------------------------------------------------------- chapter 4
 
 

@@ -181,3 +181,10 @@ def test_stacked_size_chart_stacks_the_parts_in_megabytes():
     assert list(fig.data[0].y) == [1.0] and list(fig.data[1].y) == [0.5] and list(fig.data[2].text) == ["1.5 MB"]
     with pytest.raises(ValueError, match=r"needs the parts \['b'\]"):
         plots.stacked_size_chart({"x": {"a": 1, "file": 1}}, parts, title="missing")
+
+
+def test_short_layer_name():
+    assert plots.short_layer_name("encoder.layer.0.attention.self.query") == "L0.query"
+    assert plots.short_layer_name("encoder.layer.5.attention.output.dense") == "L5.attn_out"
+    assert plots.short_layer_name("encoder.layer.2.intermediate.dense") == "L2.ffn_up"
+    assert plots.short_layer_name("encoder.layer.2.output.dense") == "L2.ffn_down"

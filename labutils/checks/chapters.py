@@ -44,6 +44,7 @@ __all__ = [
     "check_twn_threshold",
     "check_sign_ste",
     "check_absmax_activations",
+    "check_outlier_cost",
     "check_kd_loss",
     "check_packed_byte",
     "check_base3_trits",
@@ -236,6 +237,48 @@ def check_absmax_activations(codes: torch.Tensor, scale: torch.Tensor, x: torch.
             raise ExerciseError("the codes are truncated (as .to(int8) does): round first, with torch.round")
         raise ExerciseError(f"{n} codes differ from round(x / scale)")
     return _ok(f"codes {tuple(codes.shape)} {codes.dtype}, scales {tuple(scale.shape)}")
+
+
+def check_outlier_cost(sqnr_with_outlier: float, sqnr_without_outlier: float, x: torch.Tensor, channel: int,
+                       bits: int = 8) -> bool:
+    """Chapter 3's outlier exercise: in the tokens of ``x`` [tokens, channels] whose largest |x| sits
+    in ``channel``, the SQNR (dB) of the *other* channels quantized per token with absmax to ``bits``
+    bits as part of the whole token (outlier included), and quantized on their own (without it)."""
+    mine_with = _number(sqnr_with_outlier, "sqnr_with_outlier")
+    mine_without = _number(sqnr_without_outlier, "sqnr_without_outlier")
+    if x.ndim != 2 or not 0 <= channel < x.shape[1]:
+        raise ExerciseError(f"x must be [tokens, channels] holding channel {channel}, got shape {tuple(x.shape)}")
+    ruled = x.abs().argmax(dim=-1) == channel
+    if not bool(ruled.any()):
+        raise ExerciseError(f"no token of x has its largest |x| in channel {channel}: pass the outlier channel")
+    keep = torch.arange(x.shape[1]) != channel
+    others = x[ruled][:, keep]
+    whole = torch.mul(*quant.quantize_activations_absmax(x, bits))
+    expected_with = quant.sqnr_db(others, whole[ruled][:, keep])
+    expected_without = quant.sqnr_db(others, torch.mul(*quant.quantize_activations_absmax(others, bits)))
+
+    def near(a: float, b: float) -> bool:
+        return abs(a - b) < 0.05
+
+    if near(mine_with, expected_with) and near(mine_without, expected_without):
+        return _ok(f"{expected_with:.1f} dB with the outlier in the token, {expected_without:.1f} dB without: "
+                   f"the outlier costs its {int(ruled.sum())} tokens' other channels {expected_without - expected_with:.1f} dB")
+    if near(mine_with, expected_without) and near(mine_without, expected_with):
+        raise ExerciseError("the two values are swapped: with the outlier in the token the step is larger, so the SQNR is lower")
+    if not near(mine_with, expected_with):
+        all_tokens = quant.sqnr_db(x[:, keep], whole[:, keep])
+        with_channel = quant.sqnr_db(x[ruled], whole[ruled])
+        if near(mine_with, all_tokens):
+            raise ExerciseError("sqnr_with_outlier is measured over all tokens: keep only the tokens `ruled` by the outlier")
+        if near(mine_with, with_channel):
+            raise ExerciseError("sqnr_with_outlier includes the outlier channel itself: measure the other channels only (`keep`)")
+        raise ExerciseError(f"sqnr_with_outlier {mine_with:.2f} dB: quantize the whole tokens per token, then compare "
+                            f"their other channels with `others`")
+    per_tensor = quant.sqnr_db(others, quant.fake_quantize(others, bits))
+    if near(mine_without, per_tensor):
+        raise ExerciseError("sqnr_without_outlier uses one scale for all the tokens: quantize `others` per token")
+    raise ExerciseError(f"sqnr_without_outlier {mine_without:.2f} dB: quantize `others` per token with absmax, "
+                        f"quant.quantize_activations_absmax(others, {bits})")
 
 
 # --------------------------------------------------------------------------- chapter 4

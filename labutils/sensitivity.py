@@ -18,7 +18,8 @@ measures it one layer at a time and builds mixed-precision plans from the measur
   (a seeded, full-batch logistic regression in torch) turn an encoder into task metrics:
   cosine similarity to the float32 embeddings and the accuracy of a sentiment probe.
 
-Chapter 2 (its "Going further" section, which layers to keep in 8 bits) runs these on MiniLM and IMDb reviews.
+Chapter 2 runs these on MiniLM and IMDb reviews, in its "Going further" section (which layers
+to keep in 8 bits).
 """
 
 from __future__ import annotations

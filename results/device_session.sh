@@ -51,9 +51,14 @@ start)
   setsid nohup bash results/imdb-full/gpu_sweep.sh run "$work/sweep" >"$work/sweep.log" 2>&1 </dev/null &
   # ONLY (IMDb variants), ROWS / LR_CHECKS (language models) pass through (a session that only adds the rows an earlier one lacked).
   # Unless this session retrains it, LoRA tunes the committed ternary model (results/lm/full).
-  mkdir -p "$work/lm"
-  [[ " ${ROWS-w1.58a8-l} " == *" w1.58a8-l "* ]] || cp -n results/lm/full/w1.58a8-l.packed "$work/lm/"
-  SKIP_ATTENTION=1 setsid nohup bash results/lm/gpu_train.sh "$work/lm" "$work/sweep/teacher/teacher/model.safetensors" >"$work/lm.log" 2>&1 </dev/null &
+  # LM=0: the IMDb sweep alone (the session of 2026-12-06: seeds, augmentation, embeddings).
+  if [ "${LM:-1}" = 1 ]; then
+    mkdir -p "$work/lm"
+    [[ " ${ROWS-w1.58a8-l} " == *" w1.58a8-l "* ]] || cp -n results/lm/full/w1.58a8-l.packed "$work/lm/"
+    SKIP_ATTENTION=1 setsid nohup bash results/lm/gpu_train.sh "$work/lm" "$work/sweep/teacher/teacher/model.safetensors" >"$work/lm.log" 2>&1 </dev/null &
+  else
+    echo "lm all done (LM=0: not run)" >"$work/lm.log"
+  fi
   sleep 5; echo started
   ;;
 poll)
@@ -70,10 +75,10 @@ poll)
 collect)
   mkdir -p "${OUT:?}"
   # Attention vs length, timed now that the GPU is otherwise idle.
-  [ -f "$work/lm/attention_cuda.json" ] || timeout 240 python -m labutils.bench lm --preset full --stage attention \
+  [ "${LM:-1}" = 0 ] || [ -f "$work/lm/attention_cuda.json" ] || timeout 240 python -m labutils.bench lm --preset full --stage attention \
       --tokenizer results/lm/tokenizer.json --out "$work/lm" --quiet 2>&1 | tail -3
   bash results/imdb-full/gpu_sweep.sh collect "$work/sweep" "$OUT"
-  (cd "$work/lm" && tar czf "$OUT/lm.tgz" --exclude='*.safetensors' --exclude='*.packed' .)
+  [ "${LM:-1}" = 0 ] || (cd "$work/lm" && tar czf "$OUT/lm.tgz" --exclude='*.safetensors' --exclude='*.packed' .)
   for f in "$work"/lm/w1.58a8-m.packed "$work"/lm/w1.58a8-l.packed "$work"/lm/lora_adapters.safetensors; do [ -f "$f" ] && cp "$f" "$OUT/"; done
   ls -la "$OUT"
   ;;

@@ -77,6 +77,12 @@ def _validate_preset(preset: Any) -> None:
                   "student_epochs", "group_size", "latency_repeat", "memory_batch", "agreement_reviews", "threads"):
         if field in values and not (is_int(values[field]) and values[field] >= 1):
             fail(field, "an int >= 1")
+    if "augment_copies" in values and not (is_int(preset.augment_copies) and preset.augment_copies >= 0):
+        fail("augment_copies", "an int >= 0")
+    if "augment_prob" in values and not (is_real(preset.augment_prob) and 0 <= preset.augment_prob <= 1):
+        fail("augment_prob", "a number in [0, 1]")
+    if "augment_neighbours" in values and not (is_int(preset.augment_neighbours) and preset.augment_neighbours >= 1):
+        fail("augment_neighbours", "an int >= 1")
     if "quant_warmup_ratio" in values and not (is_real(preset.quant_warmup_ratio) and 0 <= preset.quant_warmup_ratio <= 1):
         fail("quant_warmup_ratio", "a number in [0, 1]")
     if "seed" in values and not (is_int(preset.seed) and preset.seed >= 0):
@@ -118,7 +124,11 @@ class Preset:
     ``w1a1_activations``, how the W1A1 student binarizes its activations: "sign_mean"
     (``sign(x)·mean|x|`` per token) or "elastic" (BiT's ``α·sign(x - β)``, learnable α per layer
     and β per input feature, trained with the student and stored in its latent and packed files;
-    ``BitNetConfig.act_binarizer``). Files: how students are packed. CPU: lengths,
+    ``BitNetConfig.act_binarizer``); ``augment_copies``, how many copies of each training review
+    with words swapped for embedding neighbours the students also learn from (TinyBERT's data
+    augmentation with probability ``augment_prob`` among ``augment_neighbours`` neighbours;
+    ``labutils.augment``; 0: none). ``seed`` seeds the validation hold-out, the data order and
+    the fresh heads. Files: how students are packed. CPU: lengths,
     batches and repeats of the latency and memory measurements, threads.
     """
 
@@ -145,6 +155,9 @@ class Preset:
     student_init: str = "fp32"
     student_teacher: str = "fp32"
     w1a1_activations: str = "sign_mean"
+    augment_copies: int = 0
+    augment_prob: float = 0.4
+    augment_neighbours: int = 15
     ternary: str = "ternary3"
     embeddings: str = "int4"
     group_size: int = 128

@@ -11,10 +11,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,6 +35,7 @@ from labutils.benchmark.checkpoints import (
 from labutils.benchmark.preset import ROWS, Preset, check_rows
 from labutils.bitlinear import quantize_, quantize_embeddings_
 from labutils.runs import device_name, provenance, save_safetensors, write_json
+from labutils.stats import encode_predictions
 
 
 @dataclass
@@ -47,11 +49,14 @@ class Splits:
 
 def load_splits(preset: Preset, tokenizer: Any) -> Splits:
     """IMDb for ``preset``: a seeded ``val_size`` hold-out of the training split, the test split
-    (first ``test_size`` reviews of a seeded shuffle, or all), tokenized to ``max_length``."""
+    (first ``test_size`` reviews of a seeded shuffle, or all in file order: ``test_order``),
+    tokenized to ``max_length``."""
     from labutils.data import ENV_DATA_DIR, DataSourceError, load_imdb, tokenize_imdb
 
     train = load_imdb("train", source=preset.data_source, seed=preset.seed, shuffle=True)
-    test = load_imdb("test", source=preset.data_source, seed=preset.seed, shuffle=True)
+    # The whole test split stays in file order, so that every run's per-review predictions line
+    # up with every other's (labutils.stats.mcnemar); a subset is a seeded draw.
+    test = load_imdb("test", source=preset.data_source, seed=preset.seed, shuffle=preset.test_size is not None)
     if preset.train_size is None and "'sample'" in train.info.description:
         raise DataSourceError(
             f"preset {preset.name!r} needs the full IMDb, but only the embedded sample is reachable: "
@@ -79,18 +84,56 @@ def _loader(dataset: Any, batch_size: int, shuffle: bool, seed: int) -> torch.ut
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
+def test_order(preset: Preset) -> str:
+    """The order ``load_splits`` gives the test reviews in (stored beside every run's predictions)."""
+    return "file" if preset.test_size is None else f"first {preset.test_size} of a shuffle with seed {preset.seed}"
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]], device: torch.device) -> float:
-    """Fraction of reviews whose argmax logit equals the label (model in eval mode, float32)."""
+def predict(model: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """The argmax predictions and the labels of every review of ``loader``, in its order: two
+    uint8 ``[n]`` arrays (model in eval mode)."""
     model.eval()
-    hits, total = 0, 0
+    predictions, labels = [], []
     for batch in loader:
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        hits += int((logits.argmax(-1).cpu() == batch["label"]).sum())
-        total += len(batch["label"])
-    if total == 0:
+        predictions.append(logits.argmax(-1).cpu().numpy().astype(np.uint8))
+        labels.append(batch["label"].numpy().astype(np.uint8))
+    if not predictions:
         raise ValueError("the evaluation loader yielded no reviews")
-    return hits / total
+    return np.concatenate(predictions), np.concatenate(labels)
+
+
+def accuracy(model: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]], device: torch.device) -> float:
+    """Fraction of reviews whose argmax logit equals the label (model in eval mode, float32)."""
+    predictions, labels = predict(model, loader, device)
+    return float((predictions == labels).mean())
+
+
+def scored(model: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]], device: torch.device, order: str) -> dict[str, Any]:
+    """``{"accuracy", "test_predictions"}``: the accuracy and the predictions themselves
+    (``labutils.stats.encode_predictions``, in ``order``) for paired tests between runs."""
+    predictions, labels = predict(model, loader, device)
+    return {"accuracy": float((predictions == labels).mean()), "test_predictions": encode_predictions(predictions, labels, order)}
+
+
+def augmented_train_set(preset: Preset, train: Any, model: nn.Module, tokenizer: Any) -> Any:
+    """The training reviews plus ``preset.augment_copies`` copies of each with words swapped for
+    their neighbours in ``model``'s input embeddings (``labutils.augment``; TinyBERT's recipe
+    with ``augment_prob`` and ``augment_neighbours``); the copies keep their reviews' labels."""
+    from labutils.augment import AugmentedReviews, augment_ids, continuation_pieces, embedding_neighbours, whole_words
+
+    if preset.augment_copies == 0:
+        return train
+    words, pieces = whole_words(tokenizer), continuation_pieces(tokenizer)
+    embeddings = model.get_input_embeddings().weight.detach().cpu()
+    words, pieces = words[: embeddings.shape[0]], pieces[: embeddings.shape[0]]
+    neighbours = embedding_neighbours(embeddings, words, k=preset.augment_neighbours)
+    rows = train[:]
+    copies = [AugmentedReviews(augment_ids(rows["input_ids"], neighbours, words, pieces, preset.augment_prob,
+                                           seed=1000 * preset.seed + c), rows["attention_mask"], rows["label"])
+              for c in range(preset.augment_copies)]  # fmt: skip
+    return torch.utils.data.ConcatDataset([train, *copies])
 
 
 def _train_config(preset: Preset, epochs: int, lr: float, quiet: bool, quant_warmup_ratio: float = 0.0):
@@ -145,9 +188,9 @@ def _train_teacher(preset: Preset, out: Path, splits: Splits, model_path: str | 
     )
     seconds = time.perf_counter() - start
     model = model.float().to(device)
-    test_accuracy = accuracy(model, _loader(splits.test, preset.eval_batch_size, False, 0), device)
+    test = scored(model, _loader(splits.test, preset.eval_batch_size, False, 0), device, test_order(preset))
     save_safetensors(model.cpu(), teacher_file(out))
-    return {"accuracy": test_accuracy, "train_seconds": seconds, "history": list(history)}
+    return {**test, "train_seconds": seconds, "history": list(history)}
 
 
 def _train_student(
@@ -174,6 +217,10 @@ def _train_student(
     if preset.student_teacher != "fp32":
         require_file(pack_file(out, preset.student_teacher), f"student_teacher={preset.student_teacher!r}")
         teacher = load_student(out, preset.student_teacher, model_path, attn="eager")
+    if preset.augment_copies:
+        from labutils.models import load_tokenizer
+
+        splits = replace(splits, train=augmented_train_set(preset, splits.train, teacher, load_tokenizer(model_path)))
     start = time.perf_counter()
     history = train(
         student,
@@ -195,7 +242,7 @@ def _train_student(
     file_bytes = save_student(student.cpu(), pack_file(out, row), preset)
     reloaded = load_student(out, row, model_path).to(device)
     return {
-        "accuracy": accuracy(reloaded, test, device),  # the shipped file's model, what users get
+        **scored(reloaded, test, device, test_order(preset)),  # the shipped file's model, what users get
         "accuracy_before_packing": before,  # float embeddings and heads, same BitLinear weights
         "file_bytes": file_bytes,
         "train_seconds": seconds,
@@ -220,8 +267,8 @@ def int8_accuracy(preset: Preset, out: Path, model_path: str | None, threads: in
         from tqdm.auto import tqdm
 
         loader = tqdm(loader, desc="INT8 accuracy (CPU)")
-    acc = accuracy(model, loader, torch.device("cpu"))
-    return {"accuracy": acc, "eval_seconds": time.perf_counter() - start, "threads": threads, "device": device_name("cpu")}
+    test = scored(model, loader, torch.device("cpu"), test_order(preset))
+    return {**test, "eval_seconds": time.perf_counter() - start, "threads": threads, "device": device_name("cpu")}
 
 
 def spawn_int8(preset_file: Path, out: Path, model_path: str | None, threads: int) -> subprocess.Popen:

@@ -39,6 +39,19 @@ VARIANTS=(
   "chain-w1a8|w1a8|student_init=w1.58a8|base-w1.58a8"
   "chain-w1a1|w1a1|student_init=w1a8|base-w1a8"
   "chain2-w1a1|w1a1|student_init=w1a8 student_teacher=w1a8|base-w1a8"
+  # Issue 30 (2026-12-06): seeds for a paired test of each lever, TinyBERT-style augmentation,
+  # the embeddings' precision. base-* above are seed 0 of the same recipe.
+  "seed1-w1.58a8|w1.58a8|seed=1|-"
+  "seed2-w1.58a8|w1.58a8|seed=2|-"
+  "seed1-w1a1|w1a1|seed=1|-"
+  "seed2-w1a1|w1a1|seed=2|-"
+  "seed1-w1a8|w1a8|seed=1|-"
+  "seed2-w1a8|w1a8|seed=2|-"
+  "aug1-w1.58a8|w1.58a8|augment_copies=1|-"
+  "aug1-w1a1|w1a1|augment_copies=1|-"
+  "aug1-w1a8|w1a8|augment_copies=1|-"
+  "emb-int8-w1.58a8|w1.58a8|embeddings=int8|-"
+  "emb-float-w1.58a8|w1.58a8|embeddings=float|-"
 )
 
 prepare() {  # folder with the trained teacher linked in (and, for a chain, the earlier student)

@@ -25,27 +25,28 @@ def tokens(batch: int, length: int, vocab: int = 97, seed: int = 0) -> torch.Ten
 # --------------------------------------------------------------------------- the model
 
 
-def test_forward_equals_hugging_face_llama():
+@pytest.mark.parametrize("kv_heads", [None, 2, 1])
+def test_forward_equals_hugging_face_llama(kv_heads):
     """Same weights in transformers' LlamaForCausalLM give the same logits: RMSNorm, RoPE
-    (rotate-half pairs), SwiGLU, causal SDPA and the tied head are Llama's."""
+    (rotate-half pairs), SwiGLU, causal SDPA, grouped-query attention and the tied head are Llama's."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    ours = Decoder(LMConfig(**TINY), seed=3).eval()
+    ours = Decoder(LMConfig(**{**TINY, "n_head": 4}, n_kv_heads=kv_heads), seed=3).eval()
     cfg = ours.config
     hf = LlamaForCausalLM(LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
-        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
         tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
     )).eval()  # fmt: skip
-    d, h = cfg.d_model, cfg.ffn_hidden
+    d, h, kv = cfg.d_model, cfg.ffn_hidden, cfg.kv_heads * cfg.head_dim
     state = {"model.embed_tokens.weight": ours.embed.weight, "model.norm.weight": ours.norm.weight}
     for i, block in enumerate(ours.blocks):
         p = f"model.layers.{i}."
         qkv, gate_up = block.attn.qkv.weight, block.mlp.gate_up.weight
         state |= {
-            p + "self_attn.q_proj.weight": qkv[:d], p + "self_attn.k_proj.weight": qkv[d : 2 * d],
-            p + "self_attn.v_proj.weight": qkv[2 * d :], p + "self_attn.o_proj.weight": block.attn.o.weight,
+            p + "self_attn.q_proj.weight": qkv[:d], p + "self_attn.k_proj.weight": qkv[d : d + kv],
+            p + "self_attn.v_proj.weight": qkv[d + kv :], p + "self_attn.o_proj.weight": block.attn.o.weight,
             p + "mlp.gate_proj.weight": gate_up[:h], p + "mlp.up_proj.weight": gate_up[h:],
             p + "mlp.down_proj.weight": block.mlp.down.weight,
             p + "input_layernorm.weight": block.attn_norm.weight, p + "post_attention_layernorm.weight": block.mlp_norm.weight,
@@ -58,10 +59,10 @@ def test_forward_equals_hugging_face_llama():
         torch.testing.assert_close(ours(x), hf(x).logits, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("quant", ["fp", "w1.58a8"])
-def test_kv_cache_decoding_equals_the_full_forward(quant):
+@pytest.mark.parametrize("quant, kv_heads", [("fp", None), ("w1.58a8", None), ("fp", 1)])
+def test_kv_cache_decoding_equals_the_full_forward(quant, kv_heads):
     """Prefill 5 tokens, then 4 at once (the masked past>0 path), then one at a time."""
-    model = Decoder(LMConfig(**TINY, quant=quant), seed=1).eval()
+    model = Decoder(LMConfig(**TINY, quant=quant, n_kv_heads=kv_heads), seed=1).eval()
     x = tokens(3, 20)
     with torch.no_grad():
         full = model(x)
@@ -133,6 +134,9 @@ def test_bitnet_variant_has_bitlinear_projections_and_float_head():
         (dict(quant="w2a8"), "quant must be"),
         (dict(attention="flash"), "attention must be"),
         (dict(n_layer=0), "n_layer must be a positive int"),
+        (dict(n_kv_heads=3), "multiple of n_kv_heads"),
+        (dict(n_kv_heads=0), "n_kv_heads must be a positive int"),
+        (dict(ffn_dim=1.5), "ffn_dim must be a positive int"),
     ],
 )
 def test_config_errors(kwargs, match):

@@ -59,6 +59,10 @@ class LMConfig:
         vocab_size: tokens in the vocabulary (the tokenizer's).
         n_layer, n_head, d_model: depth, heads, width; d_model must divide by n_head and the
             head size must be even (rotary pairs).
+        n_kv_heads: key/value heads (grouped-query attention, Ainslie et al., 2023: query head h
+            reads KV head ``h // (n_head // n_kv_heads)``); None: as many as n_head (multi-head
+            attention, every model committed before GQA existed).
+        ffn_dim: the SwiGLU hidden size; None: 8/3 d_model rounded up to 64.
         max_seq_len: longest context (rotary tables and the KV cache are sized for it).
         quant: "fp" (full precision) or "w1.58a8" (BitNet b1.58 projections).
         attention: "sdpa" or "eager".
@@ -75,6 +79,8 @@ class LMConfig:
     attention: str = "sdpa"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    n_kv_heads: int | None = None
+    ffn_dim: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
@@ -85,6 +91,12 @@ class LMConfig:
             raise ValueError(
                 f"d_model ({self.d_model}) must divide into n_head ({self.n_head}) heads of even size"
             )
+        for name in ("n_kv_heads", "ffn_dim"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if self.n_kv_heads is not None and self.n_head % self.n_kv_heads:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.quant not in QUANTS:
             raise ValueError(f"quant must be one of {QUANTS}, got {self.quant!r}")
         if self.attention not in ATTENTIONS:
@@ -95,9 +107,14 @@ class LMConfig:
         return self.d_model // self.n_head
 
     @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_heads``, or ``n_head`` when that is None."""
+        return self.n_kv_heads or self.n_head
+
+    @property
     def ffn_hidden(self) -> int:
-        """SwiGLU hidden size: 8/3 d (same parameters as a 4d GELU MLP), rounded up to 64."""
-        return 64 * math.ceil(8 * self.d_model / 3 / 64)
+        """SwiGLU hidden size: ``ffn_dim``, else 8/3 d (same parameters as a 4d GELU MLP) rounded up to 64."""
+        return self.ffn_dim or 64 * math.ceil(8 * self.d_model / 3 / 64)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,7 +142,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Past keys and values of every layer, preallocated [n_layer, B, H, max_len, hd] each.
+    """Past keys and values of every layer, preallocated [n_layer, B, H_kv, max_len, hd] each
+    (H_kv = ``config.kv_heads``: fewer than the query heads under grouped-query attention).
 
     ``length`` is how many positions are filled; :meth:`append` writes a layer's new keys and
     values at ``length`` and returns everything so far; :meth:`advance` moves ``length`` once all
@@ -133,7 +151,7 @@ class KVCache:
     """
 
     def __init__(self, config: LMConfig, batch: int, *, dtype: torch.dtype, device: torch.device | str) -> None:
-        shape = (config.n_layer, batch, config.n_head, config.max_seq_len, config.head_dim)
+        shape = (config.n_layer, batch, config.kv_heads, config.max_seq_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
@@ -163,7 +181,7 @@ class Attention(nn.Module):
     def __init__(self, config: LMConfig) -> None:
         super().__init__()
         self.config = config
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.qkv = nn.Linear(config.d_model, (config.n_head + 2 * config.kv_heads) * config.head_dim, bias=False)
         self.o = nn.Linear(config.d_model, config.d_model, bias=False)
 
     def forward(
@@ -172,12 +190,15 @@ class Attention(nn.Module):
         """x [B, T, d] at positions cache.length..cache.length+T-1 (0.. without a cache) -> [B, T, d]."""
         cfg = self.config
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, cfg.n_head, cfg.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, hd]
+        hq, hkv, hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        q, k, v = self.qkv(x).view(b, t, hq + 2 * hkv, hd).transpose(1, 2).split((hq, hkv, hkv), dim=1)  # [B, H(kv), T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0
         if cache is not None:
             past = cache.length
             k, v = cache.append(layer, k, v)
+        if hkv != hq:  # grouped-query: query head h reads KV head h // (hq // hkv)
+            k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
         y = attend(q, k, v, past, cfg.attention)
         return self.o(y.transpose(1, 2).reshape(b, t, cfg.d_model))
 
@@ -293,6 +314,9 @@ def generate(
 
     temperature 0 is greedy; otherwise sampling from the top_k most likely tokens, seeded.
     Returns [B, T0 + n] int64; rows that emit ``stop_token`` keep emitting it (padding).
+    A packed ternary decoder (``labutils.kernels.pack_model``) on the CPU decodes through the
+    compiled engine (:mod:`labutils.engine.decoder`: same codes, logits equal to float
+    rounding); every other model through its torch modules with a :class:`KVCache`.
     Leaves the model in eval mode (a training loop that samples must call ``train()`` again).
     """
     if prompt.dim() != 2 or prompt.shape[1] < 1:
@@ -300,10 +324,9 @@ def generate(
     model.eval()
     cfg = model.config
     max_new_tokens = min(max_new_tokens, cfg.max_seq_len - prompt.shape[1])
-    dtype = model.embed.weight.dtype
-    cache = KVCache(cfg, prompt.shape[0], dtype=dtype, device=prompt.device)
     generator = torch.Generator(device=prompt.device).manual_seed(seed)
-    logits = model(prompt, cache)[:, -1]
+    forward = _engine_forward(model, prompt) or _torch_forward(model, prompt)
+    logits = forward(prompt)
     out = [prompt]
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for _ in range(max_new_tokens):
@@ -314,8 +337,36 @@ def generate(
         out.append(nxt[:, None])
         if stop_token is not None and bool(done.all()):
             break
-        logits = model(nxt[:, None], cache)[:, -1]
+        logits = forward(nxt[:, None])
     return torch.cat(out, dim=1)
+
+
+def _torch_forward(model: Decoder, prompt: torch.Tensor):
+    """tokens [B, t] -> logits [B, vocab] of the last position, through the torch modules and a
+    KVCache (the prompt first, then one token a call)."""
+    cache = KVCache(model.config, prompt.shape[0], dtype=model.embed.weight.dtype, device=prompt.device)
+    return lambda tokens: model(tokens, cache)[:, -1]
+
+
+def _engine_forward(model: Decoder, prompt: torch.Tensor):
+    """The same for a packed ternary decoder (``kernels.pack_model``) on the CPU, through the
+    compiled decode engine (:mod:`labutils.engine.decoder`), one engine per row of the batch
+    (rows are independent); None for any other model, which keeps the torch path."""
+    if prompt.device.type != "cpu" or not any(type(m).__name__ == "PackedBitLinear" for m in model.modules()):
+        return None
+    from labutils.engine.decoder import DecoderEngine, engine_for, is_packed_decoder
+
+    if not is_packed_decoder(model):
+        return None
+    engines = [engine_for(model)] + [DecoderEngine.from_decoder(model) for _ in range(prompt.shape[0] - 1)]
+    for engine in engines:
+        engine.reset()
+
+    def forward(tokens: torch.Tensor) -> torch.Tensor:
+        rows = [torch.from_numpy(e.forward(t.numpy()).copy()) for e, t in zip(engines, tokens)]
+        return torch.stack(rows).to(model.embed.weight.dtype)
+
+    return forward
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> torch.Tensor:

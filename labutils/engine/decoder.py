@@ -1,0 +1,378 @@
+"""The decode engine: a packed ternary decoder's whole forward pass as one compiled call.
+
+``DecoderEngine.from_decoder(model)`` copies what a W1.58A8 :class:`labutils.lm.model.Decoder`
+(BitLinear or packed, :func:`labutils.kernels.pack_model`) computes with into flat arrays:
+
+- per projection kind (qkv, o, gate_up, down) the prepacked ternary tiles of every layer stacked
+  ``uint8 [n_layer, T, G, 4, 64]``, their scales ``float32 [n_layer, N]`` and the gains of the
+  BitLinear norms ``float32 [n_layer, K]``; the block norms' gains ``[n_layer, d]``;
+- the tied embedding transposed, ``float32 [d, vocab]`` (the head reads it as ``x @ wt``, an
+  embedding lookup reads one column), the final norm's gain, the rotary tables;
+- the KV cache ``float32 [n_layer, n_kv_head, max_len, head_dim]`` (K and V) and every scratch
+  buffer a pass needs, for up to ``max_seq_len`` tokens at once, allocated once.
+
+:meth:`DecoderEngine.forward` then runs M tokens (a prompt, or one generated token) through
+every block and the head in **one** call into compiled code (``_forward``): per block RMSNorm,
+per-token int8 quantization, the ternary GEMM/GEMV of chapter 6 (the kernel of the active path,
+``labutils.kernels.use`` and ``LABBOOK_KERNEL_PATH`` choose it), rotary positions, attention
+over the cache, SwiGLU and residual adds, with no torch, no Python and no allocation between
+them: the only thread pool that runs is Numba's, entered once per kernel (and per attention).
+What this removes, measured, is in ``results/engine/overhead.md`` and chapter 8.6.
+
+The arithmetic is the packed layer's, in the same order where it decides an integer: the same
+int8 codes (exactly, given the same normalized input), exact int32 dot products, the same
+``dot * x_scale * w_scale`` rescale. Norms, softmax, SiLU and the float head sum in another
+order than torch, so logits match the torch decoder to float rounding (tests: token for token).
+
+:func:`engine_for` builds (once per model, cached) the engine ``lm.model.generate`` uses for a
+packed decoder; :meth:`DecoderEngine.random` builds one with random ternary weights of any shape
+(the BitNet b1.58 2B-4T-shaped benchmark model) without a torch model in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from labutils.engine.ops import (
+    add_,
+    attend_cached,
+    float_matmul_t,
+    padded_width,
+    quantize_absmax,
+    rmsnorm,
+    rope,
+    swiglu,
+    ternary_matmul,
+)
+
+__all__ = ["EngineShape", "DecoderEngine", "engine_for", "is_packed_decoder"]
+
+_JIT = {"cache": True, "boundscheck": False, "error_model": "numpy"}
+PARALLEL_MIN_MACS = 1 << 20
+"""From this many multiply-adds a projection runs on the parallel kernel (2-core crossover)."""
+PROJECTIONS = ("qkv", "o", "gate_up", "down")
+
+
+@dataclass(frozen=True)
+class EngineShape:
+    """The decoder's shape as the engine needs it (``LMConfig``'s fields, GQA included)."""
+
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    d_model: int
+    ffn_hidden: int
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    act_eps: float = 1e-5
+    act_bits: int = 8
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
+            raise ValueError(f"d_model {self.d_model} must split into {self.n_head} heads of even size")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}")
+        if not 2 <= self.act_bits <= 8:
+            raise ValueError(f"act_bits must be in [2, 8], got {self.act_bits}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def widths(self) -> dict[str, tuple[int, int]]:
+        """(out, in) features of each projection kind."""
+        d, h, hd = self.d_model, self.ffn_hidden, self.head_dim
+        return {"qkv": ((self.n_head + 2 * self.n_kv_head) * hd, d), "o": (d, d), "gate_up": (2 * h, d), "down": (d, h)}
+
+    @classmethod
+    def of(cls, config: Any, act_eps: float = 1e-5, act_bits: int = 8) -> EngineShape:
+        """From an ``LMConfig`` (``n_kv_heads`` None or absent: as many as ``n_head``)."""
+        return cls(vocab_size=config.vocab_size, n_layer=config.n_layer, n_head=config.n_head,
+                   n_kv_head=getattr(config, "n_kv_heads", None) or config.n_head, d_model=config.d_model,
+                   ffn_hidden=config.ffn_hidden, max_seq_len=config.max_seq_len, rope_theta=config.rope_theta,
+                   norm_eps=config.norm_eps, act_eps=act_eps, act_bits=act_bits)  # fmt: skip
+
+
+@njit(**_JIT)
+def _project(par, ser, h, m, codes, xs, rowsum, dots, w, ws, out, qp, eps, min_macs):  # pragma: no cover - compiled
+    """out[:m] = BitLinear(h[:m]) for an already normalized h: quantize, kernel, rescale."""
+    quantize_absmax(h, m, qp, eps, codes, xs, rowsum)
+    ternary_matmul(par, ser, codes, m, w, rowsum, dots, xs, ws, out, min_macs)
+
+
+@njit(**_JIT)
+def _forward(par, ser, tokens, m, pos0, first_logit,
+             g_attn, g_qkv, w_qkv, s_qkv, g_o, w_o, s_o, g_mlp, g_gu, w_gu, s_gu, g_down, w_down, s_down, g_final,
+             embed_t, cos, sin, k_cache, v_cache, n_head, n_kv, head_dim, hidden, norm_eps, act_eps, qp, min_macs,
+             x, h, codes_d, codes_h, xs, rowsum, dots, qkv, att, gu, act, proj, scores, logits):  # pragma: no cover - compiled  # fmt: skip
+    """Tokens [m] at positions pos0.. through every block; logits of rows first_logit..m-1 into
+    logits[:m - first_logit]. Every array is preallocated (see DecoderEngine)."""
+    d = x.shape[1]
+    for r in range(m):  # embedding: one column of the transposed table
+        for j in range(d):
+            x[r, j] = embed_t[j, tokens[r]]
+    q_width, kv_width = n_head * head_dim, n_kv * head_dim
+    for layer in range(w_qkv.shape[0]):
+        # attention: x += o(attn(rope(q), rope(k), v)), qkv = BitLinear(RMSNorm(x))
+        rmsnorm(x, m, g_attn[layer], norm_eps, h)
+        rmsnorm(h, m, g_qkv[layer], act_eps, h)
+        _project(par, ser, h, m, codes_d, xs, rowsum, dots, w_qkv[layer], s_qkv[layer], qkv, qp, act_eps, min_macs)
+        rope(qkv, m, 0, n_head, head_dim, cos, sin, pos0)
+        rope(qkv, m, q_width, n_kv, head_dim, cos, sin, pos0)
+        kc, vc = k_cache[layer], v_cache[layer]
+        for r in range(m):
+            for hh in range(n_kv):
+                for i in range(head_dim):
+                    kc[hh, pos0 + r, i] = qkv[r, q_width + hh * head_dim + i]
+                    vc[hh, pos0 + r, i] = qkv[r, q_width + kv_width + hh * head_dim + i]
+        attend_cached(qkv, m, n_head, n_kv, head_dim, kc, vc, pos0, scores, att)
+        rmsnorm(att, m, g_o[layer], act_eps, att)
+        _project(par, ser, att, m, codes_d, xs, rowsum, dots, w_o[layer], s_o[layer], proj, qp, act_eps, min_macs)
+        add_(x, m, proj)
+        # MLP: x += down(silu(gate) * up), gate, up = BitLinear(RMSNorm(x))
+        rmsnorm(x, m, g_mlp[layer], norm_eps, h)
+        rmsnorm(h, m, g_gu[layer], act_eps, h)
+        _project(par, ser, h, m, codes_d, xs, rowsum, dots, w_gu[layer], s_gu[layer], gu, qp, act_eps, min_macs)
+        swiglu(gu, m, hidden, act)
+        rmsnorm(act, m, g_down[layer], act_eps, act)
+        _project(par, ser, act, m, codes_h, xs, rowsum, dots, w_down[layer], s_down[layer], proj, qp, act_eps, min_macs)
+        add_(x, m, proj)
+    rows = m - first_logit
+    for r in range(rows):
+        for j in range(d):
+            h[r, j] = x[first_logit + r, j]
+    rmsnorm(h, rows, g_final, norm_eps, h)
+    float_matmul_t(h, rows, embed_t, logits)
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.ascontiguousarray(np.stack(arrays))
+
+
+class DecoderEngine:
+    """A packed ternary decoder compiled into one call per forward pass (batch 1).
+
+    ``forward(tokens)`` continues the cached positions (``length``) by ``tokens`` (int ids) and
+    returns float32 logits, ``[vocab]`` for the last token (``logits="last"``) or ``[T, vocab]``
+    (``"all"``); ``reset()`` empties the cache. Not thread-safe (one set of buffers).
+    """
+
+    def __init__(self, shape: EngineShape, weights: dict[str, np.ndarray], scales: dict[str, np.ndarray],
+                 gains: dict[str, np.ndarray], embed_t: np.ndarray, final_gain: np.ndarray) -> None:  # fmt: skip
+        """Args (``L`` = n_layer; see the module docstring for the layouts):
+        shape: the decoder's EngineShape.
+        weights: {projection: uint8 [L, T, G, 4, 64]} prepacked W1.58A8 tiles of every layer.
+        scales: {projection: float32 [L, N]} per-output weight scales.
+        gains: float32 gains {"attn", "mlp": [L, d] block norms; "qkv", "o", "gate_up", "down":
+            [L, K] the BitLinear norms}.
+        embed_t: float32 [d, vocab], the tied embedding transposed. final_gain: float32 [d].
+        """
+        widths = shape.widths()
+        for name, (n, k) in widths.items():
+            w = weights[name]
+            tiles, groups = -(-n // 64), padded_width(k) // 16
+            if w.dtype != np.uint8 or w.shape != (shape.n_layer, tiles, groups, 4, 64) or not w.flags.c_contiguous:
+                raise ValueError(f"{name} weights must be C-contiguous uint8 {(shape.n_layer, tiles, groups, 4, 64)}, "
+                                 f"got {w.dtype} {w.shape}")  # fmt: skip
+            if scales[name].shape != (shape.n_layer, n) or gains[name].shape != (shape.n_layer, k):
+                raise ValueError(f"{name}: scales must be [L, {n}] and gains [L, {k}], got {scales[name].shape}, {gains[name].shape}")
+        if embed_t.shape != (shape.d_model, shape.vocab_size) or final_gain.shape != (shape.d_model,):
+            raise ValueError(f"embed_t must be [{shape.d_model}, {shape.vocab_size}], final_gain [{shape.d_model}]")
+        self.shape = shape
+        f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
+        self.weights = weights
+        self.scales = {k: f32(v) for k, v in scales.items()}
+        self.gains = {k: f32(v) for k, v in gains.items()}
+        self.embed_t, self.final_gain = f32(embed_t), f32(final_gain)
+        hd, t = shape.head_dim, shape.max_seq_len
+        angles = np.outer(np.arange(t, dtype=np.float64),
+                          1.0 / shape.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))  # fmt: skip
+        angles = np.concatenate([angles, angles], axis=1)
+        self.cos, self.sin = f32(np.cos(angles)), f32(np.sin(angles))
+        cache = (shape.n_layer, shape.n_kv_head, t, hd)
+        self.k_cache, self.v_cache = np.zeros(cache, np.float32), np.zeros(cache, np.float32)
+        d, hidden = shape.d_model, shape.ffn_hidden
+        self._buffers = {
+            "x": np.zeros((t, d), np.float32), "h": np.zeros((t, d), np.float32),
+            "codes_d": np.zeros((t, padded_width(d)), np.int8), "codes_h": np.zeros((t, padded_width(hidden)), np.int8),
+            "xs": np.zeros(t, np.float32), "rowsum": np.zeros(t, np.int32),
+            "dots": np.zeros((t, 64 * -(-max(n for n, _ in widths.values()) // 64)), np.int32),
+            "qkv": np.zeros((t, widths["qkv"][0]), np.float32), "att": np.zeros((t, d), np.float32),
+            "gu": np.zeros((t, 2 * hidden), np.float32), "act": np.zeros((t, hidden), np.float32),
+            "proj": np.zeros((t, d), np.float32), "scores": np.zeros((shape.n_head * t, t), np.float32),
+        }  # fmt: skip
+        self._last_logits = np.zeros((1, shape.vocab_size), np.float32)
+        self.length = 0
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_decoder(cls, model: Any) -> DecoderEngine:
+        """The engine of a W1.58A8 ``Decoder`` (its BitLinears, or the PackedBitLinears of
+        ``pack_model``): codes, scales and gains copied (the model is not kept)."""
+        import torch
+
+        from labutils.bitlinear import BitLinear
+        from labutils.kernels import PackedBitLinear, prepack_w158a8
+
+        cfg = model.config
+        if getattr(cfg, "quant", None) != "w1.58a8":
+            raise ValueError(f"the engine runs W1.58A8 decoders (config.quant='w1.58a8'), got {getattr(cfg, 'quant', None)!r}")
+        widths = EngineShape.of(cfg).widths()
+        weights: dict[str, list] = {k: [] for k in PROJECTIONS}
+        scales: dict[str, list] = {k: [] for k in PROJECTIONS}
+        gains: dict[str, list] = {k: [] for k in (*PROJECTIONS, "attn", "mlp")}
+        act_eps = act_bits = None
+
+        def f32(t: torch.Tensor) -> np.ndarray:
+            return t.detach().to(torch.float32).cpu().numpy()
+
+        for i, block in enumerate(model.blocks):
+            layers = {"qkv": block.attn.qkv, "o": block.attn.o, "gate_up": block.mlp.gate_up, "down": block.mlp.down}
+            for name, layer in layers.items():
+                n = widths[name][0]
+                if isinstance(layer, PackedBitLinear):
+                    if layer.act != "int8" or layer.weights.scheme != "w1.58a8" or layer.bias is not None:
+                        raise ValueError(f"block {i} {name}: the engine needs W1.58A8 int8 layers without bias")
+                    packed, scale = layer.weights, f32(layer.weight_scale)
+                    eps, bits = layer.eps, layer.act_bits
+                elif isinstance(layer, BitLinear):
+                    lc = layer.config
+                    if lc.weight_bits != 1.58 or lc.act_bits is None or not 2 <= lc.act_bits <= 8 or layer.bias is not None:
+                        raise ValueError(f"block {i} {name}: the engine needs ternary weights and 2-8 bit activations, no bias")
+                    if layer.quant_strength != 1:
+                        raise ValueError(f"block {i} {name}: quant_strength must be 1 (fully quantized)")
+                    codes, scale = layer.quantized_weight()
+                    packed, scale, eps, bits = prepack_w158a8(codes.cpu()), f32(scale), lc.eps, lc.act_bits
+                else:
+                    raise ValueError(f"block {i} {name}: expected a BitLinear or PackedBitLinear, got {type(layer).__name__}")
+                norm = layer.norm
+                if not isinstance(norm, torch.nn.RMSNorm) or norm.weight is None:
+                    raise ValueError(f"block {i} {name}: the engine needs the BitLinear's RMSNorm (norm='rms')")
+                if (act_eps, act_bits) not in ((None, None), (eps, bits)) or (norm.eps or 0) != eps:
+                    raise ValueError(f"block {i} {name}: every projection must share one eps and act_bits")
+                act_eps, act_bits = eps, bits
+                weights[name].append(packed.data)
+                scales[name].append(np.broadcast_to(scale.reshape(-1), (n,)))
+                gains[name].append(f32(norm.weight))
+            gains["attn"].append(f32(block.attn_norm.weight))
+            gains["mlp"].append(f32(block.mlp_norm.weight))
+        embed = model.embed
+        table = embed.weight if isinstance(embed, torch.nn.Embedding) else embed(torch.arange(cfg.vocab_size))
+        if model.lm_head.weight is not table and not torch.equal(model.lm_head.weight, table):
+            raise ValueError("the engine needs the head tied to the embedding (Decoder's lm_head)")
+        shape = EngineShape.of(cfg, act_eps=float(act_eps), act_bits=int(act_bits))
+        return cls(shape, {k: _stack(v) for k, v in weights.items()}, {k: _stack(v) for k, v in scales.items()},
+                   {k: _stack(v) for k, v in gains.items()}, f32(table).T, f32(model.norm.weight))  # fmt: skip
+
+    @classmethod
+    def random(cls, shape: EngineShape, seed: int = 0, progress: bool = False) -> DecoderEngine:
+        """Random ternary weights (codes uniform in {-1, 0, +1}, scale 1/sqrt(in_features)),
+        embedding N(0, 0.02), unit gains: a benchmark model of any shape, as bitnet.cpp's
+        dummy models, built layer by layer (peak memory: one layer's int8 codes beyond the
+        packed model). :meth:`layer_codes` regenerates the codes (for a GGUF export)."""
+        from tqdm.auto import tqdm
+
+        from labutils.kernels import prepack_w158a8
+
+        widths = shape.widths()
+        weights: dict[str, np.ndarray] = {}
+        for name, (n, k) in widths.items():
+            weights[name] = np.empty((shape.n_layer, -(-n // 64), padded_width(k) // 16, 4, 64), np.uint8)
+        for layer in tqdm(range(shape.n_layer), disable=not progress, desc="random ternary layers"):
+            for name, codes in cls.layer_codes(shape, seed, layer).items():
+                weights[name][layer] = prepack_w158a8(codes).data
+        scales = {name: np.full((shape.n_layer, n), 1 / math.sqrt(k), np.float32) for name, (n, k) in widths.items()}
+        gains = {name: np.ones((shape.n_layer, k), np.float32) for name, (_, k) in widths.items()}
+        gains |= {"attn": np.ones((shape.n_layer, shape.d_model), np.float32), "mlp": np.ones((shape.n_layer, shape.d_model), np.float32)}
+        rng = np.random.default_rng(seed)
+        embed_t = np.empty((shape.d_model, shape.vocab_size), np.float32)
+        for j in range(shape.d_model):
+            embed_t[j] = rng.standard_normal(shape.vocab_size, dtype=np.float32) * np.float32(0.02)
+        return cls(shape, weights, scales, gains, embed_t, np.ones(shape.d_model, np.float32))
+
+    @staticmethod
+    def layer_codes(shape: EngineShape, seed: int, layer: int) -> dict[str, np.ndarray]:
+        """The int8 ternary codes {projection: [N, K]} of layer ``layer`` of :meth:`random`."""
+        rng = np.random.default_rng([seed, layer + 1])
+        return {name: (rng.integers(0, 3, (n, k), dtype=np.int8) - np.int8(1)) for name, (n, k) in shape.widths().items()}
+
+    # ------------------------------------------------------------------ running
+
+    def reset(self, length: int = 0) -> None:
+        """Forget the cached positions from ``length`` on (0: all)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"length must be in [0, {self.length}], got {length}")
+        self.length = length
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights the engine holds (tiles, scales, gains, embedding)."""
+        arrays = [*self.weights.values(), *self.scales.values(), *self.gains.values(), self.embed_t, self.final_gain]
+        return int(sum(a.nbytes for a in arrays))
+
+    def forward(self, tokens: Any, logits: str = "last") -> np.ndarray:
+        """Continue the cache by ``tokens`` (ints, or a 1-D int array) -> float32 logits
+        ``[vocab]`` of the last token (``logits="last"``) or ``[T, vocab]`` (``"all"``)."""
+        from labutils.kernels.dispatch import kernel_for
+
+        ids = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        m, s = ids.shape[0], self.shape
+        if m == 0:
+            raise ValueError("tokens must hold at least one id")
+        if self.length + m > s.max_seq_len:
+            raise ValueError(f"{self.length + m} positions exceed max_seq_len={s.max_seq_len}")
+        if ids.min() < 0 or ids.max() >= s.vocab_size:
+            raise IndexError(f"token ids must be in [0, {s.vocab_size})")
+        if logits not in ("last", "all"):
+            raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
+        first = m - 1 if logits == "last" else 0
+        out = self._last_logits if logits == "last" else np.empty((m, s.vocab_size), np.float32)
+        b, w, sc, g = self._buffers, self.weights, self.scales, self.gains
+        _forward(kernel_for("w1.58a8"), kernel_for("w1.58a8", parallel=False), ids, m, self.length, first,
+                 g["attn"], g["qkv"], w["qkv"], sc["qkv"], g["o"], w["o"], sc["o"], g["mlp"], g["gate_up"], w["gate_up"],
+                 sc["gate_up"], g["down"], w["down"], sc["down"], self.final_gain, self.embed_t, self.cos, self.sin,
+                 self.k_cache, self.v_cache, s.n_head, s.n_kv_head, s.head_dim, s.ffn_hidden, np.float32(s.norm_eps),
+                 np.float32(s.act_eps), np.float32(2 ** (s.act_bits - 1) - 1), PARALLEL_MIN_MACS,
+                 b["x"], b["h"], b["codes_d"], b["codes_h"], b["xs"], b["rowsum"], b["dots"], b["qkv"], b["att"],
+                 b["gu"], b["act"], b["proj"], b["scores"], out)  # fmt: skip
+        if not np.isfinite(b["xs"][:m]).all():
+            raise ValueError("a non-finite activation reached a quantizer (NaN or inf in the model)")
+        self.length += m
+        return out[0] if logits == "last" else out
+
+    def step(self, token: int) -> np.ndarray:
+        """One generated token -> its logits ``[vocab]`` (a view of a buffer the next call reuses)."""
+        return self.forward(np.array([token], np.int64))
+
+
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def is_packed_decoder(model: Any) -> bool:
+    """True for a W1.58A8 Decoder whose projections are all PackedBitLinear (``pack_model``)."""
+    from labutils.kernels import PackedBitLinear
+
+    if getattr(getattr(model, "config", None), "quant", None) != "w1.58a8" or not hasattr(model, "blocks"):
+        return False
+    layers = [m for b in model.blocks for m in (b.attn.qkv, b.attn.o, b.mlp.gate_up, b.mlp.down)]
+    return all(isinstance(m, PackedBitLinear) and m.act == "int8" and m.weights.scheme == "w1.58a8" for m in layers)
+
+
+def engine_for(model: Any) -> DecoderEngine:
+    """The engine of a packed decoder, built once per model and kept while the model lives
+    (rebuilt if any layer's packed weights were replaced since)."""
+    key = tuple(id(m.weights.data) for b in model.blocks for m in (b.attn.qkv, b.attn.o, b.mlp.gate_up, b.mlp.down))
+    cached = _ENGINES.get(model)
+    if cached is None or cached[0] != key:
+        cached = (key, DecoderEngine.from_decoder(model))
+        _ENGINES[model] = cached
+    return cached[1]

@@ -1,0 +1,110 @@
+"""labutils.engine.decoder: the compiled decoder token for token against the torch decoder
+(BitLinear, fake-quantized), with and without the KV cache, on every kernel path this CPU runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from labutils import kernels as K
+from labutils.engine.decoder import DecoderEngine, EngineShape, engine_for, is_packed_decoder
+from labutils.lm.model import Decoder, KVCache, LMConfig, generate
+
+SMALL = dict(vocab_size=300, n_layer=2, n_head=4, d_model=64, max_seq_len=40, quant="w1.58a8")
+ATOL = 2e-4  # float32 rounding of norms, softmax, SiLU and the head, summed in another order
+
+
+def model(kv_heads=None, seed=1, **kw) -> Decoder:
+    return Decoder(LMConfig(**{**SMALL, **kw}, n_kv_heads=kv_heads), seed=seed).eval()
+
+
+def prompt(length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, SMALL["vocab_size"], (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("path", K.available_paths())
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_engine_equals_the_fake_quantized_decoder_with_and_without_cache(path, kv_heads):
+    """All positions in one pass (no cache) and prefill + one token a step (the cache) give
+    the torch decoder's logits; the projections' integer math is the same, so the greedy
+    tokens are the same."""
+    ref = model(kv_heads)
+    x = prompt(24)
+    with torch.no_grad():
+        expected = ref(x)[0].numpy()
+    with K.use(path):
+        engine = DecoderEngine.from_decoder(ref)
+        full = engine.forward(x[0].numpy(), logits="all")
+        np.testing.assert_allclose(full, expected, atol=ATOL, rtol=0)
+        engine.reset()
+        steps = [engine.forward(x[0, :7].numpy()).copy()]
+        steps += [engine.step(int(t)).copy() for t in x[0, 7:]]
+    np.testing.assert_allclose(np.stack(steps), expected[6:], atol=ATOL, rtol=0)
+    assert engine.length == 24
+    assert np.array_equal(full.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("path", K.available_paths())
+def test_generate_uses_the_engine_for_packed_decoders_token_for_token(path):
+    """generate() on pack_model(decoder) (the engine) writes the fake-quantized decoder's
+    greedy tokens (the torch path) and the same seeded samples, batch rows included."""
+    ref = model(2, seed=4)
+    packed = K.pack_model(ref)
+    assert is_packed_decoder(packed) and not is_packed_decoder(ref)
+    x = torch.cat([prompt(6, seed=1), prompt(6, seed=2)])
+    with K.use(path):
+        greedy = generate(packed, x, 20, temperature=0)
+        sampled = generate(packed, x[:1], 12, temperature=0.8, seed=3)
+    assert torch.equal(greedy, generate(ref, x, 20, temperature=0))
+    assert torch.equal(sampled, generate(ref, x[:1], 12, temperature=0.8, seed=3))
+    assert engine_for(packed) is engine_for(packed)  # built once per model
+
+
+def test_engine_matches_the_packed_model_and_the_kv_cache_of_torch():
+    """The packed torch path (PackedBitLinear between torch ops) with its KVCache, the
+    reference the benchmark's 'before' row runs, agrees with the engine too."""
+    packed = K.pack_model(model(seed=5))
+    x = prompt(12, seed=5)
+    cache = KVCache(packed.config, 1, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        first = packed(x[:, :8], cache)[0, -1].numpy()
+        last = packed(x[:, 8:], cache)[0, -1].numpy()
+    engine = DecoderEngine.from_decoder(packed)
+    np.testing.assert_allclose(engine.forward(x[0, :8].numpy()), first, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(engine.forward(x[0, 8:].numpy()), last, atol=ATOL, rtol=0)
+
+
+def test_random_engine_is_seeded_and_runs_gqa_shapes():
+    shape = EngineShape(vocab_size=500, n_layer=2, n_head=6, n_kv_head=2, d_model=96, ffn_hidden=200, max_seq_len=16)
+    a, b = DecoderEngine.random(shape, seed=7), DecoderEngine.random(shape, seed=7)
+    ids = np.arange(5)
+    assert np.array_equal(a.forward(ids, logits="all"), b.forward(ids, logits="all"))
+    assert not np.array_equal(a.weights["qkv"], DecoderEngine.random(shape, seed=8).weights["qkv"])
+    codes = DecoderEngine.layer_codes(shape, 7, 1)
+    assert codes["qkv"].shape == ((6 + 2 * 2) * 16, 96) and set(np.unique(codes["down"])) == {-1, 0, 1}
+    assert np.array_equal(a.weights["down"][1], K.prepack_w158a8(codes["down"]).data)
+    assert a.nbytes < 4 * (500 * 96 + 2 * 96 * (160 + 96 + 400) + 2 * 200 * 96)
+
+
+def test_errors():
+    engine = DecoderEngine.from_decoder(model())
+    with pytest.raises(IndexError, match="token ids"):
+        engine.forward([300])
+    with pytest.raises(ValueError, match="exceed max_seq_len"):
+        engine.forward(np.zeros(41, np.int64))
+    with pytest.raises(ValueError, match="at least one"):
+        engine.forward([])
+    with pytest.raises(ValueError, match="'last' or 'all'"):
+        engine.forward([1], logits="first")
+    with pytest.raises(ValueError, match="length must be"):
+        engine.reset(5)
+    with pytest.raises(ValueError, match="W1.58A8"):
+        DecoderEngine.from_decoder(Decoder(LMConfig(**{**SMALL, "quant": "fp"})))
+    with pytest.raises(ValueError, match="multiple of n_kv_head"):
+        EngineShape(vocab_size=10, n_layer=1, n_head=4, n_kv_head=3, d_model=32, ffn_hidden=64, max_seq_len=8)
+    broken = model(seed=2)
+    with torch.no_grad():
+        broken.blocks[0].attn_norm.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        DecoderEngine.from_decoder(broken).forward([1, 2])

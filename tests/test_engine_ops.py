@@ -1,0 +1,135 @@
+"""labutils.engine.ops: each compiled primitive against the torch (or labutils) function it
+replaces: exact where the math is integer, float32 rounding elsewhere."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from labutils import quant
+from labutils import kernels as K
+from labutils.engine import ops
+from labutils.kernels.dispatch import kernel_for
+from labutils.lm.model import apply_rope, attend, rope_tables
+
+
+def rand(*shape: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def test_rmsnorm_equals_torch():
+    x, gain = rand(5, 96), rand(96, seed=1)
+    out = np.zeros_like(x)
+    ops.rmsnorm(x, 4, gain, np.float32(1e-5), out)  # rows 0..3 only
+    norm = torch.nn.RMSNorm(96, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.from_numpy(gain))
+        expected = norm(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(out[:4], expected[:4], rtol=2e-6, atol=2e-6)
+    assert not out[4].any()
+    inplace = x.copy()
+    ops.rmsnorm(inplace, 5, gain, np.float32(1e-5), inplace)
+    np.testing.assert_allclose(inplace, expected, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_absmax_is_bit_exact_with_quant(bits):
+    x = rand(6, 70, scale=3.0)
+    x[2] = 0.0  # an all-zero token: scale eps / Qp, codes 0
+    x[3, 5] = 1e-3  # a token below eps
+    codes, scales, rowsum = np.full((6, 80), 99, np.int8), np.zeros(6, np.float32), np.zeros(6, np.int32)
+    ops.quantize_absmax(x, 6, np.float32(2 ** (bits - 1) - 1), np.float32(1e-5), codes, scales, rowsum)
+    expected, scale = quant.quantize_activations_absmax(torch.from_numpy(x), bits, eps=1e-5)
+    assert np.array_equal(codes[:, :70], expected.numpy()) and not codes[:, 70:].any()
+    assert np.array_equal(scales, scale.numpy().reshape(-1))
+    assert np.array_equal(rowsum, expected.numpy().astype(np.int64).sum(1))
+
+
+def test_quantize_absmax_propagates_nan_to_the_scale():
+    x = rand(2, 32)
+    x[1, 3] = np.nan
+    codes, scales, rowsum = np.zeros((2, 32), np.int8), np.zeros(2, np.float32), np.zeros(2, np.int32)
+    ops.quantize_absmax(x, 2, np.float32(127), np.float32(1e-5), codes, scales, rowsum)
+    assert np.isfinite(scales[0]) and np.isnan(scales[1])
+
+
+@pytest.mark.parametrize("path", K.available_paths())
+@pytest.mark.parametrize("m", [1, 5])
+def test_ternary_matmul_is_exact_on_every_path(path, m):
+    """The kernel's dots equal an integer matmul; the rescale is PackedBitLinear's order."""
+    rng = np.random.default_rng(3)
+    n, k = 130, 200  # neither a multiple of the tile (64) nor of the group (16)
+    trits = rng.integers(-1, 2, (n, k)).astype(np.int8)
+    w = K.prepack_w158a8(trits)
+    x = rand(m, k, seed=4)
+    kp = ops.padded_width(k)
+    codes, xs, rowsum = np.zeros((m, kp), np.int8), np.zeros(m, np.float32), np.zeros(m, np.int32)
+    ops.quantize_absmax(x, m, np.float32(127), np.float32(1e-5), codes, xs, rowsum)
+    dots, out = np.zeros((m, w.data.shape[0] * 64), np.int32), np.zeros((m, n), np.float32)
+    w_scale = np.full(n, 0.37, np.float32)
+    with K.use(path):
+        for min_macs in (0, 1 << 40):  # the parallel and the serial kernel
+            ops.ternary_matmul(kernel_for("w1.58a8"), kernel_for("w1.58a8", parallel=False), codes, m, w.data,
+                               rowsum, dots, xs, w_scale, out, min_macs)  # fmt: skip
+            exact = codes[:, :k].astype(np.int64) @ trits.T.astype(np.int64)
+            assert np.array_equal(dots[:, :n], exact)
+            expected = (torch.from_numpy(exact.astype(np.int32)).float() * torch.from_numpy(xs)[:, None]) * torch.tensor(0.37)
+            assert np.array_equal(out, expected.numpy())
+
+
+def test_float_matmul_t_equals_numpy():
+    x, wt = rand(3, 40), rand(40, 1100, seed=2)  # more than two column blocks
+    out = np.zeros((3, 1100), np.float32)
+    ops.float_matmul_t(x, 2, wt, out)
+    np.testing.assert_allclose(out[:2], x[:2].astype(np.float64) @ wt, rtol=1e-5, atol=1e-5)
+    assert not out[2].any()
+
+
+def test_rope_equals_apply_rope():
+    heads, hd, pos0, m = 3, 8, 5, 4
+    cos, sin = rope_tables(hd, 16, 10000.0)
+    row = rand(m, 2 + heads * hd)  # two columns before the heads
+    x = row.copy()
+    ops.rope(x, m, 2, heads, hd, cos.numpy(), sin.numpy(), pos0)
+    q = torch.from_numpy(row[:, 2:]).view(m, heads, hd).transpose(0, 1)[None]  # [1, H, T, hd]
+    expected = apply_rope(q, cos[pos0 : pos0 + m], sin[pos0 : pos0 + m])[0].transpose(0, 1).reshape(m, -1)
+    np.testing.assert_allclose(x[:, 2:], expected.numpy(), rtol=1e-6, atol=1e-6)
+    assert np.array_equal(x[:, :2], row[:, :2])
+
+
+@pytest.mark.parametrize("n_head, n_kv", [(4, 4), (4, 2), (4, 1)])
+def test_attend_cached_equals_causal_sdpa(n_head, n_kv):
+    """M new tokens at positions past.. over the cache, grouped-query, against lm.model.attend."""
+    hd, past, m, max_len = 8, 3, 4, 10
+    length = past + m
+    q = rand(m, n_head * hd, seed=5)
+    k, v = rand(n_kv, max_len, hd, seed=6), rand(n_kv, max_len, hd, seed=7)
+    qkv = np.concatenate([q, np.zeros((m, 2 * n_kv * hd), np.float32)], axis=1)
+    scores, out = np.zeros((n_head * m, max_len), np.float32), np.zeros((m, n_head * hd), np.float32)
+    ops.attend_cached(qkv, m, n_head, n_kv, hd, k, v, past, scores, out)
+    tq = torch.from_numpy(q).view(m, n_head, hd).transpose(0, 1)[None]
+    group = n_head // n_kv
+    tk = torch.from_numpy(k[:, :length]).repeat_interleave(group, dim=0)[None]
+    tv = torch.from_numpy(v[:, :length]).repeat_interleave(group, dim=0)[None]
+    expected = attend(tq, tk, tv, past, "eager")[0].transpose(0, 1).reshape(m, -1)
+    np.testing.assert_allclose(out, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_and_add():
+    gu = rand(2, 12)
+    out = np.zeros((2, 6), np.float32)
+    ops.swiglu(gu, 2, 6, out)
+    g, u = torch.from_numpy(gu).split(6, dim=1)
+    np.testing.assert_allclose(out, (torch.nn.functional.silu(g) * u).numpy(), rtol=1e-6, atol=1e-6)
+    x, y = rand(3, 5), rand(3, 5, seed=1)
+    before = x.copy()
+    ops.add_(x, 2, y)
+    assert np.array_equal(x[:2], before[:2] + y[:2]) and np.array_equal(x[2], before[2])
+
+
+def test_padded_width():
+    assert [ops.padded_width(k) for k in (1, 16, 17, 1536)] == [16, 16, 32, 1536]
+    assert ops.KERNEL_WIDTH * math.ceil(70 / ops.KERNEL_WIDTH) == ops.padded_width(70)

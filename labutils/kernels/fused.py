@@ -15,7 +15,7 @@ torch, so the fused layer's outputs equal the unfused layer's bit for bit (A8; W
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 _INLINE = {"cache": True, "boundscheck": False, "error_model": "numpy", "inline": "always"}
 
@@ -74,3 +74,78 @@ def _rescale_block(dots, y, xs, ws, bias, lo, c0):  # pragma: no cover - compile
         s = xs[lo + i]
         for j in range(width):
             y[lo + i, c0 + j] = np.float32(dots[i, j]) * s * ws[c0 + j] + bias[c0 + j]
+
+
+# --------------------------------------------------------------------------- shared by every path
+# The public steps below are what a caller outside this module builds on: every path's fused
+# layer (``microkernels_*.FUSED``) and the compiled encoder of ``labutils.engine.encoder``. The
+# integer kernel itself comes in as ``task``, one path's ``a8_task`` / ``w1a1_task`` (a Numba
+# dispatcher passed as an argument: the caller is compiled once per task it is given).
+
+ROWS_PER_TASK = 128  # rows of activations per parallel task of a fused layer (multiple of 4)
+
+
+@njit(**_INLINE)
+def quantize_row_a8(xf, codes, xs, rowsum, r, qp, eps):  # pragma: no cover - compiled
+    """Row r of float32 x [M, K] (C-contiguous) -> int8 codes [M, Kp] (padding columns zero),
+    its float32 scale ``xs[r]`` and the int32 sum of its codes ``rowsum[r]``: per-token absmax
+    quantization, as ``quant.quantize_activations_absmax``. ``qp``, ``eps``: float32."""
+    amax = np.int32(_absmax_bits(xf.view(np.int32), r)).view(np.float32)  # the bits read as a float
+    _quantize_row_a8(xf, amax, codes, xs, rowsum, r, qp, eps)
+
+
+@njit(**_INLINE)
+def quantize_row_binary(xf, words, xs, r):  # pragma: no cover - compiled
+    """Row r of float32 x [M, K] -> its sign bits uint64 [M, ceil(K/64)] (1 where x >= 0) and
+    ``xs[r] = mean|x|`` (float32)."""
+    _quantize_row_binary(xf, words, xs, r)
+
+
+@njit(**_INLINE)
+def rescale_block(dots, y, xs, ws, bias, lo, c0):  # pragma: no cover - compiled
+    """y[lo + i, c0 + j] = float32(dots[i, j]) * xs[lo + i] * ws[c0 + j] + bias[c0 + j] for the
+    columns below y's width: an int32 block of dots [R, C] rescaled into float32 y [M, N]."""
+    _rescale_block(dots, y, xs, ws, bias, lo, c0)
+
+
+@njit(**_INLINE)
+def a8_fused_layer(xf, w, ws, bias, y, qp, eps, bits, mult, task):  # pragma: no cover - compiled
+    """The fused A8 layer on any path: float32 x [M, K] -> y [M, N] (see the module docstring):
+    per-token absmax codes, scales and code sums, then per (column tile, block of rows) task
+    ``task`` (a path's ``a8_task``) into a small int32 block and its rescale into y. ``bits``,
+    ``mult``: 2, 1 for W1.58A8 and 1, 2 for W1A8. Returns the per-token scales float32 [M]."""
+    m = xf.shape[0]
+    kp = w.shape[1] * 32 // bits  # 16 k per group for 2-bit codes, 32 for 1-bit
+    codes = np.empty((m, kp), dtype=np.int8)
+    xs = np.empty(m, dtype=np.float32)
+    rowsum = np.empty(m, dtype=np.int32)
+    for r in prange(m):
+        quantize_row_a8(xf, codes, xs, rowsum, r, qp, eps)
+    chunks = (m + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for job in prange(w.shape[0] * chunks):
+        t, lo = job // chunks, (job % chunks) * ROWS_PER_TASK
+        hi = min(lo + ROWS_PER_TASK, m)
+        dots = np.empty((hi - lo, 64), dtype=np.int32)
+        task(codes[lo:hi], w[t : t + 1], rowsum[lo:hi], dots, 0, 0, hi - lo, bits, mult)
+        _rescale_block(dots, y, xs, ws, bias, lo, 64 * t)
+    return xs
+
+
+@njit(**_INLINE)
+def w1a1_fused_layer(xf, w, k, ws, bias, y, task):  # pragma: no cover - compiled
+    """The fused W1A1 layer on any path: float32 x [M, K] -> y [M, N]: sign bits and mean|x| per
+    row, then per task ``task`` (a path's ``w1a1_task``) into an int32 block and its rescale.
+    Returns the per-token scales float32 [M]."""
+    m, words = xf.shape[0], w.shape[1]
+    signs = np.empty((m, words), dtype=np.uint64)
+    xs = np.empty(m, dtype=np.float32)
+    for r in prange(m):
+        _quantize_row_binary(xf, signs, xs, r)
+    chunks = (m + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for job in prange(w.shape[0] * chunks):
+        t, lo = job // chunks, (job % chunks) * ROWS_PER_TASK
+        hi = min(lo + ROWS_PER_TASK, m)
+        dots = np.empty((hi - lo, 32), dtype=np.int32)
+        task(signs[lo:hi], w[t : t + 1], k, dots, 0, 0, hi - lo)
+        _rescale_block(dots, y, xs, ws, bias, lo, 32 * t)
+    return xs

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from labutils.kernels.fused import a8_fused_layer, w1a1_fused_layer
 from labutils.kernels.simd import popcount
 
 _ROWS_PER_TASK = 128  # rows of activations per parallel task
@@ -37,19 +38,27 @@ def w1a1_gemm_simple(x_rows, w_rows, k):  # pragma: no cover - compiled
 @njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
 def _w1a1_body(x, w, k, out):  # pragma: no cover - compiled
     """x uint64 [M, Kw], w uint64 [T, Kw, 32] -> out int32 [M, 32T]: per row, 32 counters."""
-    m, words = x.shape
+    m = x.shape[0]
     chunks = (m + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(w.shape[0] * chunks):
         t, lo = task // chunks, (task % chunks) * _ROWS_PER_TASK
-        counts = np.empty(32, dtype=np.uint64)
-        for r in range(lo, min(lo + _ROWS_PER_TASK, m)):
-            counts[:] = 0
-            for i in range(words):
-                a = x[r, i]
-                for c in range(32):
-                    counts[c] += popcount(a ^ w[t, i, c])
+        w1a1_task(x, w, k, out, t, lo, min(lo + _ROWS_PER_TASK, m))
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
+def w1a1_task(x, w, k, out, t, lo, hi):  # pragma: no cover - compiled
+    """Rows lo..hi-1 x column tile t -> out[lo:hi, 32t : 32t+32] (int32): one task of
+    ``_w1a1_body``, and the integer step of a fused layer (``fused``, ``labutils.engine``)."""
+    words = x.shape[1]
+    counts = np.empty(32, dtype=np.uint64)
+    for r in range(lo, hi):
+        counts[:] = 0
+        for i in range(words):
+            a = x[r, i]
             for c in range(32):
-                out[r, 32 * t + c] = k - 2 * np.int64(counts[c])
+                counts[c] += popcount(a ^ w[t, i, c])
+        for c in range(32):
+            out[r, 32 * t + c] = k - 2 * np.int64(counts[c])
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
@@ -59,27 +68,35 @@ def _a8_body(x, w, rowsum, out, bits, mult):  # pragma: no cover - compiled
     Each task decodes its column tile into int8 codes, one row of Kp per column, once; then
     every output is a plain dot product of two int8 rows (Numba types the products int64, so
     this loop runs at a few GMAC/s per core: correct everywhere, fast nowhere)."""
-    m, kp = x.shape
-    groups, fields, mask = w.shape[1], 8 // bits, (1 << bits) - 1
+    m = x.shape[0]
     chunks = (m + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(w.shape[0] * chunks):
         t, lo = task // chunks, (task % chunks) * _ROWS_PER_TASK
-        codes = np.empty((64, kp), dtype=np.int8)
-        for g in range(groups):
-            for v in range(4):
-                for lane in range(16):
-                    for j in range(4):
-                        byte = np.int32(w[t, g, v, 4 * lane + j])
-                        for q in range(fields):
-                            codes[16 * v + lane, 4 * (fields * g + q) + j] = (byte >> (bits * q)) & mask
-        for r in range(lo, min(lo + _ROWS_PER_TASK, m)):
-            xr = x[r]
-            for c in range(64):
-                cr = codes[c]
-                total = np.int32(0)
-                for kk in range(kp):
-                    total += np.int32(cr[kk]) * np.int32(xr[kk])
-                out[r, 64 * t + c] = mult * total - rowsum[r]
+        a8_task(x, w, rowsum, out, t, lo, min(lo + _ROWS_PER_TASK, m), bits, mult)
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
+def a8_task(x, w, rowsum, out, t, lo, hi, bits, mult):  # pragma: no cover - compiled
+    """Rows lo..hi-1 x column tile t -> out[lo:hi, 64t : 64t+64] (int32): one task of
+    ``_a8_body``, and the integer step of a fused layer (``fused``, ``labutils.engine``)."""
+    kp = x.shape[1]
+    groups, fields, mask = w.shape[1], 8 // bits, (1 << bits) - 1
+    codes = np.empty((64, kp), dtype=np.int8)
+    for g in range(groups):
+        for v in range(4):
+            for lane in range(16):
+                for j in range(4):
+                    byte = np.int32(w[t, g, v, 4 * lane + j])
+                    for q in range(fields):
+                        codes[16 * v + lane, 4 * (fields * g + q) + j] = (byte >> (bits * q)) & mask
+    for r in range(lo, hi):
+        xr = x[r]
+        for c in range(64):
+            cr = codes[c]
+            total = np.int32(0)
+            for kk in range(kp):
+                total += np.int32(cr[kk]) * np.int32(xr[kk])
+            out[r, 64 * t + c] = mult * total - rowsum[r]
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", parallel=True)
@@ -118,3 +135,44 @@ KERNELS = {
     "w1.58a8": (_w158a8_parallel, _w158a8_serial),
 }
 """scheme -> (parallel kernel, serial kernel), the signatures of ``dispatch.SIGNATURES``."""
+
+
+_FUSED_OPTS = {"cache": True, "boundscheck": False, "error_model": "numpy"}
+
+
+@njit(parallel=True, **_FUSED_OPTS)
+def _w1a1_fused_parallel(xf, w, k, ws, bias, y):  # pragma: no cover - compiled
+    return w1a1_fused_layer(xf, w, k, ws, bias, y, w1a1_task)
+
+
+@njit(**_FUSED_OPTS)
+def _w1a1_fused_serial(xf, w, k, ws, bias, y):  # pragma: no cover - compiled
+    return w1a1_fused_layer(xf, w, k, ws, bias, y, w1a1_task)
+
+
+@njit(parallel=True, **_FUSED_OPTS)
+def _w1a8_fused_parallel(xf, w, ws, bias, y, qp, eps):  # pragma: no cover - compiled
+    return a8_fused_layer(xf, w, ws, bias, y, qp, eps, 1, 2, a8_task)
+
+
+@njit(**_FUSED_OPTS)
+def _w1a8_fused_serial(xf, w, ws, bias, y, qp, eps):  # pragma: no cover - compiled
+    return a8_fused_layer(xf, w, ws, bias, y, qp, eps, 1, 2, a8_task)
+
+
+@njit(parallel=True, **_FUSED_OPTS)
+def _w158a8_fused_parallel(xf, w, ws, bias, y, qp, eps):  # pragma: no cover - compiled
+    return a8_fused_layer(xf, w, ws, bias, y, qp, eps, 2, 1, a8_task)
+
+
+@njit(**_FUSED_OPTS)
+def _w158a8_fused_serial(xf, w, ws, bias, y, qp, eps):  # pragma: no cover - compiled
+    return a8_fused_layer(xf, w, ws, bias, y, qp, eps, 2, 1, a8_task)
+
+
+FUSED = {
+    "w1a1": (_w1a1_fused_parallel, _w1a1_fused_serial),
+    "w1a8": (_w1a8_fused_parallel, _w1a8_fused_serial),
+    "w1.58a8": (_w158a8_fused_parallel, _w158a8_fused_serial),
+}
+"""scheme -> (parallel, serial) fused layer: float32 x -> y, see ``fused``."""

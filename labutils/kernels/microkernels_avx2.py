@@ -499,6 +499,12 @@ def _w158a8_fused_serial(xf, w, ws, bias, y, qp, eps):  # pragma: no cover - com
     return _a8_fused_body(xf, w, ws, bias, y, qp, eps, 2, 1)
 
 
+a8_task = _a8_task
+"""The A8 integer step of one task, public for the fused layers of ``labutils.engine``
+(``microkernels_avx512.a8_task`` has the same signature)."""
+w1a1_task = _w1a1_task
+"""The W1A1 integer step of one task, public for ``labutils.engine`` (as ``a8_task``)."""
+
 FUSED = {
     "w1a1": (_w1a1_fused_parallel, _w1a1_fused_serial),
     "w1a8": (_w1a8_fused_parallel, _w1a8_fused_serial),

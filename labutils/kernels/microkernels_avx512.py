@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from labutils.kernels.fused import a8_fused_layer, w1a1_fused_layer
 from labutils.kernels.simd import (
     _dpbusd,
     _store_affine,
@@ -91,14 +92,21 @@ def _w1a1_body(x, w, k, out):  # pragma: no cover - compiled
     chunks = (m + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(w.shape[0] * chunks):
         t, lo = task // chunks, (task % chunks) * _ROWS_PER_TASK
-        hi = min(lo + _ROWS_PER_TASK, m)
-        r = lo
-        while r + 4 <= hi:
-            _w1a1_tile4(x, w, out, r, t, k)
-            r += 4
-        while r < hi:
-            _w1a1_tile1(x, w, out, r, t, k)
-            r += 1
+        w1a1_task(x, w, k, out, t, lo, min(lo + _ROWS_PER_TASK, m))
+
+
+@njit(**_INLINE)
+def w1a1_task(x, w, k, out, t, lo, hi):  # pragma: no cover - compiled
+    """Rows lo..hi-1 of x uint64 [M, Kw] x column tile t of w uint64 [T, Kw, 32] -> the int32
+    dots out[lo:hi, 32t : 32t+32]: one task of ``_w1a1_body``, and the integer step of a fused
+    layer (``fused.w1a1_fused_layer``, ``labutils.engine``)."""
+    r = lo
+    while r + 4 <= hi:
+        _w1a1_tile4(x, w, out, r, t, k)
+        r += 4
+    while r < hi:
+        _w1a1_tile1(x, w, out, r, t, k)
+        r += 1
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", parallel=True)
@@ -213,20 +221,28 @@ def _a8_body(x, w, rowsum, out, bits, mult):  # pragma: no cover - compiled
     chunks = (m + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(w.shape[0] * chunks):
         t, lo = task // chunks, (task % chunks) * _ROWS_PER_TASK
-        hi = min(lo + _ROWS_PER_TASK, m)
-        r = lo
-        if hi - lo >= _PANEL_MIN_ROWS:
-            panel = np.empty(x.shape[1] * 64, dtype=np.uint8)
-            _a8_decode_panel(w, t, bits, panel)
-            while r + 4 <= hi:
-                _a8_tile4_decoded(x, panel, out, r, t, rowsum, mult)
-                r += 4
+        a8_task(x, w, rowsum, out, t, lo, min(lo + _ROWS_PER_TASK, m), bits, mult)
+
+
+@njit(**_INLINE)
+def a8_task(x, w, rowsum, out, t, lo, hi, bits, mult):  # pragma: no cover - compiled
+    """Rows lo..hi-1 of x int8 [M, Kp] x column tile t of w uint8 [T, G, 4, 64] -> the int32
+    dots out[lo:hi, 64t : 64t+64] = mult * sum(code * x) - rowsum: one task of ``_a8_body``, and
+    the integer step of a fused layer (``fused.a8_fused_layer``, ``labutils.engine``). From 16
+    rows the tile is decoded once into a panel."""
+    r = lo
+    if hi - lo >= _PANEL_MIN_ROWS:
+        panel = np.empty(x.shape[1] * 64, dtype=np.uint8)
+        _a8_decode_panel(w, t, bits, panel)
         while r + 4 <= hi:
-            _a8_tile4(x, w, out, r, t, rowsum, bits, mult)
+            _a8_tile4_decoded(x, panel, out, r, t, rowsum, mult)
             r += 4
-        while r < hi:
-            _a8_tile1(x, w, out, r, t, rowsum, bits, mult)
-            r += 1
+    while r + 4 <= hi:
+        _a8_tile4(x, w, out, r, t, rowsum, bits, mult)
+        r += 4
+    while r < hi:
+        _a8_tile1(x, w, out, r, t, rowsum, bits, mult)
+        r += 1
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", parallel=True)
@@ -257,3 +273,48 @@ KERNELS = {
     "w1.58a8": (_w158a8_parallel, _w158a8_serial),
 }
 """scheme -> (parallel kernel, serial kernel), the signatures of ``dispatch.SIGNATURES``."""
+
+
+# --------------------------------------------------------------------------- fused layers
+# Activation quantization, kernel, rescale and bias in one compiled call (``kernels.fused``),
+# the AVX-512 kernel as the integer step.
+
+_FUSED_OPTS = {"cache": True, "boundscheck": False, "error_model": "numpy"}
+
+
+@njit(parallel=True, **_FUSED_OPTS)
+def _w1a1_fused_parallel(xf, w, k, ws, bias, y):  # pragma: no cover - compiled
+    return w1a1_fused_layer(xf, w, k, ws, bias, y, w1a1_task)
+
+
+@njit(**_FUSED_OPTS)
+def _w1a1_fused_serial(xf, w, k, ws, bias, y):  # pragma: no cover - compiled
+    return w1a1_fused_layer(xf, w, k, ws, bias, y, w1a1_task)
+
+
+@njit(parallel=True, **_FUSED_OPTS)
+def _w1a8_fused_parallel(xf, w, ws, bias, y, qp, eps):  # pragma: no cover - compiled
+    return a8_fused_layer(xf, w, ws, bias, y, qp, eps, 1, 2, a8_task)
+
+
+@njit(**_FUSED_OPTS)
+def _w1a8_fused_serial(xf, w, ws, bias, y, qp, eps):  # pragma: no cover - compiled
+    return a8_fused_layer(xf, w, ws, bias, y, qp, eps, 1, 2, a8_task)
+
+
+@njit(parallel=True, **_FUSED_OPTS)
+def _w158a8_fused_parallel(xf, w, ws, bias, y, qp, eps):  # pragma: no cover - compiled
+    return a8_fused_layer(xf, w, ws, bias, y, qp, eps, 2, 1, a8_task)
+
+
+@njit(**_FUSED_OPTS)
+def _w158a8_fused_serial(xf, w, ws, bias, y, qp, eps):  # pragma: no cover - compiled
+    return a8_fused_layer(xf, w, ws, bias, y, qp, eps, 2, 1, a8_task)
+
+
+FUSED = {
+    "w1a1": (_w1a1_fused_parallel, _w1a1_fused_serial),
+    "w1a8": (_w1a8_fused_parallel, _w1a8_fused_serial),
+    "w1.58a8": (_w158a8_fused_parallel, _w158a8_fused_serial),
+}
+"""scheme -> (parallel, serial) fused layer: float32 x -> y, see ``fused``."""

@@ -4,7 +4,8 @@
 package (``pip install labutils[deploy]``). Which llama.cpp architecture, and how exact:
 
 **Full precision (``quant="fp"``) -> architecture ``llama``.** Tensors map one to one: the fused
-``qkv`` [3d, d] is split into ``attn_q``/``attn_k``/``attn_v`` (rows 0:d, d:2d, 2d:3d) and
+``qkv`` [(H + 2 H_kv) d_h, d] is split into ``attn_q``/``attn_k``/``attn_v`` (rows 0:d, then H_kv d_h
+each: grouped-query attention writes ``head_count_kv`` = H_kv, as llama.cpp reads it) and
 ``gate_up`` [2h, d] into ``ffn_gate``/``ffn_up``; the tied embedding is written once as
 ``token_embd`` (llama.cpp uses it as the output matrix when ``output.weight`` is absent). The
 decoder rotates pairs (i, i + d_h/2) like Hugging Face Llama, while llama.cpp's ``llama``
@@ -66,7 +67,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["WEIGHT_TYPES", "TERNARY_TYPES", "export_gguf", "permute_rope_rows"]
+__all__ = ["WEIGHT_TYPES", "TERNARY_TYPES", "export_gguf", "export_random_gguf", "permute_rope_rows"]
 
 WEIGHT_TYPES = ("F32", "F16", "Q8_0", "TQ2_0", "TQ1_0")
 TERNARY_TYPES = ("TQ2_0", "TQ1_0")
@@ -116,8 +117,10 @@ def _add(writer, gguf, name: str, array: np.ndarray, type_name: str, types: dict
     types[name] = type_name
 
 
-def _tokenizer_fields(tokenizer) -> tuple[list[str], list[int], list[str], int]:
-    """tokens by id, token types, merges ("a b"), and the end-of-text id of a ``tokenizers`` BPE."""
+def _tokenizer_fields(tokenizer, vocab_size: int | None = None) -> tuple[list[str], list[int], list[str], int]:
+    """tokens by id, token types, merges ("a b"), and the end-of-text id of a ``tokenizers`` BPE;
+    ``vocab_size`` larger than the tokenizer's: padded with unused control tokens ``<|unused_i|>``
+    (a benchmark model shaped like a larger vocabulary, ids the tokenizer never emits)."""
     from labutils.lm.tokenizer import EOS, SPECIAL_TOKENS
 
     vocab = tokenizer.get_vocab(with_added_tokens=True)
@@ -133,6 +136,9 @@ def _tokenizer_fields(tokenizer) -> tuple[list[str], list[int], list[str], int]:
     if model.get("type") != "BPE":
         raise ValueError(f"only BPE tokenizers export as gpt2, got {model.get('type')!r}")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    extra = max(0, (vocab_size or n) - n)
+    tokens += [f"<|unused_{i}|>" for i in range(extra)]
+    types += [3] * extra
     return tokens, types, merges, tokenizer.token_to_id(EOS)
 
 
@@ -173,34 +179,11 @@ def export_gguf(
     if embed_type not in ("F32", "F16", "Q8_0"):
         raise ValueError(f"embed_type must be F32, F16 or Q8_0, got {embed_type!r}")
 
-    arch = "bitnet" if ternary else "llama"
-    d, h, n_head = cfg.d_model, cfg.ffn_hidden, cfg.n_head
-    writer = gguf.GGUFWriter(os.fspath(path), arch)
-    writer.add_name(name)
-    writer.add_context_length(cfg.max_seq_len)
-    writer.add_embedding_length(d)
-    writer.add_block_count(cfg.n_layer)
-    writer.add_feed_forward_length(h)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_rope_freq_base(float(cfg.rope_theta))
-    writer.add_layer_norm_rms_eps(float(cfg.norm_eps))
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(getattr(gguf.LlamaFileType, "ALL_F32" if weight_type == "F32" else f"MOSTLY_{weight_type}"))
-
-    tokens, token_types, merges, eos = _tokenizer_fields(tokenizer)
-    if len(tokens) != cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokens)} tokens, the model {cfg.vocab_size}")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(token_types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(eos)  # the book starts every prompt with <|endoftext|>
-    writer.add_eos_token_id(eos)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
+    d, h, n_head, n_kv = cfg.d_model, cfg.ffn_hidden, cfg.n_head, getattr(cfg, "kv_heads", cfg.n_head)
+    writer = _writer(gguf, path, "bitnet" if ternary else "llama", tokenizer, weight_type, name=name,
+                     n_layer=cfg.n_layer, d_model=d, ffn_hidden=h, n_head=n_head, n_kv_head=n_kv,
+                     max_seq_len=cfg.max_seq_len, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
+                     vocab_size=cfg.vocab_size, pad_vocab=False)  # fmt: skip
 
     def f32(t: torch.Tensor) -> np.ndarray:
         return t.detach().to(torch.float32).cpu().numpy()
@@ -226,10 +209,10 @@ def export_gguf(
                     weights[key], scales[key] = codes * scale.reshape(-1, 1), None
             else:
                 weights[key], scales[key] = f32(layer.weight), None
-        q, k, v = np.split(weights["qkv"], 3, axis=0)
+        q, k, v = np.split(weights["qkv"], [d, d + n_kv * cfg.head_dim], axis=0)  # GQA: k, v have n_kv heads
         gate, up = np.split(weights["gate_up"], 2, axis=0)
         if not ternary:  # HF pairs (i, i + d_h/2) -> llama.cpp's adjacent pairs
-            q, k = permute_rope_rows(q, n_head), permute_rope_rows(k, n_head)
+            q, k = permute_rope_rows(q, n_head), permute_rope_rows(k, n_kv)
         projections = [
             ("attn_q", q, "qkv"), ("attn_k", k, "qkv"), ("attn_v", v, "qkv"), ("attn_output", weights["o"], "o"),
             ("ffn_gate", gate, "gate_up"), ("ffn_up", up, "gate_up"), ("ffn_down", weights["down"], "down"),
@@ -252,11 +235,94 @@ def export_gguf(
         _add(writer, gguf, p + "attn_norm.weight", g_attn, "F32", types)
         _add(writer, gguf, p + "ffn_norm.weight", g_mlp, "F32", types)
 
+    _close(writer, path)
+    return types
+
+
+def _writer(gguf, path, arch: str, tokenizer, weight_type: str, *, name: str, n_layer: int, d_model: int,
+            ffn_hidden: int, n_head: int, n_kv_head: int, max_seq_len: int, rope_theta: float, norm_eps: float,
+            vocab_size: int, pad_vocab: bool):  # fmt: skip
+    """A GGUFWriter with the model's hyperparameters and the tokenizer written (the tensors follow)."""
+    writer = gguf.GGUFWriter(os.fspath(path), arch)
+    writer.add_name(name)
+    writer.add_context_length(max_seq_len)
+    writer.add_embedding_length(d_model)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(ffn_hidden)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv_head)
+    writer.add_rope_dimension_count(d_model // n_head)
+    writer.add_rope_freq_base(float(rope_theta))
+    writer.add_layer_norm_rms_eps(float(norm_eps))
+    writer.add_vocab_size(vocab_size)
+    writer.add_file_type(getattr(gguf.LlamaFileType, "ALL_F32" if weight_type == "F32" else f"MOSTLY_{weight_type}"))
+
+    tokens, token_types, merges, eos = _tokenizer_fields(tokenizer, vocab_size if pad_vocab else None)
+    if len(tokens) != vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokens)} tokens, the model {vocab_size}")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(eos)  # the book starts every prompt with <|endoftext|>
+    writer.add_eos_token_id(eos)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    return writer
+
+
+def _close(writer, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def export_random_gguf(engine, tokenizer, path: str | os.PathLike, weight_type: str = "TQ2_0", *,
+                       embed_type: str = "F16", name: str = "labutils-random-ternary") -> dict[str, str]:  # fmt: skip
+    """Write a random ternary engine (:meth:`labutils.engine.DecoderEngine.random`) as a ``bitnet``
+    GGUF holding the same model: the codes regenerated layer by layer from the engine's seed
+    (``layer_codes``), its per-tensor scales, unit norm gains, its embedding (as ``embed_type``).
+    The tokenizer's tokens are padded with unused control tokens up to the engine's vocabulary.
+    Returns {tensor name: type written}. Only the projections of one layer are in memory at once
+    beyond what the writer keeps (the written file's tensors)."""
+    gguf = _gguf()
+    from labutils.engine.decoder import DecoderEngine
+
+    if weight_type not in TERNARY_TYPES + ("F16",):
+        raise ValueError(f"weight_type must be one of {TERNARY_TYPES + ('F16',)}, got {weight_type!r}")
+    seed = getattr(engine, "random_seed", None)
+    if seed is None:
+        raise ValueError("export_random_gguf takes an engine built by DecoderEngine.random (its codes come from its seed)")
+    s = engine.shape
+    writer = _writer(gguf, path, "bitnet", tokenizer, weight_type, name=name, n_layer=s.n_layer, d_model=s.d_model,
+                     ffn_hidden=s.ffn_hidden, n_head=s.n_head, n_kv_head=s.n_kv_head, max_seq_len=s.max_seq_len,
+                     rope_theta=s.rope_theta, norm_eps=s.norm_eps, vocab_size=s.vocab_size, pad_vocab=True)  # fmt: skip
+    types: dict[str, str] = {}
+    _add(writer, gguf, "token_embd.weight", engine.embed_t.T, _fit_type(gguf, embed_type, s.d_model, False), types)
+    _add(writer, gguf, "output_norm.weight", engine.final_gain, "F32", types)
+    q_rows, kv_rows = s.d_model, s.n_kv_head * s.head_dim
+    for i in range(s.n_layer):
+        p = f"blk.{i}."
+        codes = DecoderEngine.layer_codes(s, seed, i)
+        q, k, v = np.split(codes["qkv"], [q_rows, q_rows + kv_rows], axis=0)
+        gate, up = np.split(codes["gate_up"], 2, axis=0)
+        projections = [("attn_q", q, "qkv"), ("attn_k", k, "qkv"), ("attn_v", v, "qkv"), ("attn_output", codes["o"], "o"),
+                       ("ffn_gate", gate, "gate_up"), ("ffn_up", up, "gate_up"), ("ffn_down", codes["down"], "down")]  # fmt: skip
+        for tname, w, key in projections:
+            _add(writer, gguf, p + tname + ".weight", w, _fit_type(gguf, weight_type, w.shape[1], True), types)
+            scale = engine.scales[key][i]
+            if not np.all(scale == scale[0]):
+                raise ValueError(f"{p}{key}: llama.cpp's .scale tensor holds one scale, the engine has per-row scales")
+            _add(writer, gguf, p + tname + ".scale", scale[:1], "F32", types)
+        g = engine.gains
+        _add(writer, gguf, p + "attn_norm.weight", fold_norm_gains(g["attn"][i], g["qkv"][i], False, f"{p}attn_norm"), "F32", types)
+        _add(writer, gguf, p + "ffn_norm.weight", fold_norm_gains(g["mlp"][i], g["gate_up"][i], False, f"{p}ffn_norm"), "F32", types)
+        _add(writer, gguf, p + "attn_sub_norm.weight", g["o"][i], "F32", types)
+        _add(writer, gguf, p + "ffn_sub_norm.weight", g["down"][i], "F32", types)
+    _close(writer, path)
     return types
 
 

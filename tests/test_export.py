@@ -8,7 +8,8 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="the GGUF export needs the `gguf` package (pip install 'labutils[deploy]')")
 
-from labutils.export import export_gguf, permute_rope_rows  # noqa: E402
+from labutils.engine.decoder import DecoderEngine, EngineShape  # noqa: E402
+from labutils.export import export_gguf, export_random_gguf, permute_rope_rows  # noqa: E402
 from labutils.lm.model import Decoder, LMConfig  # noqa: E402
 from labutils.lm.tokenizer import train_tokenizer  # noqa: E402
 
@@ -24,9 +25,9 @@ def tokenizer():
     return train_tokenizer(TEXTS, vocab_size=320, min_frequency=1)
 
 
-def make_model(tokenizer, quant: str, d_model: int = 256) -> Decoder:
+def make_model(tokenizer, quant: str, d_model: int = 256, kv_heads: int | None = None) -> Decoder:
     config = LMConfig(vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=4, d_model=d_model,
-                      max_seq_len=64, quant=quant)  # fmt: skip
+                      max_seq_len=64, quant=quant, n_kv_heads=kv_heads)  # fmt: skip
     model = Decoder(config, seed=1).eval()
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():  # non-trivial norm gains, so that a swapped norm would show
@@ -60,7 +61,7 @@ def check_header(reader, tensors, model, tokenizer, arch):
     assert field(reader, f"{arch}.block_count") == cfg.n_layer
     assert field(reader, f"{arch}.feed_forward_length") == cfg.ffn_hidden
     assert field(reader, f"{arch}.attention.head_count") == cfg.n_head
-    assert field(reader, f"{arch}.attention.head_count_kv") == cfg.n_head
+    assert field(reader, f"{arch}.attention.head_count_kv") == cfg.kv_heads
     assert field(reader, f"{arch}.rope.freq_base") == pytest.approx(cfg.rope_theta)
     assert field(reader, f"{arch}.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.norm_eps)
     assert field(reader, f"{arch}.vocab_size") == cfg.vocab_size
@@ -83,21 +84,22 @@ def test_permute_rope_rows_maps_pairs_to_adjacent():
     assert out[hd:].tolist() == [8, 12, 9, 13, 10, 14, 11, 15]
 
 
-@pytest.mark.parametrize("weight_type, tol", [("F32", 0.0), ("F16", 1e-3), ("Q8_0", 1 / 127)])
-def test_full_precision_round_trip(tmp_path, tokenizer, weight_type, tol):
-    model = make_model(tokenizer, "fp")
+@pytest.mark.parametrize("weight_type, tol, kv_heads", [("F32", 0.0, None), ("F16", 1e-3, None), ("Q8_0", 1 / 127, None),
+                                                       ("F32", 0.0, 2)])  # fmt: skip
+def test_full_precision_round_trip(tmp_path, tokenizer, weight_type, tol, kv_heads):
+    model = make_model(tokenizer, "fp", kv_heads=kv_heads)
     cfg = model.config
     path = tmp_path / f"fp-{weight_type}.gguf"
     types = export_gguf(model, tokenizer, path, weight_type)
     reader, tensors = read(path)
     check_header(reader, tensors, model, tokenizer, "llama")
-    d, h = cfg.d_model, cfg.ffn_hidden
+    d, h, kv = cfg.d_model, cfg.ffn_hidden, cfg.kv_heads * cfg.head_dim
     for i, block in enumerate(model.blocks):
         qkv = block.attn.qkv.weight.detach().numpy()
         gate_up = block.mlp.gate_up.weight.detach().numpy()
         expected = {
-            "attn_q": permute_rope_rows(qkv[:d], cfg.n_head), "attn_k": permute_rope_rows(qkv[d : 2 * d], cfg.n_head),
-            "attn_v": qkv[2 * d :], "attn_output": block.attn.o.weight.detach().numpy(),
+            "attn_q": permute_rope_rows(qkv[:d], cfg.n_head), "attn_k": permute_rope_rows(qkv[d : d + kv], cfg.kv_heads),
+            "attn_v": qkv[d + kv :], "attn_output": block.attn.o.weight.detach().numpy(),
             "ffn_gate": gate_up[:h], "ffn_up": gate_up[h:], "ffn_down": block.mlp.down.weight.detach().numpy(),
         }  # fmt: skip
         for name, w in expected.items():
@@ -117,10 +119,11 @@ def test_full_precision_refuses_ternary_types(tmp_path, tokenizer):
         export_gguf(make_model(tokenizer, "fp"), tokenizer, tmp_path / "x.gguf", "TQ2_0")
 
 
-@pytest.mark.parametrize("weight_type", ["TQ2_0", "TQ1_0", "F16"])
-def test_ternary_round_trip_is_exact(tmp_path, tokenizer, weight_type):
-    model = make_model(tokenizer, "w1.58a8", d_model=768)  # ffn 2048: every row fills TQ blocks of 256
+@pytest.mark.parametrize("weight_type, kv_heads", [("TQ2_0", None), ("TQ1_0", None), ("F16", None), ("TQ2_0", 1)])
+def test_ternary_round_trip_is_exact(tmp_path, tokenizer, weight_type, kv_heads):
+    model = make_model(tokenizer, "w1.58a8", d_model=768, kv_heads=kv_heads)  # ffn 2048: rows fill TQ blocks of 256
     cfg = model.config
+    kv = cfg.kv_heads * cfg.head_dim
     path = tmp_path / f"t-{weight_type}.gguf"
     with pytest.raises(ValueError, match="approximate_norms"):
         export_gguf(model, tokenizer, path, weight_type)
@@ -134,7 +137,7 @@ def test_ternary_round_trip_is_exact(tmp_path, tokenizer, weight_type):
         q = {k: layer.quantized_weight() for k, layer in layers.items()}
         wq = {k: (c.float() * s).numpy() for k, (c, s) in q.items()}
         expected = {
-            "attn_q": ("qkv", wq["qkv"][:d]), "attn_k": ("qkv", wq["qkv"][d : 2 * d]), "attn_v": ("qkv", wq["qkv"][2 * d :]),
+            "attn_q": ("qkv", wq["qkv"][:d]), "attn_k": ("qkv", wq["qkv"][d : d + kv]), "attn_v": ("qkv", wq["qkv"][d + kv :]),
             "attn_output": ("o", wq["o"]), "ffn_gate": ("gate_up", wq["gate_up"][:h]),
             "ffn_up": ("gate_up", wq["gate_up"][h:]), "ffn_down": ("down", wq["down"]),
         }  # fmt: skip
@@ -169,11 +172,48 @@ def test_ternary_fold_is_exact_for_uniform_block_gain_and_falls_back_for_odd_row
     np.testing.assert_array_equal(got, (codes.float() * scale).numpy())
 
 
-def test_llama_cpp_generates(tmp_path, tokenizer):
+RANDOM = EngineShape(vocab_size=400, n_layer=2, n_head=4, n_kv_head=2, d_model=256, ffn_hidden=512, max_seq_len=32)
+
+
+def test_random_engine_export_holds_its_codes_and_pads_the_vocabulary(tmp_path, tokenizer):
+    engine = DecoderEngine.random(RANDOM, seed=3)
+    path = tmp_path / "random-TQ2_0.gguf"
+    types = export_random_gguf(engine, tokenizer, path)
+    reader, tensors = read(path)
+    assert field(reader, "bitnet.attention.head_count_kv") == 2 and field(reader, "bitnet.vocab_size") == 400
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == 400 and tokens[319] == tokenizer.id_to_token(319) and tokens[320] == "<|unused_0|>"
+    codes = DecoderEngine.layer_codes(RANDOM, 3, 1)
+    assert np.array_equal(weight(tensors, "blk.1.attn_k.weight"), codes["qkv"][256:384])
+    assert np.array_equal(weight(tensors, "blk.1.ffn_down.weight"), codes["down"])
+    assert weight(tensors, "blk.1.ffn_down.scale").item() == engine.scales["down"][1, 0]
+    assert set(types.values()) == {"TQ2_0", "F32", "F16"}
+    np.testing.assert_allclose(weight(tensors, "token_embd.weight"), engine.embed_t.T, atol=1e-4)
+    with pytest.raises(ValueError, match="DecoderEngine.random"):
+        export_random_gguf(DecoderEngine.from_decoder(make_model(tokenizer, "w1.58a8")), tokenizer, path)
+
+
+def test_llama_cpp_runs_the_grouped_query_export_as_the_engine_does(tmp_path, tokenizer):
+    """llama.cpp reads head_count_kv and the k, v rows as the engine does: its logits (Q8_K
+    activations, fp16 embedding) stay within 10 % of the largest of the engine's."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    engine = DecoderEngine.random(RANDOM, seed=4)
+    path = tmp_path / "random-TQ2_0.gguf"
+    export_random_gguf(engine, tokenizer, path)
+    ids = [0, *tokenizer.encode("the movie was great and the acting").ids]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[: len(ids)])
+    ours = engine.forward(np.array(ids), logits="all")
+    assert np.abs(theirs - ours).max() <= 0.1 * np.abs(ours).max()
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_llama_cpp_generates(tmp_path, tokenizer, kv_heads):
     llama_cpp = pytest.importorskip(
         "llama_cpp", reason="llama-cpp-python is not installed (optional: it compiles llama.cpp for minutes)"
     )
-    model = make_model(tokenizer, "fp")
+    model = make_model(tokenizer, "fp", kv_heads=kv_heads)
     path = tmp_path / "fp-f32.gguf"
     export_gguf(model, tokenizer, path, "F32")
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)

@@ -211,6 +211,7 @@ class DecoderEngine:
         }  # fmt: skip
         self._last_logits = np.zeros((1, shape.vocab_size), np.float32)
         self.length = 0
+        self.random_seed: int | None = None
 
     # ------------------------------------------------------------------ building
 
@@ -297,7 +298,9 @@ class DecoderEngine:
         embed_t = np.empty((shape.d_model, shape.vocab_size), np.float32)
         for j in range(shape.d_model):
             embed_t[j] = rng.standard_normal(shape.vocab_size, dtype=np.float32) * np.float32(0.02)
-        return cls(shape, weights, scales, gains, embed_t, np.ones(shape.d_model, np.float32))
+        engine = cls(shape, weights, scales, gains, embed_t, np.ones(shape.d_model, np.float32))
+        engine.random_seed = seed  # labutils.export.export_random_gguf regenerates the codes from it
+        return engine
 
     @staticmethod
     def layer_codes(shape: EngineShape, seed: int, layer: int) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,18 +38,45 @@ PAGES = _chapter_pages()
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 
 
+def _notebook_pages() -> list[str]:
+    """The toc's pages that are notebooks (a .md with its .ipynb twin): ``book/01_...``."""
+    return [p.removesuffix(".html") for p in PAGES if (ROOT / p).with_suffix(".ipynb").is_file()]
+
+
+def _source_with_executed_notebooks(folder: Path, executed: Path) -> Path:
+    """A copy of the book's sources in ``folder`` whose notebook pages are the notebooks the test
+    run has already executed (tests/nbval_outputs.py), rendered as they are (execution off)."""
+    skip = shutil.ignore_patterns(".git", ".venv", "_build", "test-artifacts", ".carry", "__pycache__", "*.egg-info")
+    shutil.copytree(ROOT, folder, ignore=skip)
+    for page in _notebook_pages():
+        (folder / page).with_suffix(".md").unlink()
+        shutil.copy(executed / (Path(page).name + ".ipynb"), (folder / page).with_suffix(".ipynb"))
+    config = yaml.safe_load((folder / "_config.yml").read_text())
+    config["exclude_patterns"].remove("book/*.ipynb")
+    config["execute"]["execute_notebooks"] = "off"
+    (folder / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def book_html(tmp_path_factory) -> Path:
     """Build the executed book (fails the session on any cell error or Sphinx warning).
 
-    ``LABBOOK_BOOK_HTML`` may name an already built ``_build/html`` to test instead.
+    Where this run has already executed every chapter stand-alone (``LABBOOK_EXECUTED_DIR``,
+    filled by tests/nbval_outputs.py as .ci/test runs the notebooks before these tests), the
+    book is built from those executed notebooks: each chapter runs once per test run. Otherwise
+    the build executes them. ``LABBOOK_BOOK_HTML`` may name an already built ``_build/html``.
     """
     if os.environ.get("LABBOOK_BOOK_HTML"):
         return Path(os.environ["LABBOOK_BOOK_HTML"])
     out = tmp_path_factory.mktemp("book")
-    cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(ROOT), "--builder", "html",
+    source = ROOT
+    executed = Path(os.environ.get("LABBOOK_EXECUTED_DIR") or out / "none")
+    if all((executed / (Path(page).name + ".ipynb")).is_file() for page in _notebook_pages()):
+        source = _source_with_executed_notebooks(tmp_path_factory.mktemp("source") / "book", executed)
+    cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(source), "--builder", "html",
            "-W", "--keep-going", "--path-output", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=source)
     assert done.returncode == 0, f"book build failed:\n{done.stdout[-6000:]}\n{done.stderr[-4000:]}"
     return out / "_build" / "html"
 

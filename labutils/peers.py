@@ -89,6 +89,8 @@ __all__ = [
     "measure_model",
     "run_peers",
     "target_check",
+    "engine_targets",
+    "engine_decode_once",
     "table_rows",
     "chart",
     "add_arguments",
@@ -100,7 +102,17 @@ TARGET_RATIO = 0.8  # issue 15: packed W1.58A8 generation tokens/s >= 0.8x llama
 # every position (the trained decoder, with its approximate norm fold, measured 0.07 on Zen 3),
 # and the greedy arg-max the same wherever the book's top two logits are further apart than that.
 AGREEMENT_TOLERANCE = 0.1
-BOOK_ROWS = ("torch fp32", "book w1.58a8")
+BOOK_ROWS = ("torch fp32", "book w1.58a8", "book engine")
+ENGINE_ROW = "book engine"  # the compiled decode engine (labutils.engine, issue 27) on the same packed model
+# Issue 27's targets for the engine row against llama.cpp TQ2_0 (2 threads, same machine and run).
+ENGINE_TARGETS = {"tg_700m": 1.5, "tg_every_size": 1.0, "pp": 1.5, "tg_2b4t_tokens_per_s": 28.6, "outside_kernels_share": 0.30}
+# Random-weight models run by the engine and llama.cpp only (no torch model of them is built):
+# name -> LMConfig-like shape. "2b4t" is shaped like BitNet b1.58 2B-4T (Ma et al., 2025): 30
+# layers, hidden 2560, FFN 6912, 20 heads, 5 KV heads, vocabulary 128,256 (the tokenizer's ids
+# padded with unused ones), as bitnet.cpp's own dummy-model benchmark builds it.
+ENGINE_SIZES: dict[str, dict[str, int]] = {
+    "2b4t": {"n_layer": 30, "d_model": 2560, "ffn_hidden": 6912, "n_head": 20, "n_kv_head": 5, "vocab_size": 128256},
+}
 TERNARY_GGUF = ("TQ2_0", "TQ1_0")
 FLOAT_GGUF = ("Q8_0", "F16")
 REFERENCE_ROW = "llama.cpp TQ2_0"
@@ -148,6 +160,7 @@ class PeersPreset:
 
     name: str
     sizes: tuple[str, ...] = ("125m", "350m", "700m")
+    engine_sizes: tuple[str, ...] = ()
     trained_dir: str | None = "results/lm/full"
     trained_row: str = "w1.58a8-l"
     tokenizer: str = "results/lm/tokenizer.json"
@@ -166,6 +179,9 @@ class PeersPreset:
         unknown = [s for s in (*self.sizes, self.agreement_size) if s not in SIZES]
         if unknown:
             raise ValueError(f"sizes must be among {tuple(SIZES)}, got {unknown}")
+        unknown = [s for s in self.engine_sizes if s not in ENGINE_SIZES]
+        if unknown:
+            raise ValueError(f"engine_sizes must be among {tuple(ENGINE_SIZES)}, got {unknown}")
         for name in ("prompt", "new_tokens", "repeat", "threads", "agreement_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -179,7 +195,7 @@ PRESETS: dict[str, PeersPreset] = {
     # dummy agreement model; what CI-like runs and the tests exercise.
     "ci": PeersPreset(name="ci", sizes=("s",), trained_dir=None, prompt=32, new_tokens=8, repeat=2, agreement_tokens=8),
     # About 10 minutes on 2 Zen 3 cores (results/peers-zen3/README.md).
-    "full": PeersPreset(name="full", repeat=5),
+    "full": PeersPreset(name="full", repeat=5, engine_sizes=("2b4t",)),
 }
 
 
@@ -327,6 +343,23 @@ def _torch_engine(model: torch.nn.Module) -> Callable[[torch.Tensor, int], tuple
     return lambda prompt, n: decode_once(model, prompt, n)
 
 
+def engine_decode_once(engine, prompt: Sequence[int], new_tokens: int) -> tuple[float, float]:
+    """:func:`llama_decode_once` for a :class:`labutils.engine.DecoderEngine`: the prefill of
+    ``prompt`` (logits of its last position only, as llama.cpp), then ``new_tokens`` greedy steps."""
+    engine.reset()
+    start = time.perf_counter()
+    logits = engine.forward(np.asarray(prompt, dtype=np.int64))
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = engine.step(int(np.argmax(logits)))
+    return prefill, time.perf_counter() - start
+
+
+def _engine_row(engine) -> Callable[[torch.Tensor, int], tuple[float, float]]:
+    return lambda prompt, n: engine_decode_once(engine, prompt[0].tolist(), n)
+
+
 def _llama_engine(llm) -> Callable[[torch.Tensor, int], tuple[float, float]]:
     return lambda prompt, n: llama_decode_once(llm, prompt[0].tolist(), n)
 
@@ -394,6 +427,11 @@ def _time_model(name: str, kind: str, ternary: torch.nn.Module, fp: torch.nn.Mod
         rows["torch fp32"] = {"weights_bytes": weights_bytes(fp), "file_bytes": None}
     engines["book w1.58a8"] = _torch_engine(packed)
     rows["book w1.58a8"] = {"weights_bytes": weights_bytes(packed), "file_bytes": files["book .packed"]["bytes"]}
+    from labutils.engine import DecoderEngine
+
+    engine = DecoderEngine.from_decoder(packed)
+    engines[ENGINE_ROW] = _engine_row(engine)
+    rows[ENGINE_ROW] = {"weights_bytes": engine.nbytes, "file_bytes": files["book .packed"]["bytes"]}
     llamas = {}
     llama_cpp = require_llama_cpp()
     for wtype in (*TERNARY_GGUF, *(FLOAT_GGUF if fp is not None else ())):
@@ -413,13 +451,61 @@ def _time_model(name: str, kind: str, ternary: torch.nn.Module, fp: torch.nn.Mod
     for llm in llamas.values():
         llm.close()
     profile = _profile_generation_step(packed, preset)
+    engine_profile = _profile_engine_step(engine, preset)
     if not quiet:
         tg = ", ".join(f"{r} {v['tg_tokens_per_s']:.1f}" for r, v in rows.items())
         print(f"[peers] {name}: tg tokens/s {tg}", flush=True)
     cfg = ternary.config
     return {"model": name, "kind": kind, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "d_model": cfg.d_model,
             "ffn_hidden": cfg.ffn_hidden, "vocab_size": vocab, "non_embedding_parameters": non_embedding,
-            "files": files, "rows": rows, "book_tg_profile": profile}  # fmt: skip
+            "files": files, "rows": rows, "book_tg_profile": profile, "engine_tg_profile": engine_profile}  # fmt: skip
+
+
+def _profile_engine_step(engine, preset: PeersPreset) -> dict[str, float]:
+    """The engine's generation step at position ``prompt`` (:meth:`DecoderEngine.profile_step`):
+    seconds of the whole step, its ternary kernels alone, the float head alone, the rest."""
+    if engine.shape.max_seq_len <= preset.prompt + 1:
+        return {}
+    return engine.profile_step(preset.prompt, repeat=10)
+
+
+def _time_engine_model(name: str, tokenizer, preset: PeersPreset, work: Path, quiet: bool) -> dict[str, Any]:
+    """A random-weight model of ``ENGINE_SIZES[name]`` built by the engine alone
+    (:meth:`DecoderEngine.random`), written as TQ2_0 with the same codes
+    (:func:`labutils.export.export_random_gguf`), and timed as the other models: the engine
+    row against llama.cpp TQ2_0 (no torch row: no torch model of it exists)."""
+    from labutils.engine import DecoderEngine, EngineShape
+    from labutils.export import export_random_gguf
+
+    n_ctx = preset.prompt + preset.new_tokens
+    shape = EngineShape(**ENGINE_SIZES[name], max_seq_len=n_ctx)
+    engine = DecoderEngine.random(shape, seed=preset.seed, progress=not quiet)
+    path = work / f"{name}-TQ2_0.gguf"
+    start = time.perf_counter()
+    types = export_random_gguf(engine, tokenizer, path, "TQ2_0")
+    files = {"TQ2_0": {"file": path.name, "bytes": path.stat().st_size, "seconds": time.perf_counter() - start,
+                       "embedding_type": types["token_embd.weight"]}}  # fmt: skip
+    llama_cpp = require_llama_cpp()
+    before = resident_bytes(trim=True)
+    llm = load_llama(path, n_ctx, preset.threads)
+    llama_decode_once(llm, [0, 1], 1)
+    rows = {ENGINE_ROW: {"weights_bytes": engine.nbytes, "file_bytes": None},
+            REFERENCE_ROW: {"weights_bytes": int(llama_cpp.llama_model_size(llm.model)),
+                            "rss_growth_bytes": resident_bytes() - before, "file_bytes": path.stat().st_size}}  # fmt: skip
+    prompt = torch.randint(3, shape.vocab_size, (1, preset.prompt), generator=torch.Generator().manual_seed(preset.seed))
+    timed = measure_model({ENGINE_ROW: _engine_row(engine), REFERENCE_ROW: _llama_engine(llm)}, prompt,
+                          preset.new_tokens, preset.repeat, quiet, desc=name)  # fmt: skip
+    llm.close()
+    for row, values in timed.items():
+        rows[row] |= values
+    if not quiet:
+        print(f"[peers] {name}: tg tokens/s " + ", ".join(f"{r} {v['tg_tokens_per_s']:.1f}" for r, v in rows.items()), flush=True)
+    widths = shape.widths()
+    non_embedding = shape.n_layer * sum(n * k for n, k in widths.values())
+    return {"model": name, "kind": "random", "n_layer": shape.n_layer, "n_head": shape.n_head, "n_kv_head": shape.n_kv_head,
+            "d_model": shape.d_model, "ffn_hidden": shape.ffn_hidden, "vocab_size": shape.vocab_size,
+            "non_embedding_parameters": non_embedding, "files": files, "rows": rows,
+            "engine_tg_profile": _profile_engine_step(engine, preset)}  # fmt: skip
 
 
 def _profile_generation_step(packed: torch.nn.Module, preset: PeersPreset) -> dict[str, float]:
@@ -561,6 +647,33 @@ def target_check(models: list[dict[str, Any]]) -> dict[str, Any]:
             "pass": bool(ratio["ratio"] >= TARGET_RATIO)}  # fmt: skip
 
 
+def engine_targets(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 27's targets for the engine row (``ENGINE_TARGETS``), each {"text", "measured",
+    "pass"}: generation >= 1.5x llama.cpp TQ2_0 at 700m and >= 1.0x at every size (the paired
+    ratio's median), prompt processing >= 1.5x at every size, the 2B-4T-shaped model at
+    >= 28.6 tokens/s, and the time outside the integer kernels <= 30 % of a 700m step."""
+    checks = []
+    timed = [m for m in models if ENGINE_ROW in m["rows"] and "tg_vs_tq2_0" in m["rows"][ENGINE_ROW]]
+    for m in timed:
+        r = m["rows"][ENGINE_ROW]
+        need = ENGINE_TARGETS["tg_700m"] if m["model"] == "700m" else ENGINE_TARGETS["tg_every_size"]
+        checks.append({"text": f"{m['model']}: generation >= {need}x llama.cpp TQ2_0", "measured": r["tg_vs_tq2_0"]["ratio"],
+                       "spread": r["tg_vs_tq2_0"]["spread"], "pass": bool(r["tg_vs_tq2_0"]["ratio"] >= need)})  # fmt: skip
+        need = ENGINE_TARGETS["pp"]
+        checks.append({"text": f"{m['model']}: prompt processing >= {need}x llama.cpp TQ2_0", "measured": r["pp_vs_tq2_0"]["ratio"],
+                       "spread": r["pp_vs_tq2_0"]["spread"], "pass": bool(r["pp_vs_tq2_0"]["ratio"] >= need)})  # fmt: skip
+        if m["model"] == "2b4t":
+            need = ENGINE_TARGETS["tg_2b4t_tokens_per_s"]
+            checks.append({"text": f"2b4t: generation >= {need} tokens/s (bitnet.cpp's published 2-thread Zen 3 figure)",
+                           "measured": r["tg_tokens_per_s"], "pass": bool(r["tg_tokens_per_s"] >= need)})  # fmt: skip
+        profile = m.get("engine_tg_profile") or {}
+        if m["model"] == "700m" and profile:
+            need = ENGINE_TARGETS["outside_kernels_share"]
+            checks.append({"text": f"700m: time outside the integer kernels <= {need:.0%} of a generation step",
+                           "measured": profile["outside_kernels_share"], "pass": bool(profile["outside_kernels_share"] <= need)})  # fmt: skip
+    return checks
+
+
 def _provenance(llama_cpp) -> dict[str, Any]:
     from labutils.kernels import active_path
 
@@ -605,10 +718,13 @@ def run_peers(preset: PeersPreset, out: Path, work: Path | None = None, quiet: b
             ternary = _dummy("w1.58a8", size, vocab, max_len, preset.seed)
             models.append(_time_model(size, "dummy", ternary, fp, tokenizer, preset, work, quiet))
             del fp, ternary
+        for size in preset.engine_sizes:
+            models.append(_time_engine_model(size, tokenizer, preset, work, quiet))
     result = {
         "benchmark": "the book's packed W1.58A8 CPU path next to llama.cpp (issue 15)",
         "preset": asdict(preset), "threads": preset.threads, "prompt": preset.prompt, "new_tokens": preset.new_tokens,
         "repeat": preset.repeat, "models": models, "agreement": agree, "target": target_check(models),
+        "engine_targets": engine_targets(models),
         "published": PUBLISHED, "seconds": time.perf_counter() - started, "load_average_before": load_before,
         "provenance": _provenance(llama_cpp),  # its load_average: at the end
     }  # fmt: skip
@@ -653,6 +769,8 @@ def format_table(result: dict[str, Any]) -> str:
     if t.get("pass") is not None:
         lines.append(f"target: {t['text']}: {t['model']} {t['ratio']:.2f}x (spread {t['spread'][0]:.2f}-{t['spread'][1]:.2f}) "
                      f"-> {'PASS' if t['pass'] else 'MISS'}")  # fmt: skip
+    for check in result.get("engine_targets", []):
+        lines.append(f"engine target: {check['text']}: {check['measured']:.2f} -> {'PASS' if check['pass'] else 'MISS'}")
     a = result["agreement"]
     lines.append(f"agreement ({a['model']}): {a['common_prefix']}/{a['new_tokens']} greedy tokens equal, "
                  f"max |dlogit| {a['teacher_forced']['max_abs_diff']:.3f} (max |logit| {a['teacher_forced']['max_abs_logit']:.1f}), "

@@ -76,7 +76,8 @@ def test_fold_norms_like_llama_refuses_a_full_precision_model():
         peers.fold_norms_like_llama(Decoder(LMConfig(vocab_size=97, n_layer=1, n_head=2, d_model=32)))
 
 
-@pytest.mark.parametrize("field, value", [("sizes", ("nope",)), ("repeat", 0), ("prompt", True), ("agreement_text", " ")])
+@pytest.mark.parametrize("field, value", [("sizes", ("nope",)), ("engine_sizes", ("125m",)), ("repeat", 0), ("prompt", True),
+                                          ("agreement_text", " ")])  # fmt: skip
 def test_preset_rejects_bad_values(field, value):
     with pytest.raises(ValueError):
         dataclasses.replace(peers.PRESETS["ci"], **{field: value})
@@ -171,6 +172,45 @@ def test_command_line_errors_come_before_any_work(monkeypatch, capsys):
     assert exc.value.code == 2 and "labutils[peers]" in capsys.readouterr().err
 
 
+def test_engine_targets_read_every_size_and_the_700m_profile():
+    result = fake_result(0.5)
+    for m, (tg, pp) in zip(result["models"], [(1.2, 1.6), (0.9, 2.0), (1.6, 1.4)]):
+        m["rows"][peers.ENGINE_ROW] = {**m["rows"]["book w1.58a8"], "tg_tokens_per_s": 30.0,
+                                       "tg_vs_tq2_0": {"ratio": tg, "spread": [tg - 0.1, tg + 0.1]},
+                                       "pp_vs_tq2_0": {"ratio": pp, "spread": [pp - 0.1, pp + 0.1]}}  # fmt: skip
+    result["models"][2]["engine_tg_profile"] = {"outside_kernels_share": 0.25}
+    result["models"].append({"model": "2b4t", "kind": "random", "non_embedding_parameters": 2e9,
+                             "rows": {peers.ENGINE_ROW: {**result["models"][0]["rows"][peers.ENGINE_ROW], "tg_tokens_per_s": 20.0}}})  # fmt: skip
+    checks = {c["text"]: c for c in peers.engine_targets(result["models"])}
+    assert checks["l: generation >= 1.0x llama.cpp TQ2_0"]["pass"] and not checks["125m: generation >= 1.0x llama.cpp TQ2_0"]["pass"]
+    assert checks["700m: generation >= 1.5x llama.cpp TQ2_0"]["pass"]
+    assert not checks["700m: prompt processing >= 1.5x llama.cpp TQ2_0"]["pass"]
+    assert checks["700m: time outside the integer kernels <= 30% of a generation step"]["measured"] == 0.25
+    two = next(c for t, c in checks.items() if t.startswith("2b4t: generation >= 28.6"))
+    assert two["measured"] == 20.0 and not two["pass"]
+    result["target"], result["engine_targets"] = peers.target_check(result["models"]), list(checks.values())
+    assert "engine target: 2b4t" in peers.format_table(result)
+
+
+def test_engine_decode_once_prefills_then_steps_greedily():
+    from labutils.engine import DecoderEngine
+    from labutils.kernels import pack_model
+    from labutils.lm.model import generate
+
+    packed = pack_model(ternary())
+    engine = DecoderEngine.from_decoder(packed)
+    prompt = [5, 6, 7, 8]
+    prefill, steps = peers.engine_decode_once(engine, prompt, 6)
+    assert prefill > 0 and steps > 0 and engine.length == 4 + 6
+    greedy = generate(packed, torch.tensor([prompt]), 6, temperature=0)[0, 4:]
+    engine.reset()
+    logits, tokens = engine.forward(np.array(prompt)), []
+    for _ in range(6):
+        tokens.append(int(np.argmax(logits)))
+        logits = engine.step(tokens[-1])
+    assert tokens == greedy.tolist()
+
+
 def test_published_figures_are_cited():
     assert all(p["source"] and p["claim"] for p in peers.PUBLISHED)
     assert any("TQ1_0" in p["claim"] for p in peers.PUBLISHED)
@@ -204,15 +244,20 @@ def test_llama_cpp_generates_and_agrees_with_the_packed_path(tmp_path, tokenizer
 
 
 @pytest.mark.slow
-def test_run_peers_end_to_end_tiny(tmp_path):
+def test_run_peers_end_to_end_tiny(tmp_path, monkeypatch):
     pytest.importorskip("llama_cpp", reason=LLAMA_SKIP)
+    monkeypatch.setitem(peers.ENGINE_SIZES, "tiny-gqa", {"n_layer": 2, "d_model": 256, "ffn_hidden": 512, "n_head": 4,
+                                                         "n_kv_head": 2, "vocab_size": 8300})  # fmt: skip
     preset = dataclasses.replace(peers.PRESETS["ci"], sizes=("xs",), agreement_size="xs", prompt=8, new_tokens=3,
-                                 repeat=1, agreement_tokens=3)  # fmt: skip
+                                 repeat=1, agreement_tokens=3, engine_sizes=("tiny-gqa",))  # fmt: skip
     result = peers.run_peers(preset, tmp_path, quiet=True)
     saved = json.loads((tmp_path / "peers.json").read_text())
     assert saved["target"] == result["target"] and (tmp_path / "peers.html").is_file()
+    assert saved["engine_targets"] and saved["models"][1]["model"] == "tiny-gqa"
+    assert set(saved["models"][1]["rows"]) == {peers.ENGINE_ROW, peers.REFERENCE_ROW}
     rows = saved["models"][0]["rows"]
-    assert set(rows) == {"torch fp32", "book w1.58a8", "llama.cpp TQ2_0", "llama.cpp TQ1_0", "llama.cpp Q8_0", "llama.cpp F16"}
+    assert set(rows) == {"torch fp32", "book w1.58a8", peers.ENGINE_ROW, "llama.cpp TQ2_0", "llama.cpp TQ1_0", "llama.cpp Q8_0",
+                         "llama.cpp F16"}  # fmt: skip
     assert all(v["tg_tokens_per_s"] > 0 and v["pp_tokens_per_s"] > 0 for v in rows.values())
     assert rows["llama.cpp TQ1_0"]["file_bytes"] > 0 and "rss_growth_bytes" in rows["llama.cpp F16"]  # tiny: may reuse freed pages
     assert saved["provenance"]["versions"]["llama_cpp_python"]

@@ -153,6 +153,23 @@ def _forward(par, ser, tokens, m, pos0, first_logit,
     float_matmul_t(h, rows, embed_t, logits)
 
 
+@njit(**_JIT)
+def _kernels_only(par, ser, m, w_qkv, w_o, w_gu, w_down, codes_d, codes_h, rowsum, dots, min_macs):  # pragma: no cover - compiled
+    """Every ternary kernel call of a forward pass of m tokens, nothing else (same shapes,
+    same parallel/serial choice, codes left as they are): the integer share of a step."""
+    n_qkv, n_o, n_gu, n_down = 64 * w_qkv.shape[1], 64 * w_o.shape[1], 64 * w_gu.shape[1], 64 * w_down.shape[1]
+    for layer in range(w_qkv.shape[0]):
+        for w, codes, n in ((w_qkv[layer], codes_d, n_qkv), (w_o[layer], codes_d, n_o), (w_gu[layer], codes_d, n_gu)):
+            if m * n * codes.shape[1] >= min_macs:
+                par(codes[:m], w, rowsum[:m], dots[:m])
+            else:
+                ser(codes[:m], w, rowsum[:m], dots[:m])
+        if m * n_down * codes_h.shape[1] >= min_macs:
+            par(codes_h[:m], w_down[layer], rowsum[:m], dots[:m])
+        else:
+            ser(codes_h[:m], w_down[layer], rowsum[:m], dots[:m])
+
+
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(np.stack(arrays))
 
@@ -351,6 +368,50 @@ class DecoderEngine:
             raise ValueError("a non-finite activation reached a quantizer (NaN or inf in the model)")
         self.length += m
         return out[0] if logits == "last" else out
+
+    def profile_step(self, position: int, repeat: int = 20) -> dict[str, float]:
+        """Where one generated token's time goes, at ``position`` (the cache filled with random
+        ids up to there): seconds, medians of ``repeat`` interleaved rounds, of the whole step
+        (``total``), of its ternary kernel calls alone (``integer_kernel``: the same calls, in
+        one compiled loop), of the float head alone (``float_head``), and ``other`` (the rest:
+        norms, quantization, RoPE, attention, SwiGLU, residuals, the call itself). Leaves the
+        cache at ``position``."""
+        import statistics
+        import time
+
+        from labutils.kernels.dispatch import kernel_for
+
+        if not 1 <= position < self.shape.max_seq_len:
+            raise ValueError(f"position must be in [1, {self.shape.max_seq_len - 1}], got {position}")
+        self.reset()
+        self.forward(np.random.default_rng(0).integers(0, self.shape.vocab_size, position))
+        par, ser = kernel_for("w1.58a8"), kernel_for("w1.58a8", parallel=False)
+        b, w = self._buffers, self.weights
+        head_in = np.ascontiguousarray(b["h"][:1])
+
+        def step():
+            self.reset(position)
+            self.step(1)
+
+        parts = {
+            "total": step,
+            "integer_kernel": lambda: _kernels_only(par, ser, 1, w["qkv"], w["o"], w["gate_up"], w["down"], b["codes_d"],
+                                                    b["codes_h"], b["rowsum"], b["dots"], PARALLEL_MIN_MACS),
+            "float_head": lambda: float_matmul_t(head_in, 1, self.embed_t, self._last_logits),
+        }  # fmt: skip
+        for fn in parts.values():
+            fn()
+        seconds: dict[str, list[float]] = {k: [] for k in parts}
+        for _ in range(repeat):
+            for name, fn in parts.items():
+                start = time.perf_counter()
+                fn()
+                seconds[name].append(time.perf_counter() - start)
+        self.reset(position)
+        out = {k: statistics.median(v) for k, v in seconds.items()}
+        out["other"] = max(0.0, out["total"] - out["integer_kernel"] - out["float_head"])
+        out["outside_kernels_share"] = 1 - out["integer_kernel"] / out["total"]
+        return out
 
     def step(self, token: int) -> np.ndarray:
         """One generated token -> its logits ``[vocab]`` (a view of a buffer the next call reuses)."""

@@ -115,13 +115,18 @@ def float_matmul_t(x, m, wt, out):  # pragma: no cover - compiled
     block = 512
     for b in prange((n + block - 1) // block):
         lo, hi = b * block, min(b * block + block, n)
+        # A local accumulator and 1-D row views: LLVM then knows nothing aliases the sums and
+        # vectorizes the axpy (into out[r, c] directly it stays scalar: 10x slower, measured).
+        acc = np.empty(hi - lo, dtype=np.float32)
         for r in range(m):
-            for c in range(lo, hi):
-                out[r, c] = 0.0
+            acc[:] = 0.0
             for j in range(k):
                 xj = x[r, j]
-                for c in range(lo, hi):
-                    out[r, c] += xj * wt[j, c]
+                row = wt[j, lo:hi]
+                for c in range(hi - lo):
+                    acc[c] += xj * row[c]
+            for c in range(hi - lo):
+                out[r, lo + c] = acc[c]
 
 
 @njit(**_JIT)
@@ -156,10 +161,12 @@ def attend_cached(qkv, m, n_head, n_kv_head, head_dim, k_cache, v_cache, pos0, s
         q0 = h * head_dim
         s = scores[task]
         top = np.float32(-np.inf)
+        q = qkv[r, q0 : q0 + head_dim]
         for t in range(length):
+            key = k_cache[kv, t]
             acc = np.float32(0.0)
             for i in range(head_dim):
-                acc += qkv[r, q0 + i] * k_cache[kv, t, i]
+                acc += q[i] * key[i]
             acc *= scale
             s[t] = acc
             top = max(top, acc)
@@ -169,12 +176,14 @@ def attend_cached(qkv, m, n_head, n_kv_head, head_dim, k_cache, v_cache, pos0, s
             s[t] = e
             total += e
         inv = np.float32(1.0) / total
-        for i in range(head_dim):
-            out[r, q0 + i] = 0.0
+        acc = np.zeros(head_dim, dtype=np.float32)  # local: vectorizes (see float_matmul_t)
         for t in range(length):
             p = s[t] * inv
+            row = v_cache[kv, t]
             for i in range(head_dim):
-                out[r, q0 + i] += p * v_cache[kv, t, i]
+                acc[i] += p * row[i]
+        for i in range(head_dim):
+            out[r, q0 + i] = acc[i]
 
 
 @njit(**_JIT)

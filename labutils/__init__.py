@@ -5,13 +5,14 @@ module imports only from the layers below it (``tests/test_layers.py`` checks th
 circle and no reach into another module's underscore names creeps in)::
 
     experiments   bench (the command line) -> peers, lm.experiment, benchmark (IMDb),
-                  kernel_bench, packing_bench -> runs (provenance, atomic files, --set)
-    engines       engine (compiled decoder and encoder steps on preallocated buffers)
-    models        lm (decoder, tokenizer), models (MiniLM), distill, augment, sensitivity
-    kernels       kernels (Numba popcount / int8 kernels, PackedBitLinear), export (GGUF)
+                  kernel_bench, packing_bench, engine.overhead -> runs (provenance, files, --set)
+    models        lm (decoder, tokenizer), export (GGUF), models (MiniLM), distill, augment,
+                  sensitivity
+    engine        the packed decoder and encoder as compiled steps (generate() runs on it)
+    kernels       Numba popcount / int8 kernels, PackedBitLinear
     formats       packfile (the packed model file), packing (bit packers)
     layers        bitlinear (BitLinear, STE, quantize_), quant (quantizers)
-    around them   data, measure, stats, results, plots, widgets, checks
+    beside them   data, measure, stats, results, plots, widgets, checks
 
 - ``labutils.quant``      uniform, binary and ternary quantizers and their error metrics
 - ``labutils.bitlinear``  BitLinear, the straight-through estimator, ``quantize_(model, config)``

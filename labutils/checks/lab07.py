@@ -2,8 +2,9 @@
 
 ``bert_macs`` is compared with ``measure.count_macs`` on small random BERTs of the check's own
 (other label counts, head counts and shapes), the energies with ``measure.energy_estimate`` on a
-second energy table, ``speedup`` on a fake clock, and the targets with ``benchmark.check_targets``
-on hand-made results with missing fields and targets met exactly.
+second energy table, ``speedup`` on a fake clock, ``paired_speedup`` with ``measure.paired_ratio`` on hand-made timings
+(a machine that gets busy, a spread that only touches 1.0, unequal run counts), and the targets
+with ``benchmark.check_targets`` on hand-made results with missing fields and targets met exactly.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from unittest import mock
 
 from labutils.checks._common import ExerciseError, _fail, _function, _ok, _run, _show
 
-__all__ = ["check_lab7_bert_macs", "check_lab7_energy", "check_lab7_speedup", "check_lab7_targets"]
+__all__ = ["check_lab7_bert_macs", "check_lab7_energy", "check_lab7_speedup", "check_lab7_paired_speedup",
+           "check_lab7_targets"]
 
 SCHEMES = ("fp32", "int8", "w1.58a8", "w1a8")
 
@@ -205,6 +207,86 @@ def check_lab7_speedup(speedup: Callable) -> bool:
     return _ok("the median ratio, timed round-robin after the warmup runs, for equal and unequal runs")
 
 
+# Hand-made seconds of (baseline, candidate) in interleaved rounds, each with what it shows.
+_PAIRED_CASES = [
+    ([1.0, 2.0, 4.0, 2.0, 1.0], [0.8, 1.6, 3.3, 1.7, 0.85], "a machine that gets busy: every round 1.18x to 1.25x"),
+    ([1.0, 1.0, 1.0], [0.9, 1.1, 0.95], "rounds that disagree"),
+    ([1.0, 1.0, 1.0], [2.0, 1.5, 1.25], "slower in every round"),
+    ([2.0, 3.0, 2.2], [2.0, 2.0, 2.0], "a worst round of exactly 1.0"),
+    ([1.0, 4.0, 2.0], [0.9, 1.0, 2.5], "rounds 1.11x, 4x and 0.8x"),
+    ([5.0], [4.0], "one round"),
+]
+
+
+def _paired_words(spread: list[float], base: list[float], other: list[float]) -> str:
+    """What a wrong spread is, when it is a known mistake."""
+    def same(a: list[float], b: list[float]) -> bool:
+        return all(math.isclose(x, y, rel_tol=1e-12) for x, y in zip(a, b))
+
+    unpaired = [min(base) / max(other), max(base) / min(other)]
+    by_sorted = [b / o for b, o in zip(sorted(base), sorted(other))]
+    upside = [o / b for b, o in zip(base, other)]
+    if same(spread, unpaired):
+        return (": that is any baseline run against any candidate run, unpaired; pair round i with round i, "
+                "base.seconds[i] / other.seconds[i], which ran under the same load")
+    if same(spread, [min(by_sorted), max(by_sorted)]):
+        return ": you sorted the runs, which breaks the pairs: keep round i of both together, in the order they ran"
+    if same(spread, [min(upside), max(upside)]):
+        return ": upside down: base.seconds[i] / other.seconds[i], > 1 when other is faster"
+    return ""
+
+
+def check_lab7_paired_speedup(paired_speedup: Callable) -> bool:
+    """Exercise 4: ``paired_speedup(base, other)`` for two ``measure.Timing`` of one interleaved run
+    equals ``measure.paired_ratio``: the ratio of the medians, the spread of the per-round ratios
+    and the verdict; unequal run counts raise ``ValueError``."""
+    from labutils import measure
+
+    _function(paired_speedup, "paired_speedup")
+    for base_s, other_s, label in _PAIRED_CASES:
+        base, other = measure.Timing.from_seconds(base_s), measure.Timing.from_seconds(other_s)
+        mine, _ = _run(paired_speedup, "paired_speedup", base, other)
+        call = f"paired_speedup(base {base_s} s, other {other_s} s) [{label}]"
+        expected = measure.paired_ratio(base, other)
+        if not isinstance(mine, dict) or set(mine) != {"ratio", "spread", "verdict"}:
+            raise _fail(call, f"return a dict with the keys ratio, spread, verdict; got {_show(mine)}")
+        ratio, spread, verdict = mine["ratio"], mine["spread"], mine["verdict"]
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isclose(ratio, expected["ratio"], rel_tol=1e-12):
+            words = ""
+            if isinstance(ratio, (int, float)) and ratio and math.isclose(1 / ratio, expected["ratio"], rel_tol=1e-12):
+                words = ": upside down: median(base) / median(other), > 1 when other is faster"
+            elif isinstance(ratio, (int, float)) and math.isclose(ratio, base.best / other.best, rel_tol=1e-12):
+                words = ": that is the ratio of the best runs; compare the medians"
+            raise _fail(call, f"ratio {ratio!r}, expected {expected['ratio']:.6g}{words}")
+        if (not isinstance(spread, (list, tuple)) or len(spread) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spread)):
+            raise _fail(call, f"spread must be [low, high], two numbers; got {_show(spread)}")
+        if not all(math.isclose(a, b, rel_tol=1e-12) for a, b in zip(spread, expected["spread"])):
+            raise _fail(call, f"spread {list(spread)}, expected {expected['spread']}" + _paired_words(list(spread), base_s, other_s))
+        if verdict != expected["verdict"]:
+            words = ""
+            if expected["spread"][0] == 1.0 or expected["spread"][1] == 1.0:
+                words = (": a round at exactly 1.0 is no faster: 'faster' needs every round above 1.0 (low > 1.0), "
+                         "'slower' every round below (high < 1.0)")
+            elif verdict in ("faster", "slower") and expected["verdict"] == "no difference":
+                words = ": the rounds disagree on the direction (the spread contains 1.0): 'no difference'"
+            raise _fail(call, f"verdict {verdict!r}, expected {expected['verdict']!r}{words}")
+    try:
+        paired_speedup(measure.Timing.from_seconds([1.0, 2.0]), measure.Timing.from_seconds([1.0]))
+    except ValueError:
+        pass
+    except NotImplementedError:
+        raise  # unreachable after the cases above, which call it first
+    except Exception as err:
+        raise ExerciseError(f"paired_speedup(2 runs, 1 run) raised {type(err).__name__}: {err}; raise a ValueError: "
+                            "runs of different counts cannot be paired") from err
+    else:
+        raise ExerciseError("paired_speedup(2 runs, 1 run) returned a result: raise a ValueError, runs of different "
+                            "counts cannot be paired (zip would silently drop a run)")
+    return _ok("ratio, per-round spread and verdict equal measure.paired_ratio on six hand-made runs (a busy machine, "
+               "a round at exactly 1.0, one round), and unequal run counts are refused")
+
+
 def _row(accuracy: float | None, file_bytes: int | None = None, ms: float | None = None) -> dict:
     entry: dict = {"label": "hand-made", "accuracy": accuracy}
     if file_bytes is not None:
@@ -231,7 +313,7 @@ def _results() -> list[tuple[str, dict]]:
 
 
 def check_lab7_targets(target_values: Callable, verdicts: Callable) -> bool:
-    """Exercise 4: ``target_values(results)`` and ``verdicts(results)`` agree with
+    """Exercise 5: ``target_values(results)`` and ``verdicts(results)`` agree with
     ``benchmark.check_targets``, also where rows or fields are missing and where a target is met exactly."""
     from labutils import benchmark
 

@@ -2,7 +2,8 @@
 
 Each piece is compared with the decoder's own in ``labutils.lm.model`` (``nn.RMSNorm``,
 ``apply_rope``, ``attend``, ``generate``) on other sizes, bases, cached positions and batches than
-the visible tests use.
+the visible tests use; the LoRA adapter with ``labutils.bitlinear.LoRA`` on the BitLinear layers of
+a ternary decoder of the check's own, values and gradients.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from torch import nn
 
 from labutils.checks._common import _fail, _function, _gen, _mistake, _ok, _run, _typed, _where
 
-__all__ = ["check_lab8_rms_norm", "check_lab8_rotate", "check_lab8_causal_attention", "check_lab8_greedy_decode"]
+__all__ = ["check_lab8_rms_norm", "check_lab8_rotate", "check_lab8_causal_attention", "check_lab8_greedy_decode",
+           "check_lab8_ternary_lora"]
 
 
 def check_lab8_rms_norm(rms_norm: Callable) -> bool:
@@ -198,3 +200,91 @@ def check_lab8_greedy_decode(greedy_decode: Callable) -> bool:
                                   "run the prompt once, then only the one new token at every step")
     return _ok("equal to generate(..., temperature=0) on a full-precision and a W1.58A8 decoder, batches of 1 to 3, "
                "n = 0 and a full context, each position run once")
+
+
+_LATENT = "that uses the latent float weight: call self.base(x), the BitLinear, which ternarizes it"
+
+
+def check_lab8_ternary_lora(ternary_lora: type) -> bool:
+    """Exercise 5: ``TernaryLoRA(base, rank, alpha, seed)`` around a frozen BitLinear equals
+    ``labutils.bitlinear.LoRA`` with the same A and B, in value and in the gradients of A and B, for
+    the four projections of a W1.58A8 decoder at ranks 1 to 8; the whole base is frozen (its RMSNorm
+    gain too), B starts at zero, A in ±1/sqrt(in_features) and not zero."""
+    import copy
+
+    from labutils.bitlinear import LoRA, bitlinear_layers
+
+    _function(ternary_lora, "TernaryLoRA")
+    decoder = _models()[1]  # the W1.58A8 decoder: every projection a BitLinear with its own RMSNorm
+    layers = dict(bitlinear_layers(decoder))
+    g = _gen(7)
+    for name, rank, alpha in [("blocks.0.attn.qkv", 4, 8.0), ("blocks.1.attn.o", 2, 2.0),
+                              ("blocks.0.mlp.down", 8, 32.0), ("blocks.1.mlp.gate_up", 1, 0.5)]:
+        layer = layers[name]
+        base = copy.deepcopy(layer)
+        mine, call = _run(ternary_lora, "TernaryLoRA", base, rank, alpha, seed=3,
+                          _as=f"TernaryLoRA({name} [{layer.out_features}, {layer.in_features}], rank={rank}, alpha={alpha})")
+        a, b = getattr(mine, "lora_A", None), getattr(mine, "lora_B", None)
+        for what, p, shape in (("lora_A", a, (rank, layer.in_features)), ("lora_B", b, (layer.out_features, rank))):
+            if not isinstance(p, nn.Parameter):
+                raise _fail(call, f"self.{what} must be an nn.Parameter (so that it trains), got {type(p).__name__}")
+            if tuple(p.shape) != shape:
+                raise _fail(call, f"{what} has shape {list(p.shape)}, expected {list(shape)} "
+                                  f"({'[rank, in_features]' if what == 'lora_A' else '[out_features, rank]'})")
+            if p.dtype != layer.weight.dtype:
+                raise _fail(call, f"{what} is {p.dtype}, the base weight's dtype is {layer.weight.dtype}")
+            if not p.requires_grad:
+                raise _fail(call, f"{what} does not require a gradient: A and B are what trains")
+        if getattr(mine, "base", None) is not base:
+            raise _fail(call, "keep the BitLinear you were given as self.base (the frozen codes live there)")
+        trainable = [n for n, p in base.named_parameters() if p.requires_grad]
+        if trainable:
+            words = (": the BitLinear has its own RMSNorm (BitNet's SubLN); freeze the whole base, "
+                     "base.requires_grad_(False)") if trainable == ["norm.weight"] else ": freeze the whole base"
+            raise _fail(call, f"base parameters {trainable} still require a gradient{words}")
+        if torch.count_nonzero(b.detach()):
+            raise _fail(call, "lora_B must start at zero, so that the wrapped layer starts equal to the base")
+        bound = 1 / math.sqrt(layer.in_features)
+        if not torch.count_nonzero(a.detach()):
+            raise _fail(call, "lora_A is all zeros: with A = 0 and B = 0 neither ever gets a gradient; draw A uniform "
+                              "in ±1/sqrt(in_features)")
+        if a.detach().abs().max() > bound * (1 + 1e-6):
+            raise _fail(call, f"lora_A reaches {float(a.detach().abs().max()):.3g}: draw it uniform in "
+                              f"±1/sqrt(in_features) = ±{bound:.3g}")
+        x = torch.randn(2, 3, layer.in_features, generator=g)
+        with torch.no_grad():
+            start, _ = _run(mine, "forward", x, _as=f"{call}(x)")
+            if not isinstance(start, torch.Tensor) or not torch.allclose(start, layer(x), atol=1e-5):
+                words = isinstance(start, torch.Tensor) and _mistake(start, (
+                    (lambda: nn.functional.linear(x, layer.weight), _LATENT),), atol=1e-5, rtol=1e-4)
+                raise _fail(call, "with B = 0 the output must equal the base layer's" + (f": {words}" if words else ""))
+            b.copy_(torch.randn(layer.out_features, rank, generator=g))
+        reference = LoRA(copy.deepcopy(layer), rank, alpha)
+        with torch.no_grad():
+            reference.lora_A.copy_(a)
+            reference.lora_B.copy_(b)
+        out, _ = _run(mine, "forward", x, _as=f"{call}(x)")
+        _typed(out, call, "the output", torch.Tensor, shape=(2, 3, layer.out_features))
+        expected = reference(x)
+        if not torch.allclose(out, expected, atol=1e-5, rtol=1e-4):
+            base_out = layer(x).detach()
+            delta = (x @ a.detach().T) @ b.detach().T
+            words = _mistake(out.detach(), (
+                (lambda: base_out + alpha * delta, "scaled by alpha; the update is (alpha / rank) · x Aᵀ Bᵀ"),
+                (lambda: base_out + delta, "the update is scaled by alpha / rank"),
+                (lambda: base_out + rank / alpha * delta, "scaled by rank / alpha; it is alpha / rank"),
+                (lambda: base_out, "the update (x Aᵀ) Bᵀ is missing"),
+                (lambda: nn.functional.linear(x, layer.weight) + alpha / rank * delta, _LATENT),
+            ), atol=1e-5, rtol=1e-4)
+            raise _fail(call, "differs from labutils.bitlinear.LoRA with the same A and B"
+                              + (f": {words}" if words else f" {_where(out.detach(), expected.detach())}"))
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        if base.weight.grad is not None:
+            raise _fail(call, "the base weight got a gradient: freeze it")
+        for what, p, q in (("A", a, reference.lora_A), ("B", b, reference.lora_B)):
+            if p.grad is None or not torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-4):
+                raise _fail(call, f"the gradient of {what} differs from LoRA's: is the update built from "
+                                  f"self.lora_A and self.lora_B themselves (not detached copies)?")
+    return _ok("equal to labutils.bitlinear.LoRA, values and gradients, on the four BitLinear projections of a "
+               "W1.58A8 decoder at ranks 1 to 8; the whole base frozen, B starting at zero")

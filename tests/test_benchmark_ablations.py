@@ -1,0 +1,72 @@
+"""labutils.benchmark.ablations: sweep folders read back, seeds grouped, paired p-values."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from labutils.benchmark.ablations import sweep_runs, sweep_table
+from labutils.stats import encode_predictions, mcnemar
+
+N = 2000
+LABELS = np.random.default_rng(0).integers(0, 2, N).astype(np.uint8)
+
+
+def _predictions(accuracy: float, seed: int) -> np.ndarray:
+    wrong = np.random.default_rng(seed).random(N) > accuracy
+    return np.where(wrong, 1 - LABELS, LABELS).astype(np.uint8)
+
+
+def _run(folder, variant, row, preset, accuracy, seed, with_predictions=True):
+    (folder / variant).mkdir(parents=True, exist_ok=True)
+    (folder / variant / "preset.json").write_text(json.dumps(preset))
+    predictions = _predictions(accuracy, seed)
+    result = {"accuracy": float((predictions == LABELS).mean()), "history": [{"eval_accuracy": 0.9}]}
+    if with_predictions:
+        result["test_predictions"] = encode_predictions(predictions, LABELS, "file")
+    (folder / variant / f"train_{row}.json").write_text(json.dumps(result))
+    return predictions
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    base = {"name": "full", "seed": 0, "student_lr": 2e-4, "threads": 2}
+    runs = {"teacher": _run(tmp_path, "teacher", "fp32", base, 0.91, 1)}
+    for seed in (0, 1, 2):
+        name = "base-w1.58a8" if seed == 0 else f"seed{seed}-w1.58a8"
+        runs[name] = _run(tmp_path, name, "w1.58a8", {**base, "seed": seed}, 0.88, 10 + seed)
+    runs["aug1-w1.58a8"] = _run(tmp_path, "aug1-w1.58a8", "w1.58a8", {**base, "augment_copies": 1}, 0.90, 20)
+    _run(tmp_path, "old-w1a1", "w1a1", {**base, "threads": 1}, 0.85, 30, with_predictions=False)
+    return tmp_path, runs
+
+
+def test_runs_are_grouped_by_recipe_with_seed_and_measurement_fields_ignored(sweep):
+    folder, _ = sweep
+    runs = sweep_runs(folder)
+    assert runs[0]["row"] == "fp32" and len(runs) == 6
+    table = sweep_table(folder, LABELS)
+    recipes = {(r["row"], r["recipe"]): r for r in table}
+    base = recipes[("w1.58a8", "base")]
+    assert base["seeds"] == 3 and base["variants"] == ["base-w1.58a8", "seed1-w1.58a8", "seed2-w1.58a8"]
+    assert recipes[("w1a1", "base")]["seeds"] == 1  # threads differs: a measurement field, not the recipe
+    aug = recipes[("w1.58a8", "augment_copies=1")]
+    assert aug["vs_base_points"] == pytest.approx(100 * (aug["mean"] - base["mean"]))
+    assert base["vs_base_points"] is None and base["p_vs_base"] is None
+
+
+def test_p_values_pool_the_seeds_and_need_predictions(sweep):
+    folder, runs = sweep
+    table = {(r["row"], r["recipe"]): r for r in sweep_table(folder, LABELS)}
+    aug = table[("w1.58a8", "augment_copies=1")]
+    a = np.concatenate([runs[v] == LABELS for v in ("base-w1.58a8", "seed1-w1.58a8", "seed2-w1.58a8")])
+    b = np.concatenate([runs["aug1-w1.58a8"] == LABELS] * 3)
+    assert aug["p_vs_base"] == mcnemar(a, b)["p_value"] < 0.05  # 2 points, independent errors, 3 pairs
+    assert table[("w1a1", "base")]["p_vs_teacher"] is None  # stored no predictions
+    assert sweep_table(folder)[0]["p_vs_teacher"] is None  # no labels given
+
+
+def test_a_folder_without_a_teacher_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a sweep folder"):
+        sweep_runs(tmp_path)

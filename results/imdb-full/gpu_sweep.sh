@@ -47,6 +47,9 @@ VARIANTS=(
   "seed2-w1a1|w1a1|seed=2|-"
   "seed1-w1a8|w1a8|seed=1|-"
   "seed2-w1a8|w1a8|seed=2|-"
+  # the same number of steps as the base recipe: half the epochs over twice the reviews
+  "aug1e2-w1.58a8|w1.58a8|augment_copies=1 student_epochs=2|-"
+  "aug1e2-w1a1|w1a1|augment_copies=1 student_epochs=2|-"
   "aug1-w1.58a8|w1.58a8|augment_copies=1|-"
   "aug1-w1a1|w1a1|augment_copies=1|-"
   "aug1-w1a8|w1a8|augment_copies=1|-"

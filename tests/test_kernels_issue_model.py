@@ -37,3 +37,20 @@ def test_bit_planes_cost_8_and_16_xnor_loops():
 def test_an_unknown_isa_names_the_known_ones():
     with pytest.raises(ValueError, match="avx2.*avx512"):
         IM.macs_per_cycle("neon")
+
+
+def test_intel_with_two_fma_ports_has_a_w1a1_peak_ratio_near_11():
+    b = IM.loop_bounds("avx512_intel")
+    # vpopcntq on port 5 alone, xor and add on ports 0 and 5: 3 ops over 2 per cycle -> 341;
+    # float32: 32 FMAs of 16 lanes on two FMA ports -> 32 MACs per cycle
+    assert b["binary"] == pytest.approx(512 / 1.5) and b["f32"] == 32
+    assert b["binary"] / b["f32"] == pytest.approx(10.67, abs=0.01)
+    assert IM.loop_bounds("avx512")["binary"] / IM.loop_bounds("avx512")["f32"] == pytest.approx(21.3, abs=0.1)
+    # int8 bytes: 8 vpdpbusd on two ports and 4 unpacking ops: 12 ops over 2 per cycle -> 6 cycles
+    assert b["int8"] == pytest.approx(512 / 6)
+
+
+def test_the_model_follows_the_path_and_the_vendor():
+    assert IM.model_for("avx512", "GenuineIntel") == "avx512_intel"
+    assert IM.model_for("avx512", "AuthenticAMD") == "avx512"
+    assert IM.model_for("avx2", "AuthenticAMD") == "avx2" and IM.model_for("generic", "GenuineIntel") is None

@@ -15,7 +15,7 @@ from typing import Any
 
 import numba
 
-from labutils.kernels import generic, microkernels_avx2, microkernels_avx512
+from labutils.kernels import amx, generic, microkernels_avx2, microkernels_avx512
 from labutils.kernels.cpu import PATHS, _base_features, available_paths, missing_features
 from labutils.kernels.layout import PackedWeights, _check_threads
 
@@ -108,11 +108,21 @@ def kernel_for(scheme: str, path: str | None = None, *, parallel: bool = True) -
 _PARALLEL_MIN_MACS = {"w1a1": 1 << 23, "w1a8": 1 << 20, "w1.58a8": 1 << 20}
 
 
+def _on_amx(scheme: str, m: int, w: PackedWeights) -> bool:
+    """True where the avx512 path runs an A8 GEMM of ``m`` tokens on AMX tiles (``amx``: a CPU
+    with AMX-INT8, Sapphire Rapids on, at least 16 tokens, whole 64-byte blocks of k)."""
+    if active_path() != "avx512" or scheme not in amx.KERNELS:
+        return False
+    return amx.usable(m, w.data.shape[1] * (16 if scheme == "w1.58a8" else 32))
+
+
 def _launch(scheme: str, w: PackedWeights, m: int, threads: int | None, *args: Any) -> None:
     """Run the scheme's kernel on the active path: serial for one thread or little work, else
     parallel on ``threads`` threads (Numba's current setting when None)."""
     _check_threads(threads)
     parallel, serial = _KERNELS[active_path()][scheme]
+    if _on_amx(scheme, m, w):
+        parallel, serial = amx.KERNELS[scheme]
     current = numba.get_num_threads()
     wanted = current if threads is None else int(threads)
     if wanted == 1 or m * w.n * w.k < _PARALLEL_MIN_MACS[scheme]:
@@ -133,7 +143,7 @@ def fused_for(scheme: str, m: int, w: PackedWeights, threads: int | None) -> Any
     ``threads`` other than Numba's current count is set for the call by the caller
     (``PackedBitLinear`` leaves it None: one thread count for torch and Numba, set once)."""
     fused = _FUSED.get(active_path())
-    if fused is None:
+    if fused is None or _on_amx(scheme, m, w):  # the unfused steps reach the AMX kernel
         return None
     parallel, serial = fused[scheme]
     wanted = numba.get_num_threads() if threads is None else int(threads)

@@ -8,21 +8,34 @@ shifts, so the loop's bound is 512 MACs over its busiest resource::
 
     MACs/cycle = 512 / max(ops / ops_per_cycle, muls / muls_per_cycle, shuffles / shuffles_per_cycle)
 
-The issue rates are AMD Zen 4 for AVX-512 and Zen 3 for AVX2 (chapter 6 cites them); Intel's
+One model per vendor and width (``ISA_MODELS``): AMD Zen 4 for AVX-512 ("avx512": its 512-bit
+instructions take two of its four 256-bit pipes, so two issue per cycle and one multiplies),
+Intel server cores with two 512-bit FMA ports ("avx512_intel": Ice Lake-SP, Sapphire Rapids;
+ports 0 and 5 take 512-bit work, both multiply, only port 5 shuffles and counts bits, so
+``vpopcntq`` issues once per cycle) and Zen 3 for AVX2 ("avx2"; chapter 6 cites them). Intel's
 Haswell to Skylake cores issue three 256-bit vector instructions per cycle, so there the AVX2
-column is an upper bound.
+column is an upper bound. ``model_for(path, vendor)`` picks the model of a CPU.
 """
 
 from __future__ import annotations
 
-__all__ = ["ISA_MODELS", "inner_loops", "loop_bounds", "macs_per_cycle"]
+__all__ = ["ISA_MODELS", "inner_loops", "loop_bounds", "macs_per_cycle", "model_for"]
 
 # Per core: vector width in bits, vector instructions per cycle, of which multiplies, of which shuffles.
 ISA_MODELS: dict[str, dict[str, int | str]] = {
     "avx512": {"label": "AVX-512 (Zen 4)", "bits": 512, "ops": 2, "mul": 1, "shuffle": 2},
+    "avx512_intel": {"label": "AVX-512 (Intel, two FMA ports)", "bits": 512, "ops": 2, "mul": 2, "shuffle": 1},
     "avx2": {"label": "AVX2 (Zen 3)", "bits": 256, "ops": 4, "mul": 2, "shuffle": 2},
 }
 _MACS = 512  # every loop is counted per 512 MACs of one token
+
+
+def model_for(path: str, vendor: str) -> str | None:
+    """The ``ISA_MODELS`` key of a kernel path on a CPU of ``vendor`` (/proc/cpuinfo's vendor_id:
+    "AuthenticAMD", "GenuineIntel"); None for the generic path, which has no instruction model."""
+    if path == "avx512":
+        return "avx512_intel" if vendor == "GenuineIntel" else "avx512"
+    return "avx2" if path == "avx2" else None
 
 
 def _model(isa: str) -> dict[str, int | str]:
@@ -32,7 +45,7 @@ def _model(isa: str) -> dict[str, int | str]:
 
 
 def inner_loops(isa: str) -> list[tuple[str, float, float, float, int]]:
-    """The five inner loops of the kernels on ``isa`` ("avx512" or "avx2").
+    """The five inner loops of the kernels on ``isa`` (a key of ``ISA_MODELS``).
 
     Returns:
         Rows ``(inner loop, vector ops, multiplies, shuffles and shifts, weight bits)``, each per
@@ -42,7 +55,7 @@ def inner_loops(isa: str) -> list[tuple[str, float, float, float, int]]:
     """
     bits = int(_model(isa)["bits"])
     v = _MACS // bits  # registers per 512 weights (binary) or per 512 bytes / 64
-    if isa == "avx512":
+    if bits == 512:
         xnor, xnor_shuffles = ("xor, vpopcntq, add", 3 * v), 0
         int8 = ("8 vpdpbusd (64 MACs each) + unpacking", 8 + 16 / 4, 8, 0)
     else:  # AVX2: Muła's nibble lookup; int8 pairs in int16 (codes <= 2, so exact), widened rarely

@@ -193,7 +193,7 @@ def test_tokenizer_errors(tmp_path):
 def test_packed_ternary_model_gives_the_same_logits(tmp_path):
     preset = experiment.PRESETS["ci"]
     model = experiment.Decoder(experiment.row_config("w1.58a8-xs", preset, 97), seed=4).eval()
-    path = experiment._save_row(model, tmp_path, "w1.58a8-xs")
+    path = experiment.save_row(model, tmp_path, "w1.58a8-xs")
     loaded = experiment.load_row(tmp_path, "w1.58a8-xs", preset, 97)
     with torch.no_grad():
         model.embed.weight.copy_(model.embed.weight.half().float())  # the file stores it in fp16
@@ -332,7 +332,7 @@ def test_load_lora_restores_the_adapters_and_rejects_ones_that_do_not_fit(tmp_pa
     """load_lora = load_row + add_lora_ + the saved adapters: the same logits as the tuned model."""
     preset = dataclasses.replace(experiment.PRESETS["ci"], lora_rank=2)
     model = Decoder(experiment.row_config(f"w1.58a8-{preset.lora_size}", preset, 64), seed=3).eval()
-    experiment._save_row(model, tmp_path, f"w1.58a8-{preset.lora_size}")
+    experiment.save_row(model, tmp_path, f"w1.58a8-{preset.lora_size}")
     tuned = experiment.load_row(tmp_path, f"w1.58a8-{preset.lora_size}", preset, 64)
     add_lora_(tuned, rank=preset.lora_rank, alpha=preset.lora_alpha, seed=preset.seed)
     with torch.no_grad():

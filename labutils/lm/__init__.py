@@ -3,6 +3,8 @@ tokenizer, and the experiment that trains, tunes and measures them.
 
 - ``labutils.lm.model``: ``LMConfig``, ``Decoder``, ``KVCache``, ``generate``.
 - ``labutils.lm.tokenizer``: ``train_tokenizer``, ``load_tokenizer``, ``clean_review``.
+- ``labutils.lm.preset``: ``LMPreset`` (every setting of a run), ``PRESETS``, ``SIZES``.
+- ``labutils.lm.train``: training one decoder on ``accelerate``, perplexity, a row's weights file.
 - ``labutils.lm.experiment``: ``python -m labutils.bench lm`` (presets ``ci`` and ``full``).
 """
 

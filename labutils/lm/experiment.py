@@ -13,7 +13,9 @@ so a killed run resumes where it stopped):
 - ``train``: one decoder per row ("fp-s", "w1.58a8-m", ...) -> ``train_<row>.json`` (loss curve,
   holdout and test perplexity) and the weights (``<row>.packed`` for ternary rows, written with
   :func:`labutils.packfile.save_packed`; ``<row>.safetensors`` for full precision).
-  While it trains, ``progress_<row>.json`` holds the curve so far.
+  While it trains, ``progress_<row>.json`` holds the curve so far. The trainer
+  (:mod:`labutils.lm.train`) runs on ``accelerate``: this stage alone may run as several processes
+  under ``accelerate launch ... -m labutils.bench lm --stage train``.
 - ``eval``: holdout and test perplexity of each row's weights file already in ``--out`` ->
   ``eval_<row>.json`` (weights whose training run was cut short after saving them).
 - ``lora``: LoRA on the frozen ternary model of ``lora_size`` -> ``lora.json`` (share of generated
@@ -35,12 +37,10 @@ stays honest.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -48,342 +48,44 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from labutils.lm.model import QUANTS, Decoder, KVCache, LMConfig, generate
-from labutils.lm.tokenizer import EOS, NEG, POS, clean_review, load_tokenizer, train_tokenizer
-from labutils.runs import UsageError, device_name, parse_set_options, provenance, save_safetensors, weights_bytes, write_json
+from labutils.lm.model import Decoder, KVCache, generate
+from labutils.lm.preset import PRESETS, SIZES, LMPreset, row_config, rows_of
+from labutils.lm.tokenizer import EOS, NEG, POS, load_tokenizer, train_tokenizer
+from labutils.lm.train import (
+    Reviews, _autocast, _device, _progress, _provenance, evaluate_row, launched_processes, learning_rate, load_reviews,
+    load_row, perplexity, random_windows, save_row, token_stream, train_row, weights_path,
+)  # fmt: skip
+from labutils.runs import UsageError, parse_set_options, weights_bytes, write_json
 
-__all__ = ["SIZES", "LMPreset", "PRESETS", "STAGES", "row_config", "run", "add_arguments", "run_command"]
+# The settings live in labutils.lm.preset and the training of a row in labutils.lm.train; their
+# names are also importable from here, where chapter 8 and labutils.peers have always found them.
+__all__ = [
+    "SIZES", "LMPreset", "PRESETS", "STAGES", "rows_of", "row_config", "run", "add_arguments", "run_command",
+    "Reviews", "load_reviews", "token_stream", "random_windows", "perplexity", "learning_rate", "train_row",
+    "evaluate_row", "weights_path", "save_row", "load_row", "add_preset_lora_", "load_lora", "run_lora",
+    "run_attention", "decode_models", "decode_once", "run_decode",
+]  # fmt: skip
 
-# name: (n_layer, n_head, d_model)
-SIZES: dict[str, tuple[int, int, int]] = {
-    "xs": (2, 2, 64),
-    "s": (4, 4, 256),
-    "m": (6, 6, 384),
-    "l": (8, 8, 512),
-    # Dummy sizes for the CPU decode benchmark (random ternary weights, as bitnet.cpp's
-    # dummy-model benchmark): Llama-shaped, non-embedding parameters 85 M, 302 M, 680 M.
-    "125m": (12, 12, 768),
-    "350m": (24, 16, 1024),
-    "700m": (24, 24, 1536),
-}
 STAGES = ("tokenizer", "train", "eval", "lora", "attention", "decode")
 DECODE_ROWS = ("fp32", "int8", "w1.58a8")
 
 
-@dataclass(frozen=True)
-class LMPreset:
-    """Every setting of a run (recorded in each result file)."""
-
-    name: str
-    data_source: str = "auto"
-    train_reviews: int | None = None  # None: all 25,000 (minus the holdout)
-    test_reviews: int | None = None
-    holdout_reviews: int = 500
-    vocab_size: int = 8192
-    sizes: tuple[str, ...] = ("s", "m", "l")
-    seq_len: int = 256
-    batch_size: int = 64
-    steps: int = 2000
-    warmup_steps: int = 200
-    lr_fp: float = 1e-3
-    lr_bitnet: float = 3e-3
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    eval_every: int = 250
-    eval_tokens: int = 500_000
-    lora_size: str = "l"
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_steps: int = 800
-    lora_lr: float = 1e-3
-    gen_reviews: int = 200
-    gen_tokens: int = 128
-    temperature: float = 0.8
-    top_k: int = 50
-    attention_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
-    attention_batch: int = 4
-    decode_sizes: tuple[str, ...] = ("125m", "350m", "700m")
-    decode_prompt: int = 128
-    decode_tokens: int = 32
-    decode_repeat: int = 3
-    threads: int = 2
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        unknown = [s for s in (*self.sizes, self.lora_size, *self.decode_sizes) if s not in SIZES]
-        if unknown:
-            raise ValueError(f"sizes must be among {tuple(SIZES)}, got {unknown}")
-        for name in ("vocab_size", "seq_len", "batch_size", "steps", "eval_every", "lora_rank", "gen_reviews", "gen_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
-
-
-PRESETS: dict[str, LMPreset] = {
-    # Minutes on a laptop CPU: the pipeline end to end on the embedded sample, nothing learned well.
-    "ci": LMPreset(
-        name="ci", data_source="sample", holdout_reviews=50, vocab_size=1024, sizes=("xs",), seq_len=64,
-        batch_size=16, steps=60, warmup_steps=10, eval_every=30, eval_tokens=4096, lora_size="xs",
-        lora_rank=4, lora_steps=20, gen_reviews=8, gen_tokens=24, attention_lengths=(64, 128, 256),
-        attention_batch=1, decode_sizes=("xs", "s"), decode_prompt=32, decode_tokens=8, decode_repeat=2,
-    ),
-    # One GPU: every row as its own process (see results/lm/README.md).
-    "full": LMPreset(name="full"),
-}
-
-
-def rows_of(preset: LMPreset) -> tuple[str, ...]:
-    return tuple(f"{quant}-{size}" for size in preset.sizes for quant in QUANTS)
-
-
-def row_config(row: str, preset: LMPreset, vocab_size: int, attention: str = "sdpa", max_seq_len: int | None = None) -> LMConfig:
-    """The LMConfig of a row such as ``"w1.58a8-m"``."""
-    quant, _, size = row.rpartition("-")
-    if quant not in QUANTS or size not in SIZES:
-        raise ValueError(f"a row is <quant>-<size> with quant in {QUANTS} and size in {tuple(SIZES)}, got {row!r}")
-    n_layer, n_head, d_model = SIZES[size]
-    return LMConfig(
-        vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, d_model=d_model,
-        max_seq_len=max_seq_len or preset.seq_len, quant=quant, attention=attention,
-    )  # fmt: skip
-
-
-# --------------------------------------------------------------------------- small helpers
-
-
-def _provenance(device: torch.device) -> dict[str, Any]:
-    return provenance(device_name(device))
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def _progress(iterable, quiet: bool, **kwargs):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, disable=quiet, mininterval=5.0, **kwargs)
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class Reviews:
-    """Cleaned review texts and labels (1 = positive) of the three splits."""
-
-    train: list[str]
-    train_labels: list[int]
-    holdout: list[str]
-    test: list[str]
-    test_labels: list[int]
-
-
-def load_reviews(preset: LMPreset) -> Reviews:
-    """IMDb reviews: train minus a seeded holdout, and test, cleaned (``clean_review``)."""
-    from labutils.data import load_imdb
-
-    source = None if preset.data_source == "auto" else preset.data_source
-    train = load_imdb("train", source=source, seed=preset.seed)
-    test = load_imdb("test", source=source, seed=preset.seed)
-    texts, labels = [clean_review(t) for t in train["text"]], list(train["label"])
-    hold = preset.holdout_reviews
-    if hold >= len(texts):
-        raise ValueError(f"holdout_reviews={hold} leaves no training review (of {len(texts)})")
-    n_train = len(texts) - hold if preset.train_reviews is None else min(preset.train_reviews, len(texts) - hold)
-    test_texts = [clean_review(t) for t in test["text"]][: preset.test_reviews]
-    return Reviews(
-        train=texts[hold : hold + n_train], train_labels=labels[hold : hold + n_train], holdout=texts[:hold],
-        test=test_texts, test_labels=list(test["label"])[: len(test_texts)],
-    )  # fmt: skip
-
-
-def token_stream(tokenizer, texts: Sequence[str]) -> torch.Tensor:
-    """All texts encoded and joined, each after an ``<|endoftext|>``: int64 [n_tokens]."""
-    eos = tokenizer.token_to_id(EOS)
-    pieces = []
-    for encoding in tokenizer.encode_batch(list(texts)):
-        pieces.append([eos, *encoding.ids])
-    return torch.tensor([t for piece in pieces for t in piece], dtype=torch.int64)
-
-
-def random_windows(stream: torch.Tensor, batch: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """inputs, targets [batch, length]: windows at random offsets, targets shifted by one."""
-    starts = torch.randint(0, stream.numel() - length - 1, (batch,), generator=generator, device=stream.device)
-    idx = starts[:, None] + torch.arange(length + 1, device=stream.device)
-    windows = stream[idx]
-    return windows[:, :-1], windows[:, 1:]
-
-
-@torch.no_grad()
-def perplexity(model: Decoder, stream: torch.Tensor, length: int, max_tokens: int, batch: int = 32) -> float:
-    """exp(mean next-token loss) over consecutive windows of ``length`` covering the first
-    ``max_tokens`` tokens of ``stream`` (each window predicts its own last ``length`` tokens)."""
-    model.eval()
-    device = next(model.parameters()).device
-    n = min(max_tokens, stream.numel() - 1) // length
-    if n < 1:
-        raise ValueError(f"the stream has {stream.numel()} tokens: fewer than one window of {length + 1}")
-    windows = stream[: n * length + 1].to(device)
-    total, count = 0.0, 0
-    for i in range(0, n, batch):
-        idx = torch.arange(i, min(n, i + batch), device=device)[:, None] * length + torch.arange(length + 1, device=device)
-        w = windows[idx]
-        with _autocast(device):
-            logits = model(w[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="sum")
-        total, count = total + float(loss), count + w[:, 1:].numel()
-    return math.exp(total / count)
-
-
-# --------------------------------------------------------------------------- train
-
-
-def learning_rate(step: int, peak: float, preset: LMPreset) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio * peak``."""
-    if step < preset.warmup_steps:
-        return peak * (step + 1) / preset.warmup_steps
-    progress = (step - preset.warmup_steps) / max(1, preset.steps - preset.warmup_steps)
-    low = preset.min_lr_ratio * peak
-    return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * progress))
-
-
-def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (0.9, 0.95); matrices decay, norms do not."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-
-
-def train_row(row: str, preset: LMPreset, out: Path, tokenizer, reviews: Reviews, device: torch.device, quiet: bool) -> dict:
-    """Train one decoder; write its weights and ``train_<row>.json``; return the result."""
-    torch.manual_seed(preset.seed)
-    config = row_config(row, preset, tokenizer.get_vocab_size())
-    model = Decoder(config, seed=preset.seed).to(device)
-    peak = preset.lr_fp if config.quant == "fp" else preset.lr_bitnet
-    optimizer = _optimizer(model, peak, preset.weight_decay, device)
-    train = token_stream(tokenizer, reviews.train).to(device)
-    holdout = token_stream(tokenizer, reviews.holdout)
-    test = token_stream(tokenizer, reviews.test)
-    generator = torch.Generator(device=device).manual_seed(preset.seed)  # same batches for every row
-    history, start, running = [], time.perf_counter(), []
-    for step in _progress(range(preset.steps), quiet, desc=row):
-        model.train()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, peak, preset)
-        x, y = random_windows(train, preset.batch_size, preset.seq_len, generator)
-        with _autocast(device):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        running.append(loss.detach())
-        if (step + 1) % preset.eval_every == 0 or step + 1 == preset.steps:
-            train_loss = float(torch.stack(running).mean())
-            running = []
-            hold_ppl = perplexity(model, holdout, preset.seq_len, preset.eval_tokens)
-            history.append({"step": step + 1, "tokens": (step + 1) * preset.batch_size * preset.seq_len,
-                            "train_loss": train_loss, "holdout_ppl": hold_ppl})  # fmt: skip
-            # The curve so far, on disk: a run killed later (a lent GPU taken back) keeps it.
-            write_json(out / f"progress_{row}.json", {"row": row, "lr": peak, "history": history})
-            if not quiet:
-                print(f"[{row}] step {step + 1}: train loss {train_loss:.3f}, holdout ppl {hold_ppl:.2f}", flush=True)
-    seconds = time.perf_counter() - start
-    # On the training device, before saving: 2026-12-01's BitNet rows at sizes m and l spent their
-    # last GPU minutes evaluating this on the host CPU, after a save had moved the model there.
-    test_ppl = perplexity(model, test, preset.seq_len, preset.eval_tokens)
-    weights = _save_row(model, out, row)
-    result = {
-        "row": row, "config": config.to_dict(), "preset": asdict(preset), "lr": peak,
-        "parameters": model.num_parameters(), "non_embedding_parameters": model.num_parameters(embeddings=False),
-        "train_tokens_available": int(train.numel()), "tokens_seen": preset.steps * preset.batch_size * preset.seq_len,
-        "history": history, "holdout_ppl": history[-1]["holdout_ppl"], "test_ppl": test_ppl,
-        "train_seconds": seconds, "weights_file": weights.name, "weights_bytes": weights.stat().st_size,
-        "provenance": _provenance(device),
-    }  # fmt: skip
-    if config.quant != "fp":
-        # What a reader downloads: the packed file loaded back (fp16 embedding), same test text.
-        loaded = load_row(out, row, preset, tokenizer.get_vocab_size()).to(device)
-        result["test_ppl_packed"] = perplexity(loaded, test, preset.seq_len, preset.eval_tokens)
-    write_json(out / f"train_{row}.json", result)
-    return result
-
-
-def evaluate_row(row: str, preset: LMPreset, out: Path, tokenizer, reviews: Reviews, device: torch.device) -> dict:
-    """Holdout and test perplexity of a trained row's weights file in ``out`` -> ``eval_<row>.json``.
-
-    For weights whose training run stopped before it wrote ``train_<row>.json`` (its curve, if
-    any, is in ``progress_<row>.json``), and to re-check a committed file on another machine."""
-    model = load_row(out, row, preset, tokenizer.get_vocab_size()).to(device)
-    holdout, test = token_stream(tokenizer, reviews.holdout), token_stream(tokenizer, reviews.test)
-    weights = weights_path(out, row)
-    result = {
-        "row": row, "weights_file": weights.name, "weights_bytes": weights.stat().st_size,
-        "holdout_ppl": perplexity(model, holdout, preset.seq_len, preset.eval_tokens),
-        "test_ppl": perplexity(model, test, preset.seq_len, preset.eval_tokens),
-        "parameters": model.num_parameters(), "non_embedding_parameters": model.num_parameters(embeddings=False),
-        "provenance": _provenance(device),
-    }  # fmt: skip
-    write_json(out / f"eval_{row}.json", result)
-    return result
-
-
-def weights_path(out: str | Path, row: str) -> Path:
-    """Where a row's weights live in ``out``: ``<row>.safetensors`` (fp) or ``<row>.packed`` (ternary)."""
-    return Path(out) / (f"{row}.safetensors" if row.startswith("fp-") else f"{row}.packed")
-
-
-def _save_row(model: Decoder, out: Path, row: str) -> Path:
-    from labutils.packfile import save_packed
-
-    model = copy.deepcopy(model).float().cpu().eval()  # a copy: the caller's model stays where it is
-    path = weights_path(out, row)
-    if model.config.quant == "fp":
-        save_safetensors(model, path)
-    else:
-        save_packed(model, path, ternary="ternary2", embeddings="float", float_dtype="fp16")
-    return path
-
-
-def load_row(out: str | Path, row: str, preset: LMPreset, vocab_size: int, attention: str = "sdpa", max_seq_len: int | None = None) -> Decoder:
-    """A trained row's decoder (float32, eval mode) from its file in ``out``."""
-    from safetensors.torch import load_model
-
-    from labutils.packfile import load_packed
-
-    model = Decoder(row_config(row, preset, vocab_size, attention, max_seq_len))
-    if model.config.quant == "fp":
-        load_model(model, weights_path(out, row))
-    else:
-        load_packed(weights_path(out, row), model)
-    return model.eval()
-
-
 def add_preset_lora_(model: Decoder, preset: LMPreset) -> list[str]:
-    """Freeze ``model`` and wrap every BitLinear in the preset's LoRA adapters, in place (the one
-    wrapping that training and :func:`load_lora` share). Returns the wrapped layers' names."""
+    """Freeze ``model`` and wrap its BitLinears in the preset's LoRA adapters (rank ``lora_rank``,
+    every BitLinear but those matching ``lora_skip``), in place: the one wrapping that training
+    and :func:`load_lora` share. Returns the wrapped layers' names."""
     from labutils.bitlinear import add_lora_
 
     model.requires_grad_(False)
-    return add_lora_(model, rank=preset.lora_rank, alpha=preset.lora_alpha, seed=preset.seed)
+    return add_lora_(model, rank=preset.lora_rank, alpha=preset.lora_alpha, skip=preset.lora_skip, seed=preset.seed)
 
 
 def load_lora(out: str | Path, preset: LMPreset, vocab_size: int) -> Decoder:
     """The LoRA stage's model: ``w1.58a8-<lora_size>`` from ``out`` with the adapters of
     ``out/lora_adapters.safetensors`` (float32, eval mode). The ternary codes are the file's.
 
-    Raises ValueError when the adapters do not fit the wrapped model (another size or rank).
+    Raises ValueError when the adapters do not fit the wrapped model (another size, rank or
+    ``lora_skip``).
     """
     from safetensors.torch import load_file
 
@@ -692,9 +394,14 @@ def run_decode(preset: LMPreset, out: Path, vocab_size: int, quiet: bool) -> dic
 def run(preset: LMPreset, out: Path, *, stages: Sequence[str], rows: Sequence[str] | None = None, device: str = "auto",
         classifier: str | None = None, model_path: str | None = None, tokenizer_path: str | None = None, quiet: bool = False) -> dict:  # fmt: skip
     """Run ``stages`` into ``out`` (see the module docstring); returns what each stage wrote."""
+    rank, processes = launched_processes()
+    if processes > 1 and set(stages) != {"train"}:
+        raise UsageError(f"under accelerate launch ({processes} processes) only --stage train runs (with --tokenizer or "
+                         f"OUT/tokenizer.json already there), got --stage {','.join(stages)}")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     dev = _device(device)
-    write_json(out / "preset.json", asdict(preset))
+    if rank == 0:  # one writer: the other processes of accelerate launch read the same folder
+        write_json(out / "preset.json", asdict(preset))
     done: dict[str, Any] = {}
     tok_file = Path(tokenizer_path) if tokenizer_path else out / "tokenizer.json"
     reviews = None

@@ -19,6 +19,9 @@ a trip through Python. Rows are tokens: ``x [M, d]`` holds M tokens of width d.
 - :func:`attend_cached`: causal attention of M new tokens over a KV cache, grouped-query (query
   head h reads KV head ``h // (n_head / n_kv_head)``), heads and tokens in parallel.
 - :func:`swiglu`: ``silu(gate) * up``; :func:`add_` (residuals).
+- :func:`a8_linear_rows` / :func:`binary_linear_rows` (the encoder's): a block of tokens through
+  one packed linear inside a parallel task: per-token codes (``kernels.fused``), the kernel
+  path's task per column tile, rescale and bias; :func:`exp_approx`: exp that LLVM vectorizes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import math
 
 import numpy as np
 from numba import njit, prange
+
+from labutils.kernels.fused import quantize_row_a8, quantize_row_binary, rescale_block
 
 __all__ = [
     "KERNEL_WIDTH",
@@ -39,6 +44,9 @@ __all__ = [
     "attend_cached",
     "swiglu",
     "add_",
+    "a8_linear_rows",
+    "binary_linear_rows",
+    "exp_approx",
 ]
 
 _JIT = {"cache": True, "boundscheck": False, "error_model": "numpy"}
@@ -202,3 +210,67 @@ def add_(x, m, y):  # pragma: no cover - compiled
     for r in range(m):
         for j in range(x.shape[1]):
             x[r, j] += y[r, j]
+
+
+# --------------------------------------------------------------------------- appended for the encoder (issue 28)
+# Inline steps (compiled into their caller, where Numba's parallel loops see through them): a
+# block of tokens through one packed linear with the kernel path's task as an argument (the
+# caller is compiled once per task: pass a path's ``a8_task`` / ``w1a1_task`` as a constant of a
+# module-level function, so that Numba can cache it), and a vectorizable exp.
+
+_INLINE = {**_JIT, "inline": "always"}
+
+
+@njit(**_INLINE)
+def a8_linear_rows(xin, w, k, ws, bias, out, qp, eps, bits, mult, task):  # pragma: no cover - compiled
+    """out [R, N] = the A8 BitLinear of xin float32 [R, K] (one task's rows, serial): per-token
+    absmax codes, ``task`` (a path's ``a8_task``) per column tile of w uint8 [T, G, 4, 64] into
+    an int32 block, rescale by x and w scales (ws float32 [N]) and bias. ``k`` is unused (the
+    W1A1 step's signature)."""
+    rows = xin.shape[0]
+    codes = np.empty((rows, w.shape[1] * 32 // bits), dtype=np.int8)
+    xs = np.empty(rows, dtype=np.float32)
+    rowsum = np.empty(rows, dtype=np.int32)
+    for r in range(rows):
+        quantize_row_a8(xin, codes, xs, rowsum, r, qp, eps)
+    dots = np.empty((rows, 64), dtype=np.int32)
+    for t in range(w.shape[0]):
+        task(codes, w[t : t + 1], rowsum, dots, 0, 0, rows, bits, mult)
+        rescale_block(dots, out, xs, ws, bias, 0, 64 * t)
+    return xs
+
+
+@njit(**_INLINE)
+def binary_linear_rows(xin, w, k, ws, bias, out, qp, eps, bits, mult, task):  # pragma: no cover - compiled
+    """out [R, N] = the W1A1 layer of xin float32 [R, K]: sign bits and mean|x| per token,
+    ``task`` (a path's ``w1a1_task``) per column tile of w uint64 [T, Kw, 32], rescale and bias.
+    ``qp``, ``eps``, ``bits``, ``mult`` are unused (the A8 step's signature)."""
+    rows = xin.shape[0]
+    signs = np.empty((rows, w.shape[1]), dtype=np.uint64)
+    xs = np.empty(rows, dtype=np.float32)
+    for r in range(rows):
+        quantize_row_binary(xin, signs, xs, r)
+    dots = np.empty((rows, 32), dtype=np.int32)
+    for t in range(w.shape[0]):
+        task(signs, w[t : t + 1], k, dots, 0, 0, rows)
+        rescale_block(dots, out, xs, ws, bias, 0, 32 * t)
+    return xs
+
+
+@njit(**_INLINE)
+def exp_approx(v):  # pragma: no cover - compiled
+    """exp(v) for float32 v <= 88, in a form LLVM vectorizes (libm's expf is a call per element,
+    ~10 ns): Cody-Waite
+    reduction v = n ln2 + r, a degree-6 polynomial for e^r, 2^n put into the exponent bits.
+    Relative error below 2e-7; inputs below -87 give e^-87 (softmax's masked scores: ~0)."""
+    v = max(v, np.float32(-87.0))
+    n = np.rint(v * np.float32(1.4426950408889634))
+    r = (v - n * np.float32(0.693359375)) + n * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * np.int32((np.int32(n) + np.int32(127)) << 23).view(np.float32)

@@ -562,6 +562,29 @@ def test_group_quant_embedding_looks_up_the_k_bit_table_and_packs_exactly(tmp_pa
         torch.testing.assert_close(reloaded(input_ids=ids).logits, before, rtol=0, atol=0)
 
 
+def test_group_quant_embedding_bag_pools_the_k_bit_table_with_a_straight_through_gradient():
+    from labutils import quant
+    from labutils.bitlinear import GroupQuantEmbeddingBag, quantize_embeddings_
+    from labutils.models import BagOfEmbeddings
+
+    model = BagOfEmbeddings(50, dim=16, depth=1, seed=0)
+    bag = model.embed
+    assert quantize_embeddings_(model, bits=4, group_size=8) == ["embed"]
+    emb = model.embed
+    assert isinstance(emb, GroupQuantEmbeddingBag) and emb.weight is bag.weight
+    assert (emb.mode, emb.padding_idx, emb.group_size) == ("mean", 0, 8)
+    ids = torch.tensor([[3, 7, 7, 0, 0], [1, 2, 3, 4, 5]])  # 0 = padding, left out of the mean
+    table = quant.dequantize(quant.quantize(emb.weight.detach(), 4, granularity="group", axis=0, group_size=8))
+    expected = torch.stack([table[[3, 7, 7]].mean(0), table[[1, 2, 3, 4, 5]].mean(0)])
+    torch.testing.assert_close(emb(ids), expected, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(table, emb.weight.detach())  # 4 bits really round the table
+    emb(ids).sum().backward()  # straight-through: the latent rows that were read get the gradient
+    grad = emb.weight.grad
+    assert grad[7].abs().sum() > 0 and grad[0].abs().sum() == 0 and grad[9].abs().sum() == 0
+    with pytest.raises(ValueError, match="divide"):
+        GroupQuantEmbeddingBag(10, 12, group_size=5)
+
+
 def test_group_quant_embedding_errors():
     from labutils.bitlinear import GroupQuantEmbedding, quantize_embeddings_
 
@@ -569,7 +592,7 @@ def test_group_quant_embedding_errors():
         GroupQuantEmbedding(10, 8, bits=1)
     with pytest.raises(ValueError, match="divide"):
         GroupQuantEmbedding(10, 12, group_size=5)
-    with pytest.raises(ValueError, match="no nn.Embedding"):
+    with pytest.raises(ValueError, match="no nn.Embedding or nn.EmbeddingBag"):
         quantize_embeddings_(nn.Sequential(nn.Linear(2, 2)))
 
 

@@ -35,7 +35,7 @@ The package: ``layer`` (BitNetConfig, the STEs, ElasticBinarize, BitLinear), ``q
 ``mismatch``; everything is importable from ``labutils.bitlinear``.
 """
 
-from labutils.bitlinear.embedding import GroupQuantEmbedding, quantize_embeddings_
+from labutils.bitlinear.embedding import GroupQuantEmbedding, GroupQuantEmbeddingBag, quantize_embeddings_
 from labutils.bitlinear.layer import (
     ACT_BINARIZERS,
     DEFAULT_SKIP,
@@ -63,6 +63,7 @@ __all__ = [
     "ACT_BINARIZERS",
     "ElasticBinarize",
     "GroupQuantEmbedding",
+    "GroupQuantEmbeddingBag",
     "quantize_embeddings_",
     "QuantizeReport",
     "quantize_",

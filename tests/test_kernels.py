@@ -24,7 +24,7 @@ from numba import njit
 
 from labutils import kernels as K
 from labutils import packing
-from labutils.kernels import asm, cpu, dispatch, simd
+from labutils.kernels import amx, asm, cpu, dispatch, simd
 
 THREADS = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]
 FAST = settings(max_examples=15, deadline=None)
@@ -346,28 +346,35 @@ def test_expected_instructions_match_recorded_assembly(name, path, kind):
     flags = _recorded_flags(name)
     assert set(K.expected_instructions(path, flags)[kind]) <= found
     other = K.expected_instructions("avx2" if path == "avx512" else "avx512", flags)[kind]
-    assert not set(other) & found - {"vpshufb"}  # vpshufb also moves bytes in AVX-512 code
+    # vpshufb also moves bytes in AVX-512 code; on a VNNI CPU both paths multiply with vpdpbusd
+    assert not set(other) & found - {"vpshufb", "vpdpbusd"}
 
 
 def test_expected_instructions_errors_and_generic():
     with pytest.raises(ValueError, match="path"):
         K.expected_instructions("neon")
-    assert K.expected_instructions("generic", ["neon", "asimd"]) == {"popcount": ["cnt"], "dot": ["mla"]}
-    assert K.expected_instructions("generic", ["popcnt", "avx2"]) == {"popcount": ["popcntq"], "dot": ["vpmulld"]}
+    assert K.expected_instructions("generic", ["neon", "asimd"]) == {"popcount": ["cnt"], "dot": []}
+    assert K.expected_instructions("generic", ["neon", "asimd", "asimddp"]) == {"popcount": ["cnt"], "dot": ["sdot"]}
+    assert K.expected_instructions("generic", ["popcnt", "avx2"]) == {"popcount": ["vpshufb"], "dot": ["vpmaddwd"]}
     avx512 = ["avx2", "avx512bw", "avx512f", "avx512_vnni", "avx512_vpopcntdq", "popcnt"]
-    assert K.expected_instructions("generic", avx512)["dot"] == ["vpmaddwd"]
+    assert K.expected_instructions("generic", avx512) == {"popcount": ["vpopcntq"], "dot": ["vpmaddwd"]}
+    assert K.expected_instructions("generic", ["popcnt"]) == {"popcount": [], "dot": []}
 
 
-@pytest.mark.parametrize("flags,widen", [(["avx2", "popcnt"], "vpmaddwd"), (["avx2", "avx_vnni"], "vpdpwssd"),
-                                         (["avx2", "avx512bw", "avx512_vnni"], "vpdpwssd")])  # fmt: skip
-def test_expected_avx2_widening_depends_on_vnni(flags, widen):
-    """On a CPU with a VNNI extension LLVM fuses the AVX2 path's int16 -> int32 widening with its add."""
-    assert K.expected_instructions("avx2", flags)["dot"] == ["vpmaddubsw", widen]
+@pytest.mark.parametrize("flags,dot", [(["avx2", "popcnt"], ["vpmaddubsw", "vpmaddwd"]),
+                                       (["avx2", "avx_vnni"], ["vpdpbusd"]),
+                                       (["avx2", "avx512bw", "avx512_vnni", "avx512vl"], ["vpdpbusd"]),
+                                       (["avx2", "avx512bw", "avx512_vnni"], ["vpmaddubsw", "vpdpwssd"])])  # fmt: skip
+def test_expected_avx2_int8_depends_on_vnni(flags, dot):
+    """With a 256-bit VNNI the AVX2 path multiplies with vpdpbusd on ymm; without, vpmaddubsw
+    pairs widened by vpmaddwd (fused with its add into vpdpwssd where AVX512-VNNI is there)."""
+    assert K.expected_instructions("avx2", flags)["dot"] == dot
 
 
 def test_flags_of_features():
     assert K.flags_of_features("+avx2,+popcnt,+fma,-avx512f") == ["avx2", "popcnt"]
     assert K.flags_of_features("+avx512vnni,+avxvnni,+avx512vpopcntdq") == ["avx512_vnni", "avx512_vpopcntdq", "avx_vnni"]
+    assert K.flags_of_features("+avx512vl,+dotprod,+neon") == ["asimddp", "avx512vl", "neon"]
     assert K.flags_of_features("") == []
 
 
@@ -386,6 +393,43 @@ def test_live_assembly_of_this_cpu(path):
     if path == "avx2":
         assert not K.popcount_asm_lines("w1a1", path)  # no popcount instruction on this path
         assert set(expected["dot"]) <= asm.mnemonics(K.vnni_asm_lines("w1a8", path))
+
+
+@pytest.mark.slow
+def test_generic_path_cross_compiled_for_apple_m1_uses_sdot_and_cnt():
+    """The generic path compiled for an Apple M1 (arm64 + dot product), on this machine: its A8
+    inner loops multiply with NEON sdot, its W1A1 loops count bits with cnt."""
+    flags = K.flags_of_features(asm.CROSS_TARGETS["apple-m1"][1])
+    expected = K.expected_instructions("generic", flags)
+    assert expected == {"popcount": ["cnt"], "dot": ["sdot"]}
+    assert {"sdot"} <= asm.mnemonics(asm.cross_asm_lines("w1.58a8", asm.DOT_PATTERN))
+    assert {"sdot"} <= asm.mnemonics(asm.cross_asm_lines("w1a8", asm.DOT_PATTERN))
+    assert {"cnt"} <= asm.mnemonics(asm.cross_asm_lines("w1a1", asm.POPCOUNT_PATTERN))
+    with pytest.raises(ValueError, match="cpu"):
+        asm.cross_asm_lines("w1a1", "cnt", cpu="pentium")
+
+
+@pytest.mark.skipif(not amx.available(), reason="no AMX-INT8 here (Intel Sapphire Rapids and later)")
+@pytest.mark.parametrize("scheme", ["w1a8", "w1.58a8"])
+@pytest.mark.parametrize("m", [16, 35, 128, 300])
+def test_amx_kernels_are_exact_and_taken_by_the_avx512_path(scheme, m):
+    """From 16 tokens and whole 64-byte k blocks, the avx512 path runs A8 GEMMs on AMX tiles
+    (tdpbssd); the tokens past the last 16 go through the VNNI tiles; all exact."""
+    rng = np.random.default_rng(m)
+    k, n = (192, 130) if m < 100 else (1024, 64)
+    x = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    w = rng.integers(-1, 2, (n, k), dtype=np.int8) if scheme == "w1.58a8" else np.where(rng.random((n, k)) < 0.5, -1, 1).astype(np.int8)
+    packed = K.prepack_w158a8(w) if scheme == "w1.58a8" else K.prepack_w1a8(packing.pack_binary_rows(w), k)
+    assert amx.usable(m, packed.data.shape[1] * (16 if scheme == "w1.58a8" else 32))
+    gemm = K.w158a8_gemm if scheme == "w1.58a8" else K.w1a8_gemm
+    with K.use("avx512"):
+        for threads in (1, 2):
+            assert np.array_equal(gemm(x, packed, threads=threads), x.astype(np.int64) @ w.astype(np.int64).T)
+    assert "tdpbssd" in asm.mnemonics(K.asm_lines(amx.KERNELS[scheme][1], r"^\s*tdp"))
+
+
+def test_amx_needs_16_tokens_and_whole_k_blocks():
+    assert not amx.usable(15, 1024) and not amx.usable(64, 80) and not amx.usable(64, 0)
 
 
 def test_asm_errors():

@@ -1,20 +1,22 @@
-"""The A8 GEMM on Intel AMX tiles (Sapphire Rapids and later): ``tdpbsud``, 16 tokens x 16
+"""The A8 GEMM on Intel AMX tiles (Sapphire Rapids and later): ``tdpbssd``, 16 tokens x 16
 columns x 64 k per instruction.
 
 Why: on a CPU with AMX-INT8 the int8 baselines use it (onnxruntime's MLAS and oneDNN do), and
-one ``tdpbsud`` does 16,384 multiply-accumulates where a 512-bit ``vpdpbusd`` does 64: a core
+one ``tdpbssd`` does 16,384 multiply-accumulates where a 512-bit ``vpdpbusd`` does 64: a core
 issues one every 16 cycles, 1,024 MACs per cycle against the 128 of two VNNI ports. The AVX-512
 kernels (``microkernels_avx512``) stay at the VNNI peak, 5-6x below onnxruntime's ``MatMulInteger``
 on such a CPU, so the avx512 path hands its W1A8 and W1.58A8 GEMMs of 16 tokens or more here.
 
-How: a tile register holds up to 16 rows of 64 bytes. ``tdpbsud C, A, B`` adds to the int32
+How: a tile register holds up to 16 rows of 64 bytes. ``tdpbssd C, A, B`` adds to the int32
 tile C [16 tokens, 16 columns] the products of A [16 tokens, 64 k] (signed bytes: the
 activation codes, read straight from x with a row stride of Kp) and B [16 rows of 4 k, 16
-columns x 4 bytes] (unsigned: the weight codes in {0, 1, 2}), which is exactly the layout of
-the decoded panel of the VNNI kernels (per step of 4 k, 16 columns x 4 codes, 4 such vectors
-for a 64-column tile). Per task (a 64-column tile and up to 128 tokens) the tile is decoded
-once into that panel; then 2 x 2 blocks of C (32 tokens x 32 columns) take 2 A and 2 B tile
-loads and 4 ``tdpbsud`` per 64 k. Tokens left over (fewer than 16) go through the VNNI tiles.
+columns x 4 bytes] (signed: the weights themselves, ``mult * code - 1``: the trits, or the
+signs of W1A8), the layout of the VNNI kernels' decoded panel (per step of 4 k, 16 columns x 4
+codes). Per task (a 64-column tile and up to 512 tokens) the tile is decoded once into that
+panel; then 2 x 2 blocks of C (32 tokens x 32 columns) take 2 A and 2 B tile loads and 4
+``tdpbssd`` per 64 k, in passes of 1,024 k whose partial sums C stores into the output and loads
+back (the block's tokens stay in L1 meanwhile). Signed weights make C the dot itself (no
+correction by the tokens' code sums). Tokens left over (fewer than 16) go through the VNNI tiles.
 
 Linux hands out AMX state only on request (``arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)``,
 once per process): ``available()`` asks, and says False where the CPU, the compile target or

@@ -3,13 +3,22 @@
 ``asm_lines(kernel, pattern, path)`` prints a path's kernel and returns the matching lines;
 ``expected_instructions(path)`` says what each path's inner loops are built from, so a chapter
 or a test can check live assembly (this CPU) and recorded assembly (another CPU) alike.
+``cross_asm_lines(scheme, pattern)`` compiles the generic path for another CPU, by default an
+Apple M1 (arm64 with the dot-product extension), on whatever machine runs it: the arm64 code
+students' laptops run, read on an x86 machine.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+import tempfile
 from typing import Any
 
+import llvmlite.binding as llvm
 from numba import njit
 
 from labutils.kernels.cpu import PATHS, target_flags
@@ -100,15 +109,15 @@ def expected_instructions(path: str, flags: list[str] | None = None) -> dict[str
 
     Numba compiles every path for the target CPU, so a forced path's instructions depend on it:
     - "avx512": ``vpopcntq`` and ``vpdpbusd``, fixed by its intrinsics.
-    - "avx2": ``vpshufb``/``vpsadbw`` and ``vpmaddubsw``; the int16 -> int32 widening is
-      ``vpmaddwd``, except where the target has a VNNI extension (AVX-VNNI or AVX512-VNNI: Intel
-      since Ice Lake, AMD Zen 4), whose ``vpdpwssd`` LLVM uses to fuse that widening with the
-      add into the accumulator.
-    - "generic": whatever LLVM makes of plain loops. arm64: ``cnt`` and ``mla``. x86: the scalar
-      ``popcntq`` (LLVM does not vectorize the counting loop, whose counters it cannot prove apart
-      from the weights); the int8 products vectorized as ``vpmaddwd`` (pairs of int16 products
-      summed) where AVX-512BW is there, as ``vpmulld`` (int32 products) with AVX2 alone, and no
-      check below AVX2. (Seen on Zen 3, Zen 4 and an Intel Xeon with AVX-512.)
+    - "avx2": ``vpshufb``/``vpsadbw``; for int8, ``vpdpbusd`` on ymm where the target has a
+      256-bit VNNI (AVX-VNNI, or AVX512-VNNI with AVX512-VL: Intel since Ice Lake, AMD Zen 4),
+      else ``vpmaddubsw`` with the int16 -> int32 widening ``vpmaddwd`` (``vpdpwssd``, the
+      widening fused with its add, where AVX512-VNNI comes without VL).
+    - "generic": what LLVM selects for portable vector IR (``portable``; the W1A1 tiles' vector
+      ``ctpop``). arm64: ``cnt``, and ``sdot`` where the dot-product extension is there
+      (``asimddp``: every Apple M-series; cross-compiled by ``cross_asm_lines``). x86:
+      ``vpopcntq`` where AVX512-VPOPCNTDQ is there, else the ``vpshufb`` nibble lookup (AVX2);
+      the int8 products as ``vpmaddwd`` (int16 pairs) from AVX2 on; nothing checked below AVX2.
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -116,14 +125,84 @@ def expected_instructions(path: str, flags: list[str] | None = None) -> dict[str
     if path == "avx512":
         return {"popcount": ["vpopcntq"], "dot": ["vpdpbusd"]}
     if path == "avx2":
-        widen = "vpdpwssd" if flags & {"avx_vnni", "avx512_vnni"} else "vpmaddwd"
+        if "avx_vnni" in flags or {"avx512_vnni", "avx512vl"} <= flags:  # 256-bit vpdpbusd
+            return {"popcount": ["vpshufb", "vpsadbw"], "dot": ["vpdpbusd"]}
+        widen = "vpdpwssd" if "avx512_vnni" in flags else "vpmaddwd"
         return {"popcount": ["vpshufb", "vpsadbw"], "dot": ["vpmaddubsw", widen]}
     if "neon" in flags or "asimd" in flags:
-        return {"popcount": ["cnt"], "dot": ["mla"]}
-    dot = ["vpmaddwd"] if "avx512bw" in flags else ["vpmulld"] if "avx2" in flags else []
-    return {"popcount": ["popcntq"] if "popcnt" in flags else [], "dot": dot}
+        return {"popcount": ["cnt"], "dot": ["sdot"] if "asimddp" in flags else []}
+    popcount = ["vpopcntq"] if "avx512_vpopcntdq" in flags else ["vpshufb"] if "avx2" in flags else []
+    return {"popcount": popcount, "dot": ["vpmaddwd"] if "avx2" in flags else []}
 
 
 def mnemonics(lines: list[str]) -> set[str]:
     """The instruction names of assembly lines (``{vex}`` prefixes dropped)."""
     return {line.replace("{vex}", "").split()[0] for line in lines if line.strip() and not line.strip().startswith(("#", "."))}
+
+
+CROSS_TARGETS = {"apple-m1": ("aarch64-unknown-linux-gnu", "+neon,+dotprod")}
+"""CPU name -> (LLVM triple, features) for ``cross_asm_lines``."""
+
+_CROSS_PROGRAM = r"""
+import json, re, sys
+import llvmlite.binding as llvm
+from labutils import kernels as K
+from labutils.kernels.dispatch import SIGNATURES, kernel_for
+scheme, triple, cpu, features = sys.argv[1:5]
+from numba.core.codegen import CPUCodeLibrary
+optimized = {}
+original = CPUCodeLibrary._optimize_final_module
+def keep_ir(library):  # the optimized IR, before the host's code generation rewrites it
+    original(library)
+    optimized[library.name] = str(library._final_module)
+CPUCodeLibrary._optimize_final_module = keep_ir
+dispatcher = kernel_for(scheme, "generic", parallel=False)
+dispatcher.compile(SIGNATURES[scheme])  # for this machine's triple: only the IR is kept
+ir_text = optimized[dispatcher.overloads[dispatcher.signatures[0]].library.name]
+llvm.initialize_all_targets()
+llvm.initialize_all_asmprinters()
+machine = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features, opt=3)
+# the host's CPU and features are attributes of every function: the target machine's apply
+ir_text = re.sub(r'"target-(cpu|features)"="[^"]*"', "", ir_text)
+# x86's optimizer turned the runtime's reference-count decrement into an x86 intrinsic
+# ("decrement, is it zero now?"): back to portable IR
+ir_text = re.sub(r"%([\w.]+) = tail call i8 @llvm\.x86\.atomic\.sub\.cc\.i64\(ptr (?:nonnull )?(%[\w.]+), i64 (\d+), i32 4\)",
+                 r"%dec.\1.old = atomicrmw sub ptr \2, i64 \3 acq_rel\n  %dec.\1.zero = icmp eq i64 %dec.\1.old, \3\n"
+                 r"  %\1 = zext i1 %dec.\1.zero to i8", ir_text)
+ir_text = re.sub(r"declare i8 @llvm\.x86\.atomic\.sub\.cc\.i64\(.*", "", ir_text)
+module = llvm.parse_assembly(ir_text)
+module.triple, module.data_layout = triple, str(machine.target_data)
+print(json.dumps(machine.emit_assembly(module).splitlines()))
+"""
+
+
+def cross_asm_lines(scheme: str, pattern: str, cpu: str = "apple-m1") -> list[str]:
+    """Lines matching ``pattern`` of the generic path's serial ``scheme`` kernel compiled for
+    ``cpu`` (a key of ``CROSS_TARGETS``: "apple-m1", arm64 with NEON and the dot-product
+    extension), on any machine whose llvmlite has that target.
+
+    A subprocess imports the kernels with the target's features added to ``NUMBA_CPU_FEATURES``,
+    so the compile-time choices of the generic path (``portable.STEP``) are the target's; Numba
+    still builds for the host (its optimizer's cost model too), so the kernel's LLVM IR is taken
+    and compiled again by an LLVM target machine for ``cpu``. RuntimeError (with the
+    subprocess's error) if it fails.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"kernel name must be one of {SCHEMES}, got {scheme!r}")
+    if cpu not in CROSS_TARGETS:
+        raise ValueError(f"cpu must be one of {sorted(CROSS_TARGETS)}, got {cpu!r}")
+    triple, features = CROSS_TARGETS[cpu]
+    with tempfile.TemporaryDirectory() as cache:
+        # Numba's own target machine (the host's triple) must still build working host code (its
+        # runtime's atomics): the host's CPU and features, plus the target's, which it ignores
+        env = {**os.environ, "NUMBA_CPU_NAME": llvm.get_host_cpu_name(),
+               "NUMBA_CPU_FEATURES": llvm.get_host_cpu_features().flatten() + "," + features,
+               "LABBOOK_KERNEL_PATH": "generic",
+               "NUMBA_CACHE_DIR": cache, "PYTHONWARNINGS": "ignore"}  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", _CROSS_PROGRAM, scheme, triple, cpu, features], env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"cross-compiling {scheme} for {cpu} failed:\n{done.stderr[-3000:]}")
+    regex = re.compile(pattern)
+    lines = json.loads(done.stdout.strip().splitlines()[-1])
+    return [line.strip() for line in lines if regex.search(line.split("//")[0].split(";")[0])]

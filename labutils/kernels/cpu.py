@@ -23,12 +23,14 @@ _FLAG_NAMES = {
     "avx2": "avx2",
     "avx512f": "avx512f",
     "avx512bw": "avx512bw",
+    "avx512vl": "avx512vl",
     "avx512vpopcntdq": "avx512_vpopcntdq",
     "avx512vnni": "avx512_vnni",
     "avxvnni": "avx_vnni",
     "popcnt": "popcnt",
     "neon": "neon",
     "fp-armv8": "asimd",
+    "dotprod": "asimddp",
 }
 
 # What each path's kernels need, in /proc/cpuinfo names.

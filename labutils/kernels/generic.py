@@ -1,8 +1,15 @@
-"""The generic path: plain Numba loops, no x86 intrinsic, so it compiles for any CPU Numba
-supports (arm64 included). LLVM vectorizes the inner loops over columns for whatever SIMD the
-CPU has (``ctpop`` becomes ``cnt`` on arm64 NEON, ``popcnt`` or a bit trick on x86).
+"""The generic path: no x86 intrinsic, so it compiles for any CPU Numba supports (arm64
+included), written so that LLVM finds each CPU's own vector instructions.
 
-Same tiles and same results as the SIMD paths; no speed target.
+- W1A1: the portable vector tiles of ``microkernels_avx512`` (LLVM vector IR only: ``xor``,
+  ``ctpop``, ``add`` on 8 x 64 bits), one token at a time (a 4-token tile would hold 64 NEON
+  registers of counters). ``ctpop`` becomes ``cnt`` on arm64, ``vpopcntq`` where AVX512-VPOPCNTDQ
+  is there, a ``vpshufb`` lookup on AVX2.
+- A8 (W1A8, W1.58A8): each task decodes its column tile into int8 codes, one row of Kp per
+  column (four codes per 32-bit shift-and-mask), then 4 tokens x 4 columns of dot products, one
+  accumulator each (``portable``: NEON ``sdot`` on arm64, ``vpmaddwd`` / ``vpdpwssd`` on x86).
+
+Same tiles and same int32 results as the SIMD paths.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ import numpy as np
 from numba import njit, prange
 
 from labutils.kernels.fused import a8_fused_layer, w1a1_fused_layer
+from labutils.kernels.microkernels_avx512 import _w1a1_tile1
+from labutils.kernels.portable import STEP, _acc_sum, _acc_zero, _dot_add
 from labutils.kernels.simd import popcount
 
 _ROWS_PER_TASK = 128  # rows of activations per parallel task
@@ -49,25 +58,14 @@ def _w1a1_body(x, w, k, out):  # pragma: no cover - compiled
 def w1a1_task(x, w, k, out, t, lo, hi):  # pragma: no cover - compiled
     """Rows lo..hi-1 x column tile t -> out[lo:hi, 32t : 32t+32] (int32): one task of
     ``_w1a1_body``, and the integer step of a fused layer (``fused``, ``labutils.engine``)."""
-    words = x.shape[1]
-    counts = np.empty(32, dtype=np.uint64)
     for r in range(lo, hi):
-        counts[:] = 0
-        for i in range(words):
-            a = x[r, i]
-            for c in range(32):
-                counts[c] += popcount(a ^ w[t, i, c])
-        for c in range(32):
-            out[r, 32 * t + c] = k - 2 * np.int64(counts[c])
+        _w1a1_tile1(x, w, out, r, t, k)
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
 def _a8_body(x, w, rowsum, out, bits, mult):  # pragma: no cover - compiled
-    """x int8 [M, Kp], w uint8 [T, G, 4, 64] -> out int32 [M, 64T] = mult·Σ code·x − rowsum.
-
-    Each task decodes its column tile into int8 codes, one row of Kp per column, once; then
-    every output is a plain dot product of two int8 rows (Numba types the products int64, so
-    this loop runs at a few GMAC/s per core: correct everywhere, fast nowhere)."""
+    """x int8 [M, Kp], w uint8 [T, G, 4, 64] -> out int32 [M, 64T] = mult·Σ code·x − rowsum:
+    parallel over (column tile, chunk of rows) tasks, each decoding its tile once."""
     m = x.shape[0]
     chunks = (m + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(w.shape[0] * chunks):
@@ -76,27 +74,76 @@ def _a8_body(x, w, rowsum, out, bits, mult):  # pragma: no cover - compiled
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
+def _decode_columns(w, t, bits, codes):  # pragma: no cover - compiled
+    """Column tile t of w uint8 [T, G, 4, 64] -> codes int8 [64, Kp], one row per column.
+
+    Word ``lane`` of vector v of group g holds column 16v + lane's codes for 4 consecutive k in
+    each field q (k = 4 (fields g + q) + j in byte j): shifting the 32-bit word down by
+    ``bits * q`` and masking every byte gives the 4 codes of field q at once."""
+    groups, fields = w.shape[1], 8 // bits
+    mask = np.uint32(0x01010101 * ((1 << bits) - 1))
+    words, columns = w.view(np.uint32), codes.view(np.uint32)
+    for v in range(4):  # one column at a time: its row of codes is written in order
+        for lane in range(16):
+            column = columns[16 * v + lane]
+            for g in range(groups):
+                word = words[t, g, v, lane]
+                for q in range(fields):
+                    column[fields * g + q] = (word >> (bits * q)) & mask
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
+def _dot_row4(a0, a1, a2, a3, x, ix, codes, ic, kp):  # pragma: no cover - compiled
+    """One step of a token against 4 consecutive columns: 4 accumulators updated."""
+    return (_dot_add(a0, x, ix, codes, ic), _dot_add(a1, x, ix, codes, ic + kp),
+            _dot_add(a2, x, ix, codes, ic + 2 * kp), _dot_add(a3, x, ix, codes, ic + 3 * kp))  # fmt: skip
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
+def _store_row4(out, r, c, o, x, codes, kmain, rowsum, mult, a0, a1, a2, a3):  # pragma: no cover - compiled
+    """out[r, o : o+4] = mult * (dot of token r with columns c..c+3) - rowsum[r]: the
+    accumulators' sums plus the k beyond the last whole step."""
+    kp = x.shape[1]
+    for j in range(4):
+        acc = a0 if j == 0 else a1 if j == 1 else a2 if j == 2 else a3
+        total = np.int64(_acc_sum(acc))
+        for kk in range(kmain, kp):
+            total += np.int64(x[r, kk]) * np.int64(codes[c + j, kk])
+        out[r, o + j] = mult * total - rowsum[r]
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
 def a8_task(x, w, rowsum, out, t, lo, hi, bits, mult):  # pragma: no cover - compiled
     """Rows lo..hi-1 x column tile t -> out[lo:hi, 64t : 64t+64] (int32): one task of
     ``_a8_body``, and the integer step of a fused layer (``fused``, ``labutils.engine``)."""
     kp = x.shape[1]
-    groups, fields, mask = w.shape[1], 8 // bits, (1 << bits) - 1
     codes = np.empty((64, kp), dtype=np.int8)
-    for g in range(groups):
-        for v in range(4):
-            for lane in range(16):
-                for j in range(4):
-                    byte = np.int32(w[t, g, v, 4 * lane + j])
-                    for q in range(fields):
-                        codes[16 * v + lane, 4 * (fields * g + q) + j] = (byte >> (bits * q)) & mask
-    for r in range(lo, hi):
-        xr = x[r]
-        for c in range(64):
-            cr = codes[c]
-            total = np.int32(0)
-            for kk in range(kp):
-                total += np.int32(cr[kk]) * np.int32(xr[kk])
-            out[r, 64 * t + c] = mult * total - rowsum[r]
+    _decode_columns(w, t, bits, codes)
+    kmain = kp // STEP * STEP
+    r = lo
+    while r + 4 <= hi:
+        for c in range(0, 64, 4):
+            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = _acc_zero()
+            a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = _acc_zero()
+            for kk in range(0, kmain, STEP):
+                ic = c * kp + kk
+                a00, a01, a02, a03 = _dot_row4(a00, a01, a02, a03, x, r * kp + kk, codes, ic, kp)
+                a10, a11, a12, a13 = _dot_row4(a10, a11, a12, a13, x, (r + 1) * kp + kk, codes, ic, kp)
+                a20, a21, a22, a23 = _dot_row4(a20, a21, a22, a23, x, (r + 2) * kp + kk, codes, ic, kp)
+                a30, a31, a32, a33 = _dot_row4(a30, a31, a32, a33, x, (r + 3) * kp + kk, codes, ic, kp)
+            o = 64 * t + c
+            _store_row4(out, r, c, o, x, codes, kmain, rowsum, mult, a00, a01, a02, a03)
+            _store_row4(out, r + 1, c, o, x, codes, kmain, rowsum, mult, a10, a11, a12, a13)
+            _store_row4(out, r + 2, c, o, x, codes, kmain, rowsum, mult, a20, a21, a22, a23)
+            _store_row4(out, r + 3, c, o, x, codes, kmain, rowsum, mult, a30, a31, a32, a33)
+        r += 4
+    while r < hi:
+        for c in range(0, 64, 4):
+            a0 = a1 = a2 = a3 = _acc_zero()
+            for kk in range(0, kmain, STEP):
+                a0, a1, a2, a3 = _dot_row4(a0, a1, a2, a3, x, r * kp + kk, codes, c * kp + kk, kp)
+            _store_row4(out, r, c, 64 * t + c, x, codes, kmain, rowsum, mult, a0, a1, a2, a3)
+        r += 1
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", parallel=True)

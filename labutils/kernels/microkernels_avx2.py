@@ -11,7 +11,10 @@ path's 4 x 4, and neither popcount nor VNNI is one instruction:
   into int32. With the byte order of the A8 layout (4 consecutive bytes = 4 k of one column)
   the pair computes exactly what ``vpdpbusd`` does, so the same ``PackedWeights`` serve both
   paths. The int16 sums are kept for up to 63 steps (ternary: |pair| <= 2 * 2 * 128 = 512,
-  63 x 512 < 32768) or 127 (binary codes: 256 per pair) before one widening.
+  63 x 512 < 32768) or 127 (binary codes: 256 per pair) before one widening. On a CPU with a
+  256-bit VNNI (AVX-VNNI: Intel since Alder Lake, AMD Zen 5; or AVX512-VNNI with VL) the same
+  loops run ``vpdpbusd`` on ymm instead (``simd._dot_step8``): 4 products summed straight
+  into int32, one instruction where the pair took two.
 
 Both read the prepacked tiles of ``layout``: a 64-byte vector of the AVX-512 layout is two ymm.
 """
@@ -23,8 +26,7 @@ from numba import njit, prange
 
 from labutils.kernels.fused import _absmax_bits, _quantize_row_a8, _quantize_row_binary, _rescale_block
 from labutils.kernels.simd import (
-    _madd_ones_add,
-    _maddubs_add,
+    _dot_step8,
     _sad_u64,
     _store_affine,
     _store_xnor,
@@ -34,7 +36,8 @@ from labutils.kernels.simd import (
     _vsplat_quad8,
     _vsplat_word4,
     _vstore,
-    _vzeros_i16x16,
+    _widen_step,
+    _step_zeros,
     _vzeros_i32x8,
     _vzeros_u8x32,
     _vzeros_u64x4,
@@ -286,7 +289,7 @@ def _a8_tile4(x, w, out, r, t, s, rowsum, bits, mult):  # pragma: no cover - com
     fields, mask = 8 // bits, (1 << bits) - 1
     d00 = d01 = d10 = d11 = d20 = d21 = d30 = d31 = _vzeros_i32x8()
     for g0 in range(0, groups, 15):  # 15 groups = 60 (ternary) or 120 (binary) int16 steps
-        e00 = e01 = e10 = e11 = e20 = e21 = e30 = e31 = _vzeros_i16x16()
+        e00 = e01 = e10 = e11 = e20 = e21 = e30 = e31 = _step_zeros()
         for g in range(g0, min(g0 + 15, groups)):
             base = (t * groups + g) * 256 + 64 * s
             p0, p1 = _vload32(w, base), _vload32(w, base + 32)
@@ -294,16 +297,16 @@ def _a8_tile4(x, w, out, r, t, s, rowsum, bits, mult):  # pragma: no cover - com
                 w0, w1 = _vand(p0, mask), _vand(p1, mask)
                 kk = 4 * (fields * g + q)
                 a = _vsplat_quad8(x, r * kp + kk)
-                e00, e01 = _maddubs_add(e00, w0, a), _maddubs_add(e01, w1, a)
+                e00, e01 = _dot_step8(e00, w0, a), _dot_step8(e01, w1, a)
                 a = _vsplat_quad8(x, (r + 1) * kp + kk)
-                e10, e11 = _maddubs_add(e10, w0, a), _maddubs_add(e11, w1, a)
+                e10, e11 = _dot_step8(e10, w0, a), _dot_step8(e11, w1, a)
                 a = _vsplat_quad8(x, (r + 2) * kp + kk)
-                e20, e21 = _maddubs_add(e20, w0, a), _maddubs_add(e21, w1, a)
+                e20, e21 = _dot_step8(e20, w0, a), _dot_step8(e21, w1, a)
                 a = _vsplat_quad8(x, (r + 3) * kp + kk)
-                e30, e31 = _maddubs_add(e30, w0, a), _maddubs_add(e31, w1, a)
+                e30, e31 = _dot_step8(e30, w0, a), _dot_step8(e31, w1, a)
                 p0, p1 = _vshr(p0, bits), _vshr(p1, bits)
-        d00, d01, d10, d11 = _madd_ones_add(d00, e00), _madd_ones_add(d01, e01), _madd_ones_add(d10, e10), _madd_ones_add(d11, e11)
-        d20, d21, d30, d31 = _madd_ones_add(d20, e20), _madd_ones_add(d21, e21), _madd_ones_add(d30, e30), _madd_ones_add(d31, e31)
+        d00, d01, d10, d11 = _widen_step(d00, e00), _widen_step(d01, e01), _widen_step(d10, e10), _widen_step(d11, e11)
+        d20, d21, d30, d31 = _widen_step(d20, e20), _widen_step(d21, e21), _widen_step(d30, e30), _widen_step(d31, e31)
     o = r * cols + 64 * t + 16 * s
     _store_affine(out, o, d00, mult, rowsum[r])
     _store_affine(out, o + 8, d01, mult, rowsum[r])
@@ -323,16 +326,16 @@ def _a8_tile1(x, w, out, r, t, s, rowsum, bits, mult):  # pragma: no cover - com
     fields, mask = 8 // bits, (1 << bits) - 1
     d0 = d1 = d2 = d3 = _vzeros_i32x8()
     for g0 in range(0, groups, 15):
-        e0 = e1 = e2 = e3 = _vzeros_i16x16()
+        e0 = e1 = e2 = e3 = _step_zeros()
         for g in range(g0, min(g0 + 15, groups)):
             base = (t * groups + g) * 256 + 128 * s
             p0, p1, p2, p3 = _vload32(w, base), _vload32(w, base + 32), _vload32(w, base + 64), _vload32(w, base + 96)
             for q in range(fields):
                 a = _vsplat_quad8(x, r * kp + 4 * (fields * g + q))
-                e0, e1 = _maddubs_add(e0, _vand(p0, mask), a), _maddubs_add(e1, _vand(p1, mask), a)
-                e2, e3 = _maddubs_add(e2, _vand(p2, mask), a), _maddubs_add(e3, _vand(p3, mask), a)
+                e0, e1 = _dot_step8(e0, _vand(p0, mask), a), _dot_step8(e1, _vand(p1, mask), a)
+                e2, e3 = _dot_step8(e2, _vand(p2, mask), a), _dot_step8(e3, _vand(p3, mask), a)
                 p0, p1, p2, p3 = _vshr(p0, bits), _vshr(p1, bits), _vshr(p2, bits), _vshr(p3, bits)
-        d0, d1, d2, d3 = _madd_ones_add(d0, e0), _madd_ones_add(d1, e1), _madd_ones_add(d2, e2), _madd_ones_add(d3, e3)
+        d0, d1, d2, d3 = _widen_step(d0, e0), _widen_step(d1, e1), _widen_step(d2, e2), _widen_step(d3, e3)
     o = r * cols + 64 * t + 32 * s
     _store_affine(out, o, d0, mult, rowsum[r])
     _store_affine(out, o + 8, d1, mult, rowsum[r])
@@ -361,21 +364,21 @@ def _a8_tile4_decoded(x, panel, out, r, t, s, rowsum, mult, steps):  # pragma: n
     nsteps = kp // 4
     d00 = d01 = d10 = d11 = d20 = d21 = d30 = d31 = _vzeros_i32x8()
     for j0 in range(0, nsteps, steps):
-        e00 = e01 = e10 = e11 = e20 = e21 = e30 = e31 = _vzeros_i16x16()
+        e00 = e01 = e10 = e11 = e20 = e21 = e30 = e31 = _step_zeros()
         for j in range(j0, min(j0 + steps, nsteps)):
             base = j * 256 + 64 * s
             w0, w1 = _vload32(panel, base), _vload32(panel, base + 32)
             kk = 4 * j
             a = _vsplat_quad8(x, r * kp + kk)
-            e00, e01 = _maddubs_add(e00, w0, a), _maddubs_add(e01, w1, a)
+            e00, e01 = _dot_step8(e00, w0, a), _dot_step8(e01, w1, a)
             a = _vsplat_quad8(x, (r + 1) * kp + kk)
-            e10, e11 = _maddubs_add(e10, w0, a), _maddubs_add(e11, w1, a)
+            e10, e11 = _dot_step8(e10, w0, a), _dot_step8(e11, w1, a)
             a = _vsplat_quad8(x, (r + 2) * kp + kk)
-            e20, e21 = _maddubs_add(e20, w0, a), _maddubs_add(e21, w1, a)
+            e20, e21 = _dot_step8(e20, w0, a), _dot_step8(e21, w1, a)
             a = _vsplat_quad8(x, (r + 3) * kp + kk)
-            e30, e31 = _maddubs_add(e30, w0, a), _maddubs_add(e31, w1, a)
-        d00, d01, d10, d11 = _madd_ones_add(d00, e00), _madd_ones_add(d01, e01), _madd_ones_add(d10, e10), _madd_ones_add(d11, e11)
-        d20, d21, d30, d31 = _madd_ones_add(d20, e20), _madd_ones_add(d21, e21), _madd_ones_add(d30, e30), _madd_ones_add(d31, e31)
+            e30, e31 = _dot_step8(e30, w0, a), _dot_step8(e31, w1, a)
+        d00, d01, d10, d11 = _widen_step(d00, e00), _widen_step(d01, e01), _widen_step(d10, e10), _widen_step(d11, e11)
+        d20, d21, d30, d31 = _widen_step(d20, e20), _widen_step(d21, e21), _widen_step(d30, e30), _widen_step(d31, e31)
     o = r * cols + 64 * t + 16 * s
     _store_affine(out, o, d00, mult, rowsum[r])
     _store_affine(out, o + 8, d01, mult, rowsum[r])

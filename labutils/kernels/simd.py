@@ -31,6 +31,9 @@ from labutils.kernels.cpu import _enabled_llvm_features
 
 HAS_VNNI: bool = "avx512vnni" in _enabled_llvm_features()
 """True when ``vpdpbusd`` (AVX-512 VNNI) is emitted; otherwise ``_dpbusd`` uses the portable fallback."""
+HAS_VNNI_256: bool = "avxvnni" in _enabled_llvm_features() or {"avx512vnni", "avx512vl"} <= _enabled_llvm_features()
+"""True when 256-bit ``vpdpbusd`` exists: AVX-VNNI (VEX, Alder Lake and later, Zen 5) or AVX512-VNNI
+with AVX512-VL; the AVX2 path's int8 steps (``_dot_step8``) then use it."""
 
 
 class _Vec(types.Type):
@@ -405,3 +408,54 @@ def _madd_ones_add(typingctx, acc, pairs):
         return builder.add(args[0], _call(builder, "llvm.x86.avx2.pmadd.wd", args[0].type, args[1], ones))
 
     return _I32x8(acc, pairs), codegen
+
+
+# --------------------------------------------------------------------------- the AVX2 path's int8 step
+# Without a 256-bit VNNI: vpmaddubsw into int16 lanes, widened by vpmaddwd every few steps. With
+# one (AVX-VNNI, or AVX512-VNNI + VL): vpdpbusd straight into int32 lanes, and the "widening" is
+# a plain add. The accumulator type follows, so one kernel source serves both.
+_STEP_ACC = _I32x8 if HAS_VNNI_256 else _I16x16
+
+
+@intrinsic
+def _step_zeros(typingctx):
+    """A zero accumulator of ``_dot_step8``: int32 x 8 with a 256-bit VNNI, else int16 x 16."""
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(context.get_value_type(_STEP_ACC), [0] * _STEP_ACC.lanes)
+
+    return _STEP_ACC(), codegen
+
+
+@intrinsic
+def _dot_step8(typingctx, acc, u8, s8):
+    """``acc`` + the products of 32 unsigned codes ``u8`` and 32 signed bytes ``s8``, 4 by 4 per
+    int32 column of the A8 layout: ``vpdpbusd`` ymm with a 256-bit VNNI, else ``vpmaddubsw`` (pairs
+    into int16; exact for codes <= 2, widened by ``_widen_step`` before 63 steps)."""
+    if not (acc == _STEP_ACC and u8 == s8 == _U8x32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        acc, u8, s8 = args
+        if HAS_VNNI_256:
+            v8 = ir.VectorType(_I32, 8)
+            return _call(builder, "llvm.x86.avx512.vpdpbusd.256", v8, acc, builder.bitcast(u8, v8), builder.bitcast(s8, v8))
+        return builder.add(acc, _call(builder, "llvm.x86.avx2.pmadd.ub.sw", acc.type, u8, s8))
+
+    return _STEP_ACC(acc, u8, s8), codegen
+
+
+@intrinsic
+def _widen_step(typingctx, acc, steps):
+    """int32 x 8 ``acc`` + the step accumulator ``steps``: a plain add with a 256-bit VNNI, else
+    ``vpmaddwd`` with ones (adjacent int16 lanes into int32)."""
+    if not (acc == _I32x8 and steps == _STEP_ACC):
+        return None
+
+    def codegen(context, builder, sig, args):
+        if HAS_VNNI_256:
+            return builder.add(args[0], args[1])
+        ones = ir.Constant(args[1].type, [1] * 16)
+        return builder.add(args[0], _call(builder, "llvm.x86.avx2.pmadd.wd", args[0].type, args[1], ones))
+
+    return _I32x8(acc, steps), codegen

@@ -1,0 +1,91 @@
+"""Portable int8 dot products for the generic path: plain LLVM vector IR, no target intrinsic,
+written so that each target's instruction selection finds its own dot-product instruction.
+
+One accumulator per output (a token and a column), summed whole at the end, so any grouping of
+products into lanes gives the same int32 (exact on every target). Per step, ``_dot_add`` loads
+``STEP`` bytes of a token's activations and of a column's weight codes, widens and multiplies
+them, and adds them into the accumulator with LLVM's ``vector.partial.reduce.add``:
+
+- on arm64 with the dot-product extension (ARMv8.2, every Apple M-series): 16 bytes into a
+  4-lane accumulator, both sign-extended, which LLVM selects as one NEON ``sdot``;
+- elsewhere (x86): 64 bytes into a 16-lane accumulator, the codes (0, 1 or 2) zero-extended,
+  which LLVM selects as ``vpmaddwd`` (int16 pairs), fused with the add into ``vpdpwssd``
+  where the CPU has a VNNI extension.
+
+``popcount`` loops need no help: ``llvm.ctpop`` on vectors is ``cnt`` on arm64 (the generic
+W1A1 kernel uses the portable vector tiles of ``microkernels_avx512``, which contain no x86
+intrinsic). ``asm.cross_asm_lines`` compiles these kernels for an Apple M1 on any machine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from labutils.kernels.cpu import _enabled_llvm_features
+from labutils.kernels.simd import _element_ptr, _is_c_array, _Vec
+
+DOTPROD: bool = bool({"neon", "dotprod"} & _enabled_llvm_features())
+"""True when compiling for an arm64 target: 16-byte steps that lower to ``sdot``."""
+LANES = 4 if DOTPROD else 16
+"""int32 lanes of an accumulator."""
+STEP = 4 * LANES
+"""Bytes of k per ``_dot_add``: 16 on arm64, 64 elsewhere."""
+
+_ACC = _Vec(LANES, 32)
+_I32 = ir.IntType(32)
+
+
+def _call(builder, name: str, ret: ir.Type, *args: Any):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, list(args))
+
+
+@intrinsic
+def _acc_zero(typingctx):
+    """A zero accumulator (``LANES`` x int32)."""
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)
+
+    return _ACC(), codegen
+
+
+@intrinsic
+def _acc_sum(typingctx, acc):
+    """The int32 sum of an accumulator's lanes (``vector.reduce.add``)."""
+    if acc != _ACC:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _call(builder, f"llvm.vector.reduce.add.v{LANES}i32", _I32, args[0])
+
+    return types.int32(acc), codegen
+
+
+@intrinsic
+def _dot_add(typingctx, acc, x, ix, codes, ic):
+    """``acc`` plus the products of the ``STEP`` int8 activations at ``x.flat[ix:]`` and the
+    ``STEP`` weight codes (int8, 0..2) at ``codes.flat[ic:]``, spread over its lanes."""
+    if not (acc == _ACC and _is_c_array(x, types.int8) and _is_c_array(codes, types.int8)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        acc_value, x_arr, x_index, c_arr, c_index = args
+        bytes_ = ir.VectorType(ir.IntType(8), STEP)
+        wide = ir.VectorType(_I32, STEP)
+        xv = builder.load(builder.bitcast(_element_ptr(context, builder, sig.args[1], x_arr, x_index),
+                                          bytes_.as_pointer()), align=1)  # fmt: skip
+        cv = builder.load(builder.bitcast(_element_ptr(context, builder, sig.args[3], c_arr, c_index),
+                                          bytes_.as_pointer()), align=1)  # fmt: skip
+        # arm64's sdot multiplies signed by signed; x86 finds vpmaddwd for unsigned codes
+        codes_wide = builder.sext(cv, wide) if DOTPROD else builder.zext(cv, wide)
+        products = builder.mul(builder.sext(xv, wide), codes_wide)
+        name = f"llvm.vector.partial.reduce.add.v{LANES}i32.v{STEP}i32"
+        return _call(builder, name, acc_value.type, acc_value, products)
+
+    return _ACC(acc, x, ix, codes, ic), codegen

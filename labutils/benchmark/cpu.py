@@ -1,7 +1,11 @@
 """The CPU stage: every row loaded (students onto ``labutils.kernels``), checked and measured.
 
 Agreement of the packed students with their fake-quantized selves, latency (interleaved
-rounds, paired ratios), peak memory against length, file sizes, MACs and an energy estimate."""
+rounds, paired ratios), peak memory against length, file sizes, MACs and an energy estimate.
+
+A packed student runs on the compiled encoder (``labutils.engine.encoder.EncoderEngine``);
+``LABBOOK_PACKED_ENCODER=layers`` runs it layer by layer instead (``PackedBitLinear`` modules
+between torch operations, the path before issue 28), for comparison. Its file says which ran."""
 
 from __future__ import annotations
 
@@ -31,6 +35,16 @@ from labutils.bitlinear import BitNetConfig, quantize_
 from labutils.runs import device_name, provenance, read_json, save_safetensors, weights_bytes, write_json
 
 CPU_COLUMNS = ("agreement", "latency", "memory", "weights_bytes", "file_bytes", "compute")
+PACKED_ENCODER_VAR = "LABBOOK_PACKED_ENCODER"
+PACKED_ENCODERS = ("engine", "layers")
+
+
+def packed_encoder() -> str:
+    """How packed students run: "engine" (default) or "layers", from ``LABBOOK_PACKED_ENCODER``."""
+    value = os.environ.get(PACKED_ENCODER_VAR, "").strip() or "engine"
+    if value not in PACKED_ENCODERS:
+        raise ValueError(f"{PACKED_ENCODER_VAR} must be one of {PACKED_ENCODERS}, got {value!r}")
+    return value
 
 
 def random_inputs(vocab_size: int, batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
@@ -71,8 +85,14 @@ def cpu_models(out: Path, rows: Sequence[str], model_path: str | None) -> CpuMod
             path = student_file(out, row)
             # the int4 embeddings stay int4 in RAM, each looked-up row dequantized when read
             pack_embeddings_(models.inference[row], load_packed(path))
+            runner = packed_encoder()
+            if runner == "engine":
+                from labutils.engine.encoder import EncoderEngine
+
+                models.inference[row] = EncoderEngine(models.inference[row])
             trained = path == pack_file(out, row)
-            models.notes[row] = f"packed file {path.relative_to(out)}" + ("" if trained else " (untrained stand-in)")
+            models.notes[row] = (f"packed file {path.relative_to(out)}" + ("" if trained else " (untrained stand-in)")
+                                 + f", run by the {'compiled encoder engine' if runner == 'engine' else 'PackedBitLinear layers'}")  # fmt: skip
     if "fp32" in rows:
         add_onnx_rows(models, teacher, out, source)
     return models
@@ -173,7 +193,9 @@ def _macs_and_energy(models: CpuModels, vocab: int) -> dict[str, dict]:
     for row, model in models.inference.items():
         if row not in ROWS:  # the ONNX Runtime rows compute what fp32 computes
             continue
-        macs = count_macs(model, **inputs)
+        # MACs depend on shapes only: a student is counted on its BitLinear model, whose linears
+        # the hooks see (the compiled engine has no linear modules)
+        macs = count_macs(models.fake_quantized.get(row, model), **inputs)
         extra = {}
         if row == "w1.58a8":  # zero weights cost no add
             extra["nonzero_fraction"] = _nonzero_fraction(models.fake_quantized[row])

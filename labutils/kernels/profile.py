@@ -22,7 +22,12 @@ Categories (seconds per forward pass, the median over ``repeat`` passes):
 - ``other``: everything else (residual adds, dropout, the model's Python).
 
 ``total`` is the median hooked wall time, ``total_unhooked`` the median wall time of the same
-call without hooks (what the hooks themselves cost is in ``other``).
+call without hooks, interleaved with the hooked ones. What the profiler itself costs is reported,
+not hidden in a section: ``profiler_overhead`` is the number of hooked module calls in a pass
+(``hook_calls``) times the measured cost of one call's pre and post hooks (``hook_cost``: the
+same hooks on an ``nn.Identity``, against the bare call), taken out of ``other``, where the hooks'
+time lands; ``hooked_minus_unhooked`` is the direct difference of the two totals (noisier: two
+medians of different passes).
 """
 
 from __future__ import annotations
@@ -95,6 +100,43 @@ def _called_children(key: int, children: Mapping[int, list[int]], called: Mappin
     return found
 
 
+def _timing_hooks(starts: dict[int, list[float]], inclusive: dict[int, float], calls: list[int]) -> tuple[Callable, Callable]:
+    """The profiler's forward pre-hook and hook: a module's inclusive seconds into ``inclusive``,
+    the number of module calls they saw into ``calls[0]``."""
+
+    def pre(module: nn.Module, args: Any) -> None:
+        calls[0] += 1
+        starts.setdefault(id(module), []).append(time.perf_counter())
+
+    def post(module: nn.Module, args: Any, output: Any) -> None:
+        inclusive[id(module)] = inclusive.get(id(module), 0.0) + time.perf_counter() - starts[id(module)].pop()
+
+    return pre, post
+
+
+def hook_cost(calls: int = 2000, rounds: int = 5) -> float:
+    """Seconds the profiler's two hooks add to one module call: an ``nn.Identity`` called
+    ``calls`` times with them and without, interleaved over ``rounds``; the median difference."""
+    from labutils.measure import interleaved_timings
+
+    bare, hooked = nn.Identity(), nn.Identity()
+    pre, post = _timing_hooks({}, {}, [0])
+    hooked.register_forward_pre_hook(pre)
+    hooked.register_forward_hook(post)
+    x = torch.zeros(1)
+
+    def loop(module: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(calls):
+                module(x)
+
+        return run
+
+    timings = interleaved_timings({"bare": loop(bare), "hooked": loop(hooked)}, warmup=1, repeat=rounds)
+    diffs = [h - b for h, b in zip(timings["hooked"].seconds, timings["bare"].seconds)]
+    return max(statistics.median(diffs) / calls, 0.0)
+
+
 def _one_pass(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, float]:
     from labutils.kernels.layer import PackedBitLinear
 
@@ -106,12 +148,8 @@ def _one_pass(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, float]:
     kernel_calls: list[tuple[float, Any]] = []
     marked = [0.0]  # seconds the packed layers' marks accounted for
 
-    def pre(module: nn.Module, args: Any) -> None:
-        starts.setdefault(id(module), []).append(time.perf_counter())
-
-    def post(module: nn.Module, args: Any, output: Any) -> None:
-        inclusive[id(module)] = inclusive.get(id(module), 0.0) + time.perf_counter() - starts[id(module)].pop()
-
+    hook_calls = [0]
+    pre, post = _timing_hooks(starts, inclusive, hook_calls)
     handles = []
     originals = {}
     for module in model.modules():
@@ -167,6 +205,7 @@ def _one_pass(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, float]:
     # the packed layers' time their marks did not see (the checks before the first mark, hooks)
     sections["other"] += max(sum(inclusive.get(id(m), 0.0) for m in originals) - marked[0], 0.0)
     sections["total"] = total
+    sections["hook_calls"] = float(hook_calls[0])
     return sections
 
 
@@ -175,7 +214,8 @@ def profile_packed_forward(model: nn.Module, inputs: Mapping[str, Any], *, repea
 
     Works on any model (FP32 too: its linears land in ``float_linears``); the packed layers'
     steps come from ``PackedBitLinear``. Returns {category: median seconds} plus ``total``
-    (hooked), ``total_unhooked`` and ``repeat``.
+    (hooked), ``total_unhooked``, ``hook_calls``, ``hook_cost``, ``profiler_overhead`` (taken out
+    of ``other``), ``hooked_minus_unhooked`` and ``repeat``.
     """
     with torch.inference_mode():
         for _ in range(warmup):
@@ -189,5 +229,9 @@ def profile_packed_forward(model: nn.Module, inputs: Mapping[str, Any], *, repea
         plain.append(time.perf_counter() - start)
     result = {key: statistics.median(p[key] for p in passes) for key in passes[0]}
     result["total_unhooked"] = statistics.median(plain)
+    result["hook_cost"] = hook_cost()
+    result["profiler_overhead"] = min(result["hook_calls"] * result["hook_cost"], result["other"])
+    result["other"] -= result["profiler_overhead"]
+    result["hooked_minus_unhooked"] = result["total"] - result["total_unhooked"]
     result["repeat"] = repeat
     return result

@@ -20,9 +20,11 @@ operations, a few hundred small calls a token):
 4. ``allocation``: fresh output arrays per call (``np.empty``) against preallocated ones.
 5. ``dispatch``: calling a compiled function from Python (Numba's dispatcher checks the types of
    every argument) against the same call made from inside one compiled loop.
-6. ``step``: the whole thing: one decoder block's worth of unfused work
-   (RMSNorm in torch, quantization, four GEMVs through the public kernels) against the engine's
-   compiled block (:mod:`labutils.engine.decoder`).
+6. ``step``: the whole thing: one 700m-shaped decoder block's generation step through the
+   packed torch modules (``PackedBitLinear`` between torch ops) against the engine's compiled
+   step (:mod:`labutils.engine.decoder`) on the same weights.
+7. ``threads``: the engine's step on 2 threads against 1: on a machine whose other processes
+   hold the cores, every parallel region waits for its second thread to be scheduled.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EXPERIMENTS", "run_experiment", "region_cost", "main"]
+__all__ = ["EXPERIMENTS", "run_experiment", "region_cost", "profile_before_after", "main"]
 
 
 def _paired(a: Callable[[], Any], b: Callable[[], Any], calls: int, rounds: int) -> dict[str, Any]:
@@ -184,7 +186,29 @@ def _step(calls: int, rounds: int) -> dict[str, Any]:
         engine.reset(8)
         engine.step(5)
 
-    return _paired(unfused, engine_step, calls, rounds)
+    return _paired(unfused, engine_step, max(1, calls // 20), rounds)
+
+
+def _threads(calls: int, rounds: int) -> dict[str, Any]:
+    """The engine's 700m-shaped step (4 of its 24 layers) on 2 threads (a) against 1 (b): what a
+    parallel region costs when other processes hold the cores (compare with the load average)."""
+    import numba
+
+    from labutils.engine.decoder import DecoderEngine, EngineShape
+
+    engine = DecoderEngine.random(EngineShape(vocab_size=8192, n_layer=4, n_head=24, n_kv_head=24, d_model=1536,
+                                              ffn_hidden=4096, max_seq_len=160))  # fmt: skip
+    engine.forward(np.arange(128))
+
+    def step(n: int) -> None:
+        numba.set_num_threads(n)
+        engine.reset(128)
+        engine.step(5)
+
+    try:
+        return _paired(lambda: step(2), lambda: step(1), max(1, calls // 20), rounds)
+    finally:
+        numba.set_num_threads(2)
 
 
 EXPERIMENTS: dict[str, Callable[[int, int], dict[str, Any]]] = {
@@ -193,12 +217,38 @@ EXPERIMENTS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "allocation": _allocation,
     "dispatch": _dispatch,
     "step": _step,
+    "threads": _threads,
 }
 """name -> fn(calls, rounds) -> {a_us, b_us, a_over_b}: the in-process experiments 2-6."""
 
 
+def profile_before_after(size: str = "700m", position: int = 128, repeat: int = 5) -> dict[str, Any]:
+    """One generation step of chapter 8's dummy ``size`` decoder at ``position``, profiled
+    before (the packed torch modules: :func:`labutils.kernels.profile_packed_forward`) and after
+    (the engine: :meth:`DecoderEngine.profile_step`), same weights, same process; seconds."""
+    import torch
+
+    from labutils.engine.decoder import DecoderEngine
+    from labutils.kernels import pack_model, profile_packed_forward
+    from labutils.lm.experiment import PRESETS, row_config
+    from labutils.lm.model import Decoder, KVCache
+
+    config = row_config(f"w1.58a8-{size}", PRESETS["full"], 8192, max_seq_len=position + 2 * repeat + 8)
+    packed = pack_model(Decoder(config, seed=0).eval(), inplace=True)
+    cache = KVCache(config, 1, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        packed(torch.randint(3, 8192, (1, position), generator=torch.Generator().manual_seed(1)), cache)
+    before = profile_packed_forward(packed, {"tokens": torch.tensor([[5]]), "cache": cache}, repeat=repeat, warmup=1)
+    engine = DecoderEngine.from_decoder(packed)
+    after = engine.profile_step(position, repeat=4 * repeat)
+    return {"size": size, "position": position, "before": before, "after": after}
+
+
 def run_experiment(name: str, calls: int = 200, rounds: int = 7) -> dict[str, Any]:
-    """Run one experiment by name ("region:<layer>" for experiment 1) and return its figures."""
+    """Run one experiment by name ("region:<layer>" for experiment 1, "profile" for
+    :func:`profile_before_after`) and return its figures."""
+    if name == "profile":
+        return profile_before_after()
     if name.startswith("region:"):
         return region_cost(name.split(":", 1)[1], calls=10 * calls, rounds=rounds)
     if name not in EXPERIMENTS:
@@ -207,14 +257,21 @@ def run_experiment(name: str, calls: int = 200, rounds: int = 7) -> dict[str, An
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print every experiment's figures, one JSON line each (2 threads, as the benchmarks)."""
+    """Print every experiment's figures, one JSON line each, on 2 threads (as the benchmarks) or
+    ``--threads N`` first."""
     from labutils.measure import threads
 
+    argv = list(argv or [])
+    n_threads = 2
+    if argv[:1] == ["--threads"]:
+        n_threads, argv = int(argv[1]), argv[2:]
     names = argv or ["region:omp", "region:workqueue", "region:tbb", *EXPERIMENTS]
-    print(json.dumps({"load_average": os.getloadavg(), "cpus": os.cpu_count()}))
-    with threads(2):
+    print(json.dumps({"load_average": os.getloadavg(), "cpus": os.cpu_count(), "threads": n_threads}))
+    with threads(n_threads):
         for name in names:
-            print(json.dumps({"experiment": name, **run_experiment(name)}), flush=True)
+            print(json.dumps({"experiment": name, "threading_layer": os.environ.get("NUMBA_THREADING_LAYER", "default"),
+                          **run_experiment(name)}), flush=True)  # fmt: skip
+    print(json.dumps({"load_average_after": os.getloadavg()}))
 
 
 if __name__ == "__main__":

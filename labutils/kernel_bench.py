@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import tempfile
 import time
@@ -315,7 +316,11 @@ def _ort_int8_dynamic(w_codes: np.ndarray, threads: int) -> Callable[[np.ndarray
         onnx.save(model, source)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_dynamic(source, quantized, weight_type=QuantType.QInt8)
+            logging.disable(logging.WARNING)  # its advice to pre-process a graph of one MatMul
+            try:
+                quantize_dynamic(source, quantized, weight_type=QuantType.QInt8)
+            finally:
+                logging.disable(logging.NOTSET)
         session = _ort_session(onnx.load(quantized), threads)
     return lambda x: session.run(None, {"x": x})[0]
 

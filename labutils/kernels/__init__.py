@@ -35,18 +35,27 @@ Outer loops run in parallel (``prange``) over (column block, row chunk) tasks.
 Three paths, chosen at each call for the CPU (``dispatch``; see ``cpu_features()``):
 
 - **avx512** (AVX512F/BW + VPOPCNTDQ + VNNI): 4 x 4 blocks of zmm, ``vpopcntq`` and ``vpdpbusd``
-  (``microkernels_avx512``); what the measurements below are about.
+  (``microkernels_avx512``); what the measurements below are about. On a CPU with AMX-INT8
+  (Intel Sapphire Rapids on) its A8 GEMMs of 16 tokens or more run on AMX tiles (``amx``:
+  ``tdpbssd``, 16 x 16 x 64 products per instruction), as the int8 libraries do there.
 - **avx2**: 4 x 2 blocks of ymm; popcount by ``vpshufb`` nibble lookups summed in bytes,
-  int8 products by ``vpmaddubsw`` summed in int16, widened by ``vpmaddwd`` (``microkernels_avx2``).
-- **generic**: plain Numba loops, no x86 intrinsic (arm64 included; ``generic``).
+  int8 products by ``vpmaddubsw`` summed in int16, widened by ``vpmaddwd`` (``microkernels_avx2``),
+  or by 256-bit ``vpdpbusd`` where the CPU has AVX-VNNI (or AVX512-VNNI with VL).
+- **generic**: portable vector IR, no x86 intrinsic (``generic``, ``portable``): LLVM selects
+  NEON ``sdot`` and ``cnt`` on arm64 (``asm.cross_asm_lines`` shows them for an Apple M1),
+  ``vpmaddwd`` and ``vpopcntq`` or ``vpshufb`` on x86.
 
 ``kernels.use("generic")`` (a ``with`` block) or ``LABBOOK_KERNEL_PATH=generic`` forces a path.
 All paths read the same ``PackedWeights`` and return the same int32 results. See the assembly
 with ``popcount_asm_lines(kernel)``, ``dot_asm_lines(kernel)`` and ``expected_instructions(path)``.
 
 Package layout: ``cpu`` (features), ``simd`` (the vector vocabulary), ``layout`` (PackedWeights,
-prepack_*), ``microkernels_avx512``, ``microkernels_avx2``, ``generic``, ``dispatch`` (path
-choice), ``matmul`` (the public GEMM/GEMV), ``asm``, ``layer`` (PackedBitLinear, pack_model).
+prepack_*), ``microkernels_avx512``, ``amx``, ``microkernels_avx2``, ``portable`` and ``generic``,
+``dispatch`` (path choice), ``matmul`` (the public GEMM/GEMV), ``asm``, ``issue_model``, ``layer``
+(PackedBitLinear, pack_model). Timings: ``python -m labutils.bench kernels`` (``kernel_bench``),
+the median of interleaved rounds with the per-round ratio spread and the best sample beside it.
+The figures below are older exploration notes (one thread's CPU time, or best samples), kept for
+the designs they compare; the committed runs are in ``results/kernels``.
 
 What was tried (one thread, CPU time, exact results checked; 2-core AMD EPYC Zen 4 VM)
 ------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from labutils.kernels.cpu import _enabled_llvm_features
-from labutils.kernels.microkernels_avx512 import _a8_decode_panel, _a8_tile1, _a8_tile4
+from labutils.kernels.microkernels_avx512 import _a8_tile1, _a8_tile4
+from labutils.kernels.simd import _U8x64, _splat, _vand, _vload, _vshr, _vstore
 
 _ROWS_PER_TASK = 512  # tokens per parallel task: each task decodes its column tile once, so more than the VNNI kernels
 _MIN_ROWS = 16  # one A tile: fewer tokens than this stay on the VNNI kernels
@@ -194,15 +195,34 @@ def _config():  # pragma: no cover - compiled
     return cfg
 
 
+@intrinsic
+def _signed_codes(typingctx, codes, mult):
+    """``mult * codes - 1`` in each byte lane of a 64-byte vector: the weights from their codes."""
+    if codes != _U8x64 or not isinstance(mult, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vty = args[0].type
+        scale = _splat(builder, builder.trunc(args[1], _I8) if args[1].type.width > 8 else args[1], vty)
+        return builder.sub(builder.mul(args[0], scale), ir.Constant(vty, [1] * 64))
+
+    return _U8x64(codes, mult), codegen
+
+
 @njit(**_INLINE)
 def _signed_panel(w, t, bits, mult, panel):  # pragma: no cover - compiled
-    """Decode column tile t into ``panel`` (the VNNI kernels' layout) as signed weights
-    ``mult * code - 1``: the trits of W1.58A8 (code - 1), the signs of W1A8 (2 * bit - 1), so
-    the tiles' sums are the dots themselves (no per-token correction by the sum of x)."""
-    _a8_decode_panel(w, t, bits, panel)
-    signed = panel.view(np.int8)
-    for i in range(panel.shape[0]):
-        signed[i] = np.int8(mult * np.int32(panel[i]) - 1)
+    """Decode column tile t into ``panel`` (the VNNI kernels' layout: per step of 4 k, 4 vectors
+    of 16 columns x 4 k) as signed weights ``mult * code - 1``: the trits of W1.58A8 (code - 1),
+    the signs of W1A8 (2 * bit - 1), so the tiles' sums are the dots themselves (no per-token
+    correction by the sum of x). One AND, one multiply-subtract and one shift per 64 codes."""
+    groups, fields, mask = w.shape[1], 8 // bits, (1 << bits) - 1
+    for g in range(groups):
+        base = (t * groups + g) * 256
+        for v in range(4):
+            p = _vload(w, base + 64 * v)
+            for q in range(fields):
+                _vstore(panel, ((g * fields + q) * 4 + v) * 64, _signed_codes(_vand(p, mask), mult))
+                p = _vshr(p, bits)
 
 
 @njit(**_INLINE)

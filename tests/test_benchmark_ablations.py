@@ -70,3 +70,10 @@ def test_p_values_pool_the_seeds_and_need_predictions(sweep):
 def test_a_folder_without_a_teacher_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a sweep folder"):
         sweep_runs(tmp_path)
+
+
+def test_the_labels_the_train_stage_stored_are_used_by_default(sweep):
+    folder, _ = sweep
+    (folder / "teacher" / "test_labels.json").write_text(json.dumps(encode_predictions(LABELS, LABELS, "file")))
+    assert sweep_table(folder) == sweep_table(folder, LABELS)
+    assert sweep_table(folder)[0]["p_vs_teacher"] is not None

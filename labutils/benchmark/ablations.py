@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from labutils.benchmark.preset import STUDENTS
+from labutils.benchmark.train import TEST_LABELS
 from labutils.stats import decode_predictions, mcnemar, seed_summary
 
 __all__ = ["sweep_runs", "sweep_table"]
@@ -82,8 +83,12 @@ def sweep_table(folder: str | os.PathLike, labels: Sequence[int] | np.ndarray | 
     fractions), the gap to the teacher in points, the difference to the row's base recipe in
     points, and McNemar p-values against the teacher and against the base recipe (runs paired
     seed by seed, discordant reviews pooled; None without stored predictions or ``labels``, the
-    test labels in file order, e.g. ``load_imdb("test", shuffle=False)["label"]``)."""
+    test labels in file order; default: the sweep's ``teacher/test_labels.json``, which the train
+    stage writes beside the teacher)."""
     runs = sweep_runs(folder)
+    stored = Path(folder) / "teacher" / TEST_LABELS
+    if labels is None and stored.is_file():
+        labels = decode_predictions(json.loads(stored.read_text()))
     labels = None if labels is None else np.asarray(labels, dtype=np.uint8)
     teacher = [r for r in runs if r["row"] == "fp32"]
     groups: dict[tuple[str, tuple[str, ...]], list[dict]] = {}

@@ -84,6 +84,9 @@ def _loader(dataset: Any, batch_size: int, shuffle: bool, seed: int) -> torch.ut
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
+TEST_LABELS = "test_labels.json"  # the test labels in test order, beside the teacher's train JSON
+
+
 def test_order(preset: Preset) -> str:
     """The order ``load_splits`` gives the test reviews in (stored beside every run's predictions)."""
     return "file" if preset.test_size is None else f"first {preset.test_size} of a shuffle with seed {preset.seed}"
@@ -308,6 +311,8 @@ def run_train(
     if not row_file(out, "train", "fp32").is_file() or not teacher_file(out).is_file():
         result = _train_teacher(preset, out, _splits(), model_path, dev, quiet)
         write_json(row_file(out, "train", "fp32"), {**result, "provenance": prov})
+        labels = _splits().test["label"].numpy().astype(np.uint8)  # what the paired tests score against
+        write_json(out / TEST_LABELS, encode_predictions(labels, labels, test_order(preset)))
         print(f"[train] fp32 teacher: test accuracy {result['accuracy']:.4f} ({result['train_seconds']:.0f} s)", flush=True)
 
     int8_job = None

@@ -147,6 +147,10 @@ class PeersPreset:
 
     Attributes:
         sizes: dummy sizes (keys of ``labutils.lm.experiment.SIZES``) to export and time.
+        engine_sizes: random-weight models (keys of ``ENGINE_SIZES``) run by the engine and
+            llama.cpp TQ2_0 only.
+        float_gguf: llama.cpp's full-precision rows (Q8_0, F16) of the dummy sizes; () skips
+            them (a llama.cpp build whose float kernels the CPU cannot run, e.g. AMX in a VM).
         trained_dir, trained_row: the trained ternary decoder (``<trained_dir>/<trained_row>.packed``)
             for the agreement check and its own speed rows; ``trained_dir`` None: the agreement
             runs on a seeded dummy of ``agreement_size`` with non-uniform norm gains instead.
@@ -161,6 +165,7 @@ class PeersPreset:
     name: str
     sizes: tuple[str, ...] = ("125m", "350m", "700m")
     engine_sizes: tuple[str, ...] = ()
+    float_gguf: tuple[str, ...] = FLOAT_GGUF
     trained_dir: str | None = "results/lm/full"
     trained_row: str = "w1.58a8-l"
     tokenizer: str = "results/lm/tokenizer.json"
@@ -182,6 +187,8 @@ class PeersPreset:
         unknown = [s for s in self.engine_sizes if s not in ENGINE_SIZES]
         if unknown:
             raise ValueError(f"engine_sizes must be among {tuple(ENGINE_SIZES)}, got {unknown}")
+        if any(t not in FLOAT_GGUF for t in self.float_gguf):
+            raise ValueError(f"float_gguf must be among {FLOAT_GGUF}, got {self.float_gguf}")
         for name in ("prompt", "new_tokens", "repeat", "threads", "agreement_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -413,7 +420,7 @@ def _time_model(name: str, kind: str, ternary: torch.nn.Module, fp: torch.nn.Mod
     for wtype in TERNARY_GGUF:
         files[wtype] = _export(ternary, tokenizer, work / f"{name}-{wtype}.gguf", wtype, approximate_norms=approximate)
     if fp is not None:
-        for wtype in FLOAT_GGUF:
+        for wtype in preset.float_gguf:
             files[wtype] = _export(fp, tokenizer, work / f"{name}-{wtype}.gguf", wtype)
     packed_file = work / f"{name}.packed"
     files["book .packed"] = {"file": packed_file.name, "bytes": save_packed(
@@ -434,7 +441,7 @@ def _time_model(name: str, kind: str, ternary: torch.nn.Module, fp: torch.nn.Mod
     rows[ENGINE_ROW] = {"weights_bytes": engine.nbytes, "file_bytes": files["book .packed"]["bytes"]}
     llamas = {}
     llama_cpp = require_llama_cpp()
-    for wtype in (*TERNARY_GGUF, *(FLOAT_GGUF if fp is not None else ())):
+    for wtype in (*TERNARY_GGUF, *(preset.float_gguf if fp is not None else ())):
         before = resident_bytes(trim=True)
         llm = load_llama(work / files[wtype]["file"], n_ctx, preset.threads)
         llama_decode_once(llm, [0, 1], 1)  # first use allocates the compute buffers

@@ -76,8 +76,8 @@ def test_fold_norms_like_llama_refuses_a_full_precision_model():
         peers.fold_norms_like_llama(Decoder(LMConfig(vocab_size=97, n_layer=1, n_head=2, d_model=32)))
 
 
-@pytest.mark.parametrize("field, value", [("sizes", ("nope",)), ("engine_sizes", ("125m",)), ("repeat", 0), ("prompt", True),
-                                          ("agreement_text", " ")])  # fmt: skip
+@pytest.mark.parametrize("field, value", [("sizes", ("nope",)), ("engine_sizes", ("125m",)), ("float_gguf", ("Q4_0",)),
+                                          ("repeat", 0), ("prompt", True), ("agreement_text", " ")])  # fmt: skip
 def test_preset_rejects_bad_values(field, value):
     with pytest.raises(ValueError):
         dataclasses.replace(peers.PRESETS["ci"], **{field: value})

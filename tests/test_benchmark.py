@@ -236,6 +236,7 @@ def test_w1a1_activations_preset_field(tmp_path):
     B.resolve_preset(tmp_path / "b", B.PRESETS["ci"])  # an older run, the default: resumes
 
 
+@pytest.mark.slow
 def test_elastic_student_parameters_are_optimized():
     from labutils.bitlinear import quantize_
     from labutils.distill import TrainConfig, _optimizer

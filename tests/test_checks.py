@@ -438,6 +438,7 @@ def test_kv_cache():
         checks.check_kv_cache(float(kv), 4 * kv)
 
 
+@pytest.mark.slow
 def test_generations():
     from labutils.lm.model import Decoder, LMConfig, generate
 

@@ -23,6 +23,7 @@ def prompt(length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, SMALL["vocab_size"], (1, length), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", K.available_paths())
 @pytest.mark.parametrize("kv_heads", [None, 2])
 def test_engine_equals_the_fake_quantized_decoder_with_and_without_cache(path, kv_heads):

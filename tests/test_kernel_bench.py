@@ -42,6 +42,7 @@ def test_the_committed_runs_cover_both_x86_paths(repo_root):
     assert {"avx512", "avx2"} <= set(kernel_bench.committed_kernel_runs(repo_root / "results" / "kernels"))
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_json(tmp_path, capsys):
     out = tmp_path / "kernels.json"
     args = ["kernels", "--quick", "--threads", "1", "--repeat", "2", "--budget", "0", "--out", str(out)]

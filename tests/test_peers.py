@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 
 import numpy as np
@@ -19,6 +20,9 @@ from labutils import peers
 from labutils.lm.model import Decoder, LMConfig
 
 LLAMA_SKIP = "llama-cpp-python is not installed (optional extra labutils[peers]: it compiles llama.cpp for minutes)"
+# llama.cpp built natively on a KVM guest that reports AMX dies with an illegal instruction in its
+# float (Q8_0/F16) kernels (seen on this project's Xeon VM); LABBOOK_LLAMA_FLOAT=1 runs those rows.
+LLAMA_FLOAT_OK = os.environ.get("LABBOOK_LLAMA_FLOAT") == "1"
 
 
 def ternary(d_model: int = 256, seed: int = 1, vocab: int = 97) -> Decoder:
@@ -249,15 +253,16 @@ def test_run_peers_end_to_end_tiny(tmp_path, monkeypatch):
     monkeypatch.setitem(peers.ENGINE_SIZES, "tiny-gqa", {"n_layer": 2, "d_model": 256, "ffn_hidden": 512, "n_head": 4,
                                                          "n_kv_head": 2, "vocab_size": 8300})  # fmt: skip
     preset = dataclasses.replace(peers.PRESETS["ci"], sizes=("xs",), agreement_size="xs", prompt=8, new_tokens=3,
-                                 repeat=1, agreement_tokens=3, engine_sizes=("tiny-gqa",))  # fmt: skip
+                                 repeat=1, agreement_tokens=3, engine_sizes=("tiny-gqa",),
+                                 float_gguf=("Q8_0",) if LLAMA_FLOAT_OK else ())  # fmt: skip
     result = peers.run_peers(preset, tmp_path, quiet=True)
     saved = json.loads((tmp_path / "peers.json").read_text())
     assert saved["target"] == result["target"] and (tmp_path / "peers.html").is_file()
     assert saved["engine_targets"] and saved["models"][1]["model"] == "tiny-gqa"
     assert set(saved["models"][1]["rows"]) == {peers.ENGINE_ROW, peers.REFERENCE_ROW}
     rows = saved["models"][0]["rows"]
-    assert set(rows) == {"torch fp32", "book w1.58a8", peers.ENGINE_ROW, "llama.cpp TQ2_0", "llama.cpp TQ1_0", "llama.cpp Q8_0",
-                         "llama.cpp F16"}  # fmt: skip
+    assert set(rows) == {"torch fp32", "book w1.58a8", peers.ENGINE_ROW, "llama.cpp TQ2_0", "llama.cpp TQ1_0",
+                         *(("llama.cpp Q8_0",) if LLAMA_FLOAT_OK else ())}  # fmt: skip
     assert all(v["tg_tokens_per_s"] > 0 and v["pp_tokens_per_s"] > 0 for v in rows.values())
-    assert rows["llama.cpp TQ1_0"]["file_bytes"] > 0 and "rss_growth_bytes" in rows["llama.cpp F16"]  # tiny: may reuse freed pages
+    assert rows["llama.cpp TQ1_0"]["file_bytes"] > 0 and "rss_growth_bytes" in rows["llama.cpp TQ1_0"]  # tiny: may reuse freed pages
     assert saved["provenance"]["versions"]["llama_cpp_python"]

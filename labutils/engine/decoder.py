@@ -54,6 +54,10 @@ from labutils.engine.ops import (
 __all__ = ["EngineShape", "DecoderEngine", "engine_for", "is_packed_decoder"]
 
 _JIT = {"cache": True, "boundscheck": False, "error_model": "numpy"}
+# Functions that take the kernels as arguments are not cached on disk: Numba keys its cache by
+# the argument types, and a dispatcher's type is the dispatcher object of this process (a cache
+# lookup in another process fails, measured: KeyError then "underlying object has vanished").
+_JIT_KERNEL_ARGS = {**_JIT, "cache": False}
 PARALLEL_MIN_MACS = 1 << 20
 """From this many multiply-adds a projection runs on the parallel kernel (2-core crossover)."""
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
@@ -101,14 +105,14 @@ class EngineShape:
                    norm_eps=config.norm_eps, act_eps=act_eps, act_bits=act_bits)  # fmt: skip
 
 
-@njit(**_JIT)
+@njit(**_JIT_KERNEL_ARGS)
 def _project(par, ser, h, m, codes, xs, rowsum, dots, w, ws, out, qp, eps, min_macs):  # pragma: no cover - compiled
     """out[:m] = BitLinear(h[:m]) for an already normalized h: quantize, kernel, rescale."""
     quantize_absmax(h, m, qp, eps, codes, xs, rowsum)
     ternary_matmul(par, ser, codes, m, w, rowsum, dots, xs, ws, out, min_macs)
 
 
-@njit(**_JIT)
+@njit(**_JIT_KERNEL_ARGS)
 def _forward(par, ser, tokens, m, pos0, first_logit,
              g_attn, g_qkv, w_qkv, s_qkv, g_o, w_o, s_o, g_mlp, g_gu, w_gu, s_gu, g_down, w_down, s_down, g_final,
              embed_t, cos, sin, k_cache, v_cache, n_head, n_kv, head_dim, hidden, norm_eps, act_eps, qp, min_macs,
@@ -153,7 +157,7 @@ def _forward(par, ser, tokens, m, pos0, first_logit,
     float_matmul_t(h, rows, embed_t, logits)
 
 
-@njit(**_JIT)
+@njit(**_JIT_KERNEL_ARGS)
 def _kernels_only(par, ser, m, w_qkv, w_o, w_gu, w_down, codes_d, codes_h, rowsum, dots, min_macs):  # pragma: no cover - compiled
     """Every ternary kernel call of a forward pass of m tokens, nothing else (same shapes,
     same parallel/serial choice, codes left as they are): the integer share of a step."""

@@ -99,7 +99,7 @@ def quantize_absmax(x, m, qp, eps, codes, scales, rowsum):  # pragma: no cover -
         rowsum[r] = total
 
 
-@njit(**_JIT)
+@njit(**{**_JIT, "cache": False})  # the kernels are arguments: see engine.decoder's _JIT_KERNEL_ARGS
 def ternary_matmul(parallel_kernel, serial_kernel, codes, m, w, rowsum, dots, x_scale, w_scale, out, min_macs):  # pragma: no cover - compiled
     """out[:m, :N] = float32(codes[:m] @ W^T) * x_scale * w_scale: the integer kernel (parallel
     from ``min_macs`` multiply-adds, else serial) into ``dots`` [*, 64T] (int32), then the

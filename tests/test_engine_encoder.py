@@ -69,8 +69,9 @@ def test_logits_equal_the_fake_quantized_model(scheme, path):
 
 @pytest.mark.parametrize("path", K.available_paths())
 def test_padding_changes_nothing(path):
-    """A padded sequence gets exactly (bit for bit) the logits it gets alone and unpadded: its
-    padding never becomes a row, and every step is per token or per sequence."""
+    """A padded sequence gets the logits it gets alone and unpadded: its padding never becomes a
+    row, and every compiled step is per token or per sequence (so its hidden states are the same
+    bits); only the torch head's matmul may round differently for another batch size."""
     engine = EncoderEngine.from_model(_student("w1.58a8", seed=3))
     batch = _batch(seed=4)
     with K.use(path):
@@ -79,7 +80,7 @@ def test_padding_changes_nothing(path):
             if not keep[0]:
                 continue  # left padding: alone, its first token would be a real one
             alone = engine(input_ids=batch["input_ids"][i : i + 1, keep]).logits
-            assert torch.equal(alone[0], together[i]), i
+            torch.testing.assert_close(alone[0], together[i], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))

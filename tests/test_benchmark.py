@@ -353,3 +353,19 @@ def test_profile_chart_stacks_every_category():
     bars = [t for t in fig.data if t.type == "bar"]
     assert len(bars) == 2 * len(CATEGORIES) and all(len(t.x) == 2 for t in bars)
     assert sum(t.y[0] for t in bars[: len(CATEGORIES)]) == pytest.approx(100)
+
+
+@pytest.mark.slow
+def test_every_trained_row_stores_its_predictions_and_the_teacher_the_labels(tiny_run):
+    """Paired tests between runs (labutils.stats.mcnemar) need each row's predictions, in the
+    order of the labels the train stage stored beside the teacher."""
+    from labutils.stats import decode_predictions
+
+    out, _ = tiny_run
+    labels = json.loads((out / "test_labels.json").read_text())
+    truth = decode_predictions(labels)
+    for row in ("fp32", *B.STUDENTS):
+        run = json.loads((out / f"train_{row}.json").read_text())
+        record = run["test_predictions"]
+        assert record["labels_sha256"] == labels["labels_sha256"] and record["order"] == labels["order"]
+        assert (decode_predictions(record) == truth).mean() == pytest.approx(run["accuracy"])

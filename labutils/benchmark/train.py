@@ -311,7 +311,7 @@ def run_train(
     if not row_file(out, "train", "fp32").is_file() or not teacher_file(out).is_file():
         result = _train_teacher(preset, out, _splits(), model_path, dev, quiet)
         write_json(row_file(out, "train", "fp32"), {**result, "provenance": prov})
-        labels = _splits().test["label"].numpy().astype(np.uint8)  # what the paired tests score against
+        labels = np.asarray(_splits().test["label"], dtype=np.uint8)  # what the paired tests score against
         write_json(out / TEST_LABELS, encode_predictions(labels, labels, test_order(preset)))
         print(f"[train] fp32 teacher: test accuracy {result['accuracy']:.4f} ({result['train_seconds']:.0f} s)", flush=True)
 

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
@@ -58,6 +59,12 @@ def _source_with_executed_notebooks(folder: Path, executed: Path) -> Path:
     return folder
 
 
+def _build(source: Path, out: Path) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(source), "--builder", "html",
+           "-W", "--keep-going", "--path-output", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=source)
+
+
 @pytest.fixture(scope="session")
 def book_html(tmp_path_factory) -> Path:
     """Build the executed book (fails the session on any cell error or Sphinx warning).
@@ -70,13 +77,20 @@ def book_html(tmp_path_factory) -> Path:
     if os.environ.get("LABBOOK_BOOK_HTML"):
         return Path(os.environ["LABBOOK_BOOK_HTML"])
     out = tmp_path_factory.mktemp("book")
-    source = ROOT
     executed = Path(os.environ.get("LABBOOK_EXECUTED_DIR") or out / "none")
     if all((executed / (Path(page).name + ".ipynb")).is_file() for page in _notebook_pages()):
         source = _source_with_executed_notebooks(tmp_path_factory.mktemp("source") / "book", executed)
-    cmd = [str(Path(sys.executable).with_name("jupyter-book")), "build", str(source), "--builder", "html",
-           "-W", "--keep-going", "--path-output", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=source)
+        done = _build(source, out)
+        if done.returncode == 0:
+            return out / "_build" / "html"
+        # A chapter that ran stand-alone but does not render from its outputs: say so, keep its log,
+        # and test the book as .ci/book builds it (executing) rather than fail on the shortcut.
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "book-from-executed-notebooks.log").write_text(done.stdout[-20000:] + done.stderr[-20000:])
+        warnings.warn("the book did not build from the executed notebooks (test-artifacts/book-from-executed-"
+                      "notebooks.log); building it by executing every chapter instead", stacklevel=1)
+        out = tmp_path_factory.mktemp("book")
+    done = _build(ROOT, out)
     assert done.returncode == 0, f"book build failed:\n{done.stdout[-6000:]}\n{done.stderr[-4000:]}"
     return out / "_build" / "html"
 

@@ -4,8 +4,9 @@ One module per concept (import the one you need: ``from labutils import quant``)
 module imports only from the layers below it (``tests/test_layers.py`` checks that no import
 circle and no reach into another module's underscore names creeps in)::
 
-    experiments   bench (the command line) -> peers, lm.experiment, benchmark (IMDb),
-                  kernel_bench, packing_bench, engine.overhead -> runs (provenance, files, --set)
+    experiments   bench (the command line) -> peers (-> llamacpp), lm.experiment, benchmark
+                  (IMDb), kernel_bench, packing_bench, engine.overhead -> runs (provenance,
+                  files, --set)
     models        lm (decoder, tokenizer), export (GGUF), models (MiniLM), distill, augment,
                   sensitivity
     engine        the packed decoder and encoder as compiled steps (generate() runs on it)
@@ -33,6 +34,7 @@ circle and no reach into another module's underscore names creeps in)::
 - ``labutils.benchmark``  the IMDb benchmark: train, measure, report (``bench imdb``)
 - ``labutils.kernel_bench`` / ``labutils.packing_bench``  ``bench kernels`` / ``bench packing``
 - ``labutils.peers``      the packed decoder next to llama.cpp (``bench peers``)
+- ``labutils.llamacpp``   llama.cpp through llama-cpp-python: load a GGUF, decode, read logits
 - ``labutils.bench``      ``python -m labutils.bench {packing,kernels,imdb,lm,peers}``
 - ``labutils.results``    the committed results, read in a checkout or fetched and verified
 - ``labutils.plots``      plotly figures that draw in Jupyter, Colab and the offline book

@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import numba
+import numpy as np
 
-from labutils.kernels import amx, generic, microkernels_avx2, microkernels_avx512
+from labutils.kernels import amx, fused, generic, microkernels_avx2, microkernels_avx512
 from labutils.kernels.cpu import PATHS, _base_features, available_paths, missing_features
-from labutils.kernels.layout import PackedWeights, _check_threads
+from labutils.kernels.layout import _A8_COLS, _A8_GROUP, PackedWeights, _check_threads
 
 ENV_VAR = "LABBOOK_KERNEL_PATH"
 
@@ -139,15 +140,35 @@ def _launch(scheme: str, w: PackedWeights, m: int, threads: int | None, *args: A
 
 def fused_for(scheme: str, m: int, w: PackedWeights, threads: int | None) -> Any:
     """The fused layer of ``scheme`` on the active path for ``m`` tokens, serial for one thread
-    or little work (as ``_launch``), else parallel; None where the path has no fused layer.
-    ``threads`` other than Numba's current count is set for the call by the caller
+    or little work (as ``_launch``), else parallel; None where the path has no fused layer. An A8
+    GEMM that ``_launch`` would run on AMX gets ``_amx_layer``'s three calls. ``threads`` other than Numba's current count is set for the call by the caller
     (``PackedBitLinear`` leaves it None: one thread count for torch and Numba, set once)."""
-    fused = _FUSED.get(active_path())
-    if fused is None or _on_amx(scheme, m, w):  # the unfused steps reach the AMX kernel
+    layers = _FUSED.get(active_path())
+    if layers is None:
         return None
-    parallel, serial = fused[scheme]
     wanted = numba.get_num_threads() if threads is None else int(threads)
-    return serial if wanted == 1 or m * w.n * w.k < _PARALLEL_MIN_MACS[scheme] else parallel
+    serial_work = wanted == 1 or m * w.n * w.k < _PARALLEL_MIN_MACS[scheme]
+    if _on_amx(scheme, m, w):
+        return _amx_layer(scheme, w, amx.KERNELS[scheme][1 if serial_work else 0])
+    parallel, serial = layers[scheme]
+    return serial if serial_work else parallel
+
+
+def _amx_layer(scheme: str, w: PackedWeights, gemm: Any) -> Any:
+    """The fused layer's call (``xf, w.data, ws, bias, y, qp, eps`` -> per-token scales) where
+    the A8 GEMM runs on AMX tiles, which take whole blocks of codes and so cannot sit inside the
+    per-row loop: the activation quantization, the GEMM and the rescale as three compiled calls
+    (the same steps, so the same bits, as the fused layers of the other paths)."""
+    kp = w.data.shape[1] * _A8_GROUP[scheme]
+
+    def layer(xf, data, ws, bias, y, qp, eps):
+        codes, xs, rowsum = fused.quantize_rows_a8(xf, kp, qp, eps)
+        dots = np.empty((xf.shape[0], data.shape[0] * _A8_COLS), dtype=np.int32)
+        gemm(codes, data, rowsum, dots)
+        fused.rescale_rows(dots, xs, ws, bias, y)
+        return xs
+
+    return layer
 
 
 _env_path()  # a bad LABBOOK_KERNEL_PATH fails at import, not at the first kernel call

@@ -10,6 +10,9 @@ torch, so the fused layer's outputs equal the unfused layer's bit for bit (A8; W
   (``quant.quantize_activations_absmax``), plus the row sum of the codes (the kernels' ``sum a``).
 - W1A1: the sign bits of x (0 -> +1) in uint64 words (``pack_binary_rows``), scale ``mean|x|``.
 - After: ``y = float32(dot) * x_scale * w_scale + bias``.
+
+``quantize_rows_a8`` and ``rescale_rows`` run the same steps as two parallel calls of their own,
+around a kernel that cannot take them inside (the AMX GEMM, ``labutils.kernels.amx``).
 """
 
 from __future__ import annotations
@@ -149,3 +152,28 @@ def w1a1_fused_layer(xf, w, k, ws, bias, y, task):  # pragma: no cover - compile
         task(signs[lo:hi], w[t : t + 1], k, dots, 0, 0, hi - lo)
         _rescale_block(dots, y, xs, ws, bias, lo, 32 * t)
     return xs
+
+
+# --------------------------------------------------------------------------- around a separate kernel
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy", parallel=True)
+def quantize_rows_a8(xf, kp, qp, eps):  # pragma: no cover - compiled
+    """Every row of float32 x [M, K] (C-contiguous) -> (int8 codes [M, kp] with the padding
+    columns zero, float32 scales [M], int32 code sums [M]): ``quantize_row_a8`` on every row, in
+    parallel. ``kp`` >= K; ``qp``, ``eps``: float32."""
+    m = xf.shape[0]
+    codes = np.empty((m, kp), dtype=np.int8)
+    xs = np.empty(m, dtype=np.float32)
+    rowsum = np.empty(m, dtype=np.int32)
+    for r in prange(m):
+        quantize_row_a8(xf, codes, xs, rowsum, r, qp, eps)
+    return codes, xs, rowsum
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy", parallel=True)
+def rescale_rows(dots, xs, ws, bias, y):  # pragma: no cover - compiled
+    """y[r, j] = float32(dots[r, j]) * xs[r] * ws[j] + bias[j] for every row r and the N columns
+    of float32 y [M, N] (int32 dots [M, >= N]; ws, bias float32 [N]), in parallel over rows."""
+    for r in prange(y.shape[0]):
+        _rescale_block(dots[r : r + 1], y, xs, ws, bias, r, 0)

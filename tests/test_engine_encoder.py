@@ -122,6 +122,9 @@ def test_the_profile_adds_up_and_reports_its_own_cost():
     engine = EncoderEngine.from_model(_student("w1.58a8"))
     found = engine_profile(engine, _batch(), repeat=3)
     assert set(ENGINE_SECTIONS) <= set(found)
-    assert sum(found[s] for s in ENGINE_SECTIONS) == pytest.approx(found["total"], rel=0.05)
+    # The sections come from one pass and never overlap: they add up to its total, less the
+    # time between marks that no section claims (reported, and never negative).
+    assert sum(found[s] for s in ENGINE_SECTIONS) + found["outside_sections"] == pytest.approx(found["total"])
+    assert found["outside_sections"] >= 0
     assert found["profiler_overhead"] == pytest.approx(found["total"] - found["total_unmarked"])
     assert all(found[s] >= 0 for s in ENGINE_SECTIONS)

@@ -620,7 +620,8 @@ class EncoderEngine(nn.Module):
 
 def engine_profile(engine: EncoderEngine, inputs: dict[str, torch.Tensor], *, repeat: int = 5, warmup: int = 1) -> dict[str, float]:
     """Seconds per forward pass of ``engine(**inputs)`` by ``ENGINE_SECTIONS`` (summed over the
-    layers; the marked pass whose total is the median of ``repeat``), with ``total`` (marked), ``total_unmarked`` (the
+    layers; the marked pass whose total is the median of ``repeat``), with ``total`` (marked),
+    ``outside_sections`` (total minus the sections: time no mark claims), ``total_unmarked`` (the
     median of as many plain passes, interleaved with the marked ones) and ``profiler_overhead``
     (total - total_unmarked: what the marks themselves cost, reported, not hidden in a section)."""
     for _ in range(warmup):
@@ -646,6 +647,8 @@ def engine_profile(engine: EncoderEngine, inputs: dict[str, torch.Tensor], *, re
     # section need not add up to any pass's total.
     median_pass = sorted(marked, key=lambda p: p["total"])[len(marked) // 2]
     result = {key: float(value) for key, value in median_pass.items()}
+    # Python between the marks (argument checks, the call itself) belongs to no section.
+    result["outside_sections"] = result["total"] - sum(result[s] for s in ENGINE_SECTIONS)
     result["total_unmarked"] = float(np.median(plain))
     result["profiler_overhead"] = result["total"] - result["total_unmarked"]
     result["repeat"] = repeat

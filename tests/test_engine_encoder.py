@@ -122,9 +122,9 @@ def test_the_profile_adds_up_and_reports_its_own_cost():
     engine = EncoderEngine.from_model(_student("w1.58a8"))
     found = engine_profile(engine, _batch(), repeat=3)
     assert set(ENGINE_SECTIONS) <= set(found)
-    # The sections come from one pass and never overlap: they add up to its total, less the
-    # time between marks that no section claims (reported, and never negative).
-    assert sum(found[s] for s in ENGINE_SECTIONS) + found["outside_sections"] == pytest.approx(found["total"])
-    assert found["outside_sections"] >= 0
+    # The sections come from one pass and never overlap, so they never exceed its total; the
+    # rest is the time between marks that no section claims.
+    assert sum(found[s] for s in ENGINE_SECTIONS) <= found["total"]
+    assert found["outside_sections"] == pytest.approx(found["total"] - sum(found[s] for s in ENGINE_SECTIONS))
     assert found["profiler_overhead"] == pytest.approx(found["total"] - found["total_unmarked"])
     assert all(found[s] >= 0 for s in ENGINE_SECTIONS)

@@ -141,8 +141,9 @@ def _launch(scheme: str, w: PackedWeights, m: int, threads: int | None, *args: A
 def fused_for(scheme: str, m: int, w: PackedWeights, threads: int | None) -> Any:
     """The fused layer of ``scheme`` on the active path for ``m`` tokens, serial for one thread
     or little work (as ``_launch``), else parallel; None where the path has no fused layer. An A8
-    GEMM that ``_launch`` would run on AMX gets ``_amx_layer``'s three calls. ``threads`` other than Numba's current count is set for the call by the caller
-    (``PackedBitLinear`` leaves it None: one thread count for torch and Numba, set once)."""
+    GEMM that ``_launch`` would run on AMX gets ``_amx_layer``'s three calls. ``threads`` other
+    than Numba's current count is set for the call by the caller (``PackedBitLinear`` leaves it
+    None: one thread count for torch and Numba, set once)."""
     layers = _FUSED.get(active_path())
     if layers is None:
         return None

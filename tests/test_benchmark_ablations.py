@@ -77,3 +77,28 @@ def test_the_labels_the_train_stage_stored_are_used_by_default(sweep):
     (folder / "teacher" / "test_labels.json").write_text(json.dumps(encode_predictions(LABELS, LABELS, "file")))
     assert sweep_table(folder) == sweep_table(folder, LABELS)
     assert sweep_table(folder)[0]["p_vs_teacher"] is not None
+
+
+def test_several_sweeps_read_as_one_each_student_against_its_own_teacher(sweep, tmp_path_factory):
+    folder, runs = sweep
+    other = tmp_path_factory.mktemp("other")
+    base = {"name": "full", "seed": 0, "student_lr": 2e-4, "threads": 2}
+    teacher_b = _run(other, "teacher", "fp32", base, 0.93, 2)
+    student_b = _run(other, "emb-float-w1.58a8", "w1.58a8", {**base, "embeddings": "float"}, 0.89, 40)
+    table = {(r["row"], r["recipe"]): r for r in sweep_table([folder, other], LABELS)}
+    emb = table[("w1.58a8", "embeddings=float")]
+    assert emb["gap_to_teacher_points"] == pytest.approx(100 * ((teacher_b == LABELS).mean() - (student_b == LABELS).mean()))
+    assert emb["p_vs_teacher"] == mcnemar(teacher_b == LABELS, student_b == LABELS)["p_value"]  # its own sweep's teacher only
+    a = np.concatenate([runs[v] == LABELS for v in ("base-w1.58a8", "seed1-w1.58a8", "seed2-w1.58a8")])
+    assert emb["p_vs_base"] == mcnemar(a, np.concatenate([student_b == LABELS] * 3))["p_value"]  # paired across sweeps
+    assert table[("w1.58a8", "base")] == {**sweep_table(folder, LABELS)[0]}  # the first sweep's rows unchanged
+
+
+def test_sweeps_that_stored_different_labels_are_refused(sweep, tmp_path_factory):
+    folder, _ = sweep
+    other = tmp_path_factory.mktemp("other")
+    _run(other, "teacher", "fp32", {"name": "full"}, 0.9, 3)
+    for target, labels in ((folder, LABELS), (other, 1 - LABELS)):
+        (target / "teacher" / "test_labels.json").write_text(json.dumps(encode_predictions(labels, labels, "file")))
+    with pytest.raises(ValueError, match="different test labels"):
+        sweep_table([folder, other])

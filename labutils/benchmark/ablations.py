@@ -7,6 +7,10 @@ the runs of one recipe over seeds (``seed=N`` is the only difference) and compar
 with its row's base recipe and with the teacher by McNemar's exact test
 (``labutils.stats.mcnemar``) wherever both runs stored their test predictions; a p-value is left
 out (None) for runs made before predictions were stored.
+
+Several sweeps (GPU sessions, each with its own teacher run) are read as one: a student is
+measured against the teacher of its own sweep, and recipes are paired across sweeps on the same
+test reviews.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def sweep_runs(folder: str | os.PathLike) -> list[dict[str, Any]]:
     """Every finished run of a sweep folder: ``{"variant", "row", "seed", "recipe", "accuracy",
     "best_val", "predictions"}`` (``recipe``: the preset's fields that differ from the teacher
     folder's, seed excluded, as a sorted tuple of "field=value"; ``predictions``: uint8 ``[n]``
-    or None), the teacher first (row "fp32")."""
+    or None; ``sweep``: the folder), the teacher first (row "fp32")."""
     folder = Path(folder)
     teacher_json = folder / "teacher" / "train_fp32.json"
     if not teacher_json.is_file():
@@ -56,20 +60,26 @@ def sweep_runs(folder: str | os.PathLike) -> list[dict[str, Any]]:
             recipe = tuple(sorted(f"{k}={preset[k]}" for k in preset
                                   if k not in _NOT_RECIPE and preset.get(k) != base_preset.get(k)))  # fmt: skip
             val = [h["eval_accuracy"] for h in result.get("history", []) if "eval_accuracy" in h]
-            runs.append({"variant": variant, "row": row, "seed": preset.get("seed", 0), "recipe": recipe,
+            runs.append({"sweep": str(folder), "variant": variant, "row": row, "seed": preset.get("seed", 0),
+                         "recipe": recipe,
                          "accuracy": result["accuracy"], "best_val": max(val) if val else None,
                          "predictions": decode_predictions(result["test_predictions"]) if "test_predictions" in result else None,
                          "labels_sha256": result.get("test_predictions", {}).get("labels_sha256")})  # fmt: skip
     return runs
 
 
-def _pooled_p(a: Sequence[dict], b: Sequence[dict], labels: np.ndarray | None) -> float | None:
+def _pooled_p(a: Sequence[dict], b: Sequence[dict], labels: np.ndarray | None,
+              same_sweep: bool = False) -> float | None:  # fmt: skip
     """McNemar's exact p of recipe ``b`` against recipe ``a``: runs paired seed by seed (every run
-    against the other side's only run, where one side has one), the discordant reviews of all
+    against the other side's only run, where one side has one), or with ``same_sweep`` each run of
+    ``b`` against the run of ``a`` from its own sweep (a teacher); the discordant reviews of all
     pairs pooled; None where no pair has predictions or ``labels`` is None."""
     if labels is None:
         return None
-    pairs = [(x, y) for x in a for y in b if x["seed"] == y["seed"] or len(a) == 1 or len(b) == 1]
+    if same_sweep:
+        pairs = [(x, y) for x in a for y in b if x["sweep"] == y["sweep"]]
+    else:
+        pairs = [(x, y) for x in a for y in b if x["seed"] == y["seed"] or len(a) == 1 or len(b) == 1]
     pairs = [(x, y) for x, y in pairs if x["predictions"] is not None and y["predictions"] is not None]
     if not pairs:
         return None
@@ -78,19 +88,32 @@ def _pooled_p(a: Sequence[dict], b: Sequence[dict], labels: np.ndarray | None) -
     return mcnemar(a_correct, b_correct)["p_value"]
 
 
-def sweep_table(folder: str | os.PathLike, labels: Sequence[int] | np.ndarray | None = None) -> list[dict[str, Any]]:
-    """One record per (row, recipe) of a sweep: its seeds, accuracy mean / stdev / min / max (as
-    fractions), the gap to the teacher in points, the difference to the row's base recipe in
-    points, and McNemar p-values against the teacher and against the base recipe (runs paired
-    seed by seed, discordant reviews pooled; None without stored predictions or ``labels``, the
-    test labels in file order; default: the sweep's ``teacher/test_labels.json``, which the train
-    stage writes beside the teacher)."""
-    runs = sweep_runs(folder)
-    stored = Path(folder) / "teacher" / TEST_LABELS
-    if labels is None and stored.is_file():
-        labels = decode_predictions(json.loads(stored.read_text()))
+def _stored_labels(folders: Sequence[Path]) -> np.ndarray | None:
+    """The test labels the train stage stored beside the folders' teachers; every folder that
+    stored them must hold the same labels (the same test file), or the pairing means nothing."""
+    found = [(f, decode_predictions(json.loads((f / "teacher" / TEST_LABELS).read_text())))
+             for f in folders if (f / "teacher" / TEST_LABELS).is_file()]  # fmt: skip
+    for folder, labels in found[1:]:
+        if not np.array_equal(labels, found[0][1]):
+            raise ValueError(f"{folder} and {found[0][0]} stored different test labels: their runs cannot be paired")
+    return found[0][1] if found else None
+
+
+def sweep_table(folders: str | os.PathLike | Sequence[str | os.PathLike],
+                labels: Sequence[int] | np.ndarray | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """One record per (row, recipe) of one sweep folder or several: its seeds, accuracy mean /
+    stdev / min / max (as fractions), the gap to the teacher in points (each run against its own
+    sweep's teacher), the difference to the row's base recipe in points, and McNemar p-values
+    against the teacher and against the base recipe (runs paired seed by seed, discordant reviews
+    pooled; None without stored predictions or ``labels``, the test labels in file order;
+    default: the ``teacher/test_labels.json`` the train stage writes beside each teacher)."""
+    folders = [Path(folders)] if isinstance(folders, (str, os.PathLike)) else [Path(f) for f in folders]
+    runs = [run for folder in folders for run in sweep_runs(folder)]
+    if labels is None:
+        labels = _stored_labels(folders)
     labels = None if labels is None else np.asarray(labels, dtype=np.uint8)
     teacher = [r for r in runs if r["row"] == "fp32"]
+    teacher_accuracy = {r["sweep"]: r["accuracy"] for r in teacher}
     groups: dict[tuple[str, tuple[str, ...]], list[dict]] = {}
     for run in runs:
         if run["row"] != "fp32":
@@ -105,9 +128,9 @@ def sweep_table(folder: str | os.PathLike, labels: Sequence[int] | np.ndarray | 
             "recipe": ", ".join(recipe) or "base",
             "variants": sorted(m["variant"] for m in members),
             **summary,
-            "gap_to_teacher_points": 100 * (teacher[0]["accuracy"] - summary["mean"]) if teacher else None,
+            "gap_to_teacher_points": 100 * statistics.fmean(teacher_accuracy[m["sweep"]] - m["accuracy"] for m in members),
             "vs_base_points": None if base_mean is None or not recipe else 100 * (summary["mean"] - base_mean),
-            "p_vs_teacher": _pooled_p(teacher, members, labels),
+            "p_vs_teacher": _pooled_p(teacher, members, labels, same_sweep=True),
             "p_vs_base": None if not recipe else _pooled_p(base, members, labels),
         })  # fmt: skip
     return records

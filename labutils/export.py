@@ -301,7 +301,7 @@ def export_random_gguf(engine, tokenizer, path: str | os.PathLike, weight_type: 
                      ffn_hidden=s.ffn_hidden, n_head=s.n_head, n_kv_head=s.n_kv_head, max_seq_len=s.max_seq_len,
                      rope_theta=s.rope_theta, norm_eps=s.norm_eps, vocab_size=s.vocab_size, pad_vocab=True)  # fmt: skip
     types: dict[str, str] = {}
-    _add(writer, gguf, "token_embd.weight", engine.embed_t.T, _fit_type(gguf, embed_type, s.d_model, False), types)
+    _add(writer, gguf, "token_embd.weight", engine.embedding(), _fit_type(gguf, embed_type, s.d_model, False), types)
     _add(writer, gguf, "output_norm.weight", engine.final_gain, "F32", types)
     q_rows, kv_rows = s.d_model, s.n_kv_head * s.head_dim
     for i in range(s.n_layer):

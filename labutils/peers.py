@@ -166,6 +166,9 @@ class PeersPreset:
         prompt, new_tokens: pp prompt length and tg greedy tokens, batch 1.
         repeat: interleaved timed rounds (after one warm-up round).
         threads: torch, Numba and llama.cpp threads.
+        engine_embedding: how the engine rows hold the tied embedding and head, "bfloat16" (the
+            default: 2 bytes a weight, as the F16 ``token_embd`` every GGUF here is written with)
+            or "float32" (``DecoderEngine``'s ``embedding``).
         agreement_text, agreement_tokens: the agreement prompt (after ``<|endoftext|>``) and how
             many greedy tokens both sides generate from it.
     """
@@ -181,6 +184,7 @@ class PeersPreset:
     new_tokens: int = 32
     repeat: int = 3
     threads: int = 2
+    engine_embedding: str = "bfloat16"
     agreement_text: str = "This movie was"
     agreement_tokens: int = 32
     agreement_size: str = "s"
@@ -201,6 +205,10 @@ class PeersPreset:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        from labutils.engine.decoder import EMBEDDINGS
+
+        if self.engine_embedding not in EMBEDDINGS:
+            raise ValueError(f"engine_embedding must be one of {EMBEDDINGS}, got {self.engine_embedding!r}")
         if not self.agreement_text.strip():
             raise ValueError("agreement_text must not be empty")
 
@@ -374,7 +382,7 @@ def _time_model(name: str, kind: str, ternary: torch.nn.Module, fp: torch.nn.Mod
     rows["book w1.58a8"] = {"weights_bytes": weights_bytes(packed), "file_bytes": files["book .packed"]["bytes"]}
     from labutils.engine import DecoderEngine
 
-    engine = DecoderEngine.from_decoder(packed)
+    engine = DecoderEngine.from_decoder(packed, embedding=preset.engine_embedding)
     engines[ENGINE_ROW] = _engine_row(engine)
     rows[ENGINE_ROW] = {"weights_bytes": engine.nbytes, "file_bytes": files["book .packed"]["bytes"]}
     llamas = {}
@@ -424,7 +432,7 @@ def _time_engine_model(name: str, tokenizer, preset: PeersPreset, work: Path, qu
 
     n_ctx = preset.prompt + preset.new_tokens
     shape = EngineShape(**ENGINE_SIZES[name], max_seq_len=n_ctx)
-    engine = DecoderEngine.random(shape, seed=preset.seed, progress=not quiet)
+    engine = DecoderEngine.random(shape, seed=preset.seed, progress=not quiet, embedding=preset.engine_embedding)
     path = work / f"{name}-TQ2_0.gguf"
     start = time.perf_counter()
     types = export_random_gguf(engine, tokenizer, path, "TQ2_0")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from labutils import kernels as K
+from labutils.engine import ops
 from labutils.engine.decoder import DecoderEngine, EngineShape, engine_for, is_packed_decoder
 from labutils.lm.model import Decoder, KVCache, LMConfig, generate
 
@@ -74,6 +75,27 @@ def test_engine_matches_the_packed_model_and_the_kv_cache_of_torch():
     engine = DecoderEngine.from_decoder(packed)
     np.testing.assert_allclose(engine.forward(x[0, :8].numpy()), first, atol=ATOL, rtol=0)
     np.testing.assert_allclose(engine.forward(x[0, 8:].numpy()), last, atol=ATOL, rtol=0)
+
+
+def test_bfloat16_embedding_computes_the_model_with_that_rounded_table():
+    """embedding="bfloat16" halves the table the head reads per token; the engine then computes
+    exactly what the float32 engine computes for the model whose tied table was rounded so."""
+    ref = model(2, seed=6)
+    rounded = model(2, seed=6)
+    with torch.no_grad():
+        rounded.embed.weight.copy_(rounded.embed.weight.to(torch.bfloat16).float())
+    x = prompt(10, seed=6)[0].numpy()
+    half = DecoderEngine.from_decoder(ref, embedding="bfloat16")
+    assert half.embedding_dtype == "bfloat16" and half.embed.dtype == np.uint16
+    assert np.array_equal(half.forward(x, logits="all"), DecoderEngine.from_decoder(rounded).forward(x, logits="all"))
+    assert np.array_equal(half.embedding(), rounded.embed.weight.detach().numpy())
+    full = DecoderEngine.from_decoder(ref)
+    assert full.nbytes - half.nbytes == 2 * SMALL["vocab_size"] * SMALL["d_model"]
+    shape = EngineShape(vocab_size=500, n_layer=1, n_head=2, n_kv_head=2, d_model=32, ffn_hidden=64, max_seq_len=8)
+    a, b = DecoderEngine.random(shape, seed=3), DecoderEngine.random(shape, seed=3, embedding="bfloat16")
+    assert np.array_equal(b.embed, ops.to_bfloat16(a.embed))
+    with pytest.raises(ValueError, match="embedding must be one of"):
+        DecoderEngine.from_decoder(ref, embedding="float16")
 
 
 def test_random_engine_is_seeded_and_runs_gqa_shapes():

@@ -80,12 +80,36 @@ def test_ternary_matmul_is_exact_on_every_path(path, m):
             assert np.array_equal(out, expected.numpy())
 
 
-def test_float_matmul_t_equals_numpy():
-    x, wt = rand(3, 40), rand(40, 1100, seed=2)  # more than two column blocks
+@pytest.mark.parametrize("head", [ops.float_matmul_8, ops.float_matmul_16])
+def test_float_matmul_equals_numpy(head):
+    x, w = rand(3, 200), rand(1100, 200, seed=2)  # K not a multiple of 4 vectors: a scalar tail
     out = np.zeros((3, 1100), np.float32)
-    ops.float_matmul_t(x, 2, wt, out)
-    np.testing.assert_allclose(out[:2], x[:2].astype(np.float64) @ wt, rtol=1e-5, atol=1e-5)
+    head(x, 2, w, out)
+    np.testing.assert_allclose(out[:2], x[:2].astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
     assert not out[2].any()
+    assert ops.float_matmul_for("avx512") is ops.float_matmul_16 and ops.float_matmul_for("generic") is ops.float_matmul_8
+
+
+def test_bfloat16_table_is_torchs_rounding_and_widens_exactly():
+    """to_bfloat16 rounds as torch does (ties to even); the head on a bfloat16 table equals the
+    head on its widened float32 copy bit for bit (widening is exact), at half the bytes."""
+    w = rand(1100, 200, seed=3)
+    w[0, :4] = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 0.0]  # ties: to even, both ways
+    table = ops.to_bfloat16(w)
+    expected = torch.from_numpy(w).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert table.dtype == np.uint16 and np.array_equal(table, expected)
+    widened = torch.from_numpy(table.view(np.int16)).view(torch.bfloat16).float().numpy()
+    assert ops.widen(table[0, 1]) == widened[0, 1] == 1 + 4 * 2**-8
+    x = rand(2, 200)
+    for head in (ops.float_matmul_8, ops.float_matmul_16):
+        out, ref = np.zeros((2, 1100), np.float32), np.zeros((2, 1100), np.float32)
+        head(x, 2, table, out)
+        head(x, 2, np.ascontiguousarray(widened), ref)
+        assert np.array_equal(out, ref)
+    with pytest.raises(ValueError, match="finite"):
+        ops.to_bfloat16(np.array([np.inf], np.float32))
+    with pytest.raises(ValueError, match="overflows"):
+        ops.to_bfloat16(np.array([3.4e38], np.float32))
 
 
 def test_rope_equals_apply_rope():

@@ -81,7 +81,8 @@ def test_fold_norms_like_llama_refuses_a_full_precision_model():
 
 
 @pytest.mark.parametrize("field, value", [("sizes", ("nope",)), ("engine_sizes", ("125m",)), ("float_gguf", ("Q4_0",)),
-                                          ("repeat", 0), ("prompt", True), ("agreement_text", " ")])  # fmt: skip
+                                          ("repeat", 0), ("prompt", True), ("agreement_text", " "),
+                                          ("engine_embedding", "float16")])  # fmt: skip
 def test_preset_rejects_bad_values(field, value):
     with pytest.raises(ValueError):
         dataclasses.replace(peers.PRESETS["ci"], **{field: value})
@@ -266,3 +267,9 @@ def test_run_peers_end_to_end_tiny(tmp_path, monkeypatch):
     assert all(v["tg_tokens_per_s"] > 0 and v["pp_tokens_per_s"] > 0 for v in rows.values())
     assert rows["llama.cpp TQ1_0"]["file_bytes"] > 0 and "rss_growth_bytes" in rows["llama.cpp TQ1_0"]  # tiny: may reuse freed pages
     assert saved["provenance"]["versions"]["llama_cpp_python"]
+
+
+def test_engine_rows_hold_the_head_as_the_ggufs_do():
+    """The engine rows read a 2-byte head per weight by default, as llama.cpp's F16 token_embd."""
+    assert peers.PRESETS["full"].engine_embedding == "bfloat16"
+    assert dataclasses.replace(peers.PRESETS["ci"], engine_embedding="float32").engine_embedding == "float32"

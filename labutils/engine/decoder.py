@@ -6,8 +6,10 @@
 - per projection kind (qkv, o, gate_up, down) the prepacked ternary tiles of every layer stacked
   ``uint8 [n_layer, T, G, 4, 64]``, their scales ``float32 [n_layer, N]`` and the gains of the
   BitLinear norms ``float32 [n_layer, K]``; the block norms' gains ``[n_layer, d]``;
-- the tied embedding transposed, ``float32 [d, vocab]`` (the head reads it as ``x @ wt``, an
-  embedding lookup reads one column), the final norm's gain, the rotary tables;
+- the tied embedding ``[vocab, d]`` (the head computes ``x @ embed.T`` row by row, streaming
+  the table once per token; a lookup reads one row), float32 or bfloat16
+  (``embedding="bfloat16"``: half the bytes the head reads per token, as llama.cpp's F16 output
+  matrix), the final norm's gain, the rotary tables;
 - the KV cache ``float32 [n_layer, n_kv_head, max_len, head_dim]`` (K and V) and every scratch
   buffer a pass needs, for up to ``max_seq_len`` tokens at once, allocated once.
 
@@ -42,16 +44,18 @@ from numba import njit
 from labutils.engine.ops import (
     add_,
     attend_cached,
-    float_matmul_t,
+    float_matmul_for,
     padded_width,
     quantize_absmax,
     rmsnorm,
     rope,
     swiglu,
     ternary_matmul,
+    to_bfloat16,
+    widen,
 )
 
-__all__ = ["EngineShape", "DecoderEngine", "engine_for", "is_packed_decoder"]
+__all__ = ["EMBEDDINGS", "EngineShape", "DecoderEngine", "engine_for", "is_packed_decoder"]
 
 _JIT = {"cache": True, "boundscheck": False, "error_model": "numpy"}
 # Functions that take the kernels as arguments are not cached on disk: Numba keys its cache by
@@ -113,16 +117,17 @@ def _project(par, ser, h, m, codes, xs, rowsum, dots, w, ws, out, qp, eps, min_m
 
 
 @njit(**_JIT_KERNEL_ARGS)
-def _forward(par, ser, tokens, m, pos0, first_logit,
+def _forward(par, ser, head, tokens, m, pos0, first_logit,
              g_attn, g_qkv, w_qkv, s_qkv, g_o, w_o, s_o, g_mlp, g_gu, w_gu, s_gu, g_down, w_down, s_down, g_final,
-             embed_t, cos, sin, k_cache, v_cache, n_head, n_kv, head_dim, hidden, norm_eps, act_eps, qp, min_macs,
+             embed, cos, sin, k_cache, v_cache, n_head, n_kv, head_dim, hidden, norm_eps, act_eps, qp, min_macs,
              x, h, codes_d, codes_h, xs, rowsum, dots, qkv, att, gu, act, proj, scores, logits):  # pragma: no cover - compiled  # fmt: skip
     """Tokens [m] at positions pos0.. through every block; logits of rows first_logit..m-1 into
     logits[:m - first_logit]. Every array is preallocated (see DecoderEngine)."""
     d = x.shape[1]
-    for r in range(m):  # embedding: one column of the transposed table
+    for r in range(m):  # embedding: one row of the table
+        row = embed[tokens[r]]
         for j in range(d):
-            x[r, j] = embed_t[j, tokens[r]]
+            x[r, j] = widen(row[j])
     q_width, kv_width = n_head * head_dim, n_kv * head_dim
     for layer in range(w_qkv.shape[0]):
         # attention: x += o(attn(rope(q), rope(k), v)), qkv = BitLinear(RMSNorm(x))
@@ -154,7 +159,7 @@ def _forward(par, ser, tokens, m, pos0, first_logit,
         for j in range(d):
             h[r, j] = x[first_logit + r, j]
     rmsnorm(h, rows, g_final, norm_eps, h)
-    float_matmul_t(h, rows, embed_t, logits)
+    head(h, rows, embed, logits)
 
 
 @njit(**_JIT_KERNEL_ARGS)
@@ -174,6 +179,18 @@ def _kernels_only(par, ser, m, w_qkv, w_o, w_gu, w_down, codes_d, codes_h, rowsu
             ser(codes_h[:m], w_down[layer], rowsum[:m], dots[:m])
 
 
+EMBEDDINGS = ("float32", "bfloat16")
+
+
+def _check_embedding(embedding: str) -> None:
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+
+
+def _table(embed: np.ndarray, embedding: str) -> np.ndarray:
+    return to_bfloat16(embed) if embedding == "bfloat16" else embed
+
+
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(np.stack(arrays))
 
@@ -187,14 +204,15 @@ class DecoderEngine:
     """
 
     def __init__(self, shape: EngineShape, weights: dict[str, np.ndarray], scales: dict[str, np.ndarray],
-                 gains: dict[str, np.ndarray], embed_t: np.ndarray, final_gain: np.ndarray) -> None:  # fmt: skip
+                 gains: dict[str, np.ndarray], embed: np.ndarray, final_gain: np.ndarray) -> None:  # fmt: skip
         """Args (``L`` = n_layer; see the module docstring for the layouts):
         shape: the decoder's EngineShape.
         weights: {projection: uint8 [L, T, G, 4, 64]} prepacked W1.58A8 tiles of every layer.
         scales: {projection: float32 [L, N]} per-output weight scales.
         gains: float32 gains {"attn", "mlp": [L, d] block norms; "qkv", "o", "gate_up", "down":
             [L, K] the BitLinear norms}.
-        embed_t: float32 [d, vocab], the tied embedding transposed. final_gain: float32 [d].
+        embed: [vocab, d], the tied embedding (and head): float32, or bfloat16 held as uint16
+            (``labutils.engine.ops.to_bfloat16``). final_gain: float32 [d].
         """
         widths = shape.widths()
         for name, (n, k) in widths.items():
@@ -205,14 +223,15 @@ class DecoderEngine:
                                  f"got {w.dtype} {w.shape}")  # fmt: skip
             if scales[name].shape != (shape.n_layer, n) or gains[name].shape != (shape.n_layer, k):
                 raise ValueError(f"{name}: scales must be [L, {n}] and gains [L, {k}], got {scales[name].shape}, {gains[name].shape}")
-        if embed_t.shape != (shape.d_model, shape.vocab_size) or final_gain.shape != (shape.d_model,):
-            raise ValueError(f"embed_t must be [{shape.d_model}, {shape.vocab_size}], final_gain [{shape.d_model}]")
+        if embed.shape != (shape.vocab_size, shape.d_model) or final_gain.shape != (shape.d_model,):
+            raise ValueError(f"embed must be [{shape.vocab_size}, {shape.d_model}], final_gain [{shape.d_model}]")
         self.shape = shape
         f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
         self.weights = weights
         self.scales = {k: f32(v) for k, v in scales.items()}
         self.gains = {k: f32(v) for k, v in gains.items()}
-        self.embed_t, self.final_gain = f32(embed_t), f32(final_gain)
+        self.embed = np.ascontiguousarray(embed) if embed.dtype == np.uint16 else f32(embed)
+        self.final_gain = f32(final_gain)
         hd, t = shape.head_dim, shape.max_seq_len
         angles = np.outer(np.arange(t, dtype=np.float64),
                           1.0 / shape.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))  # fmt: skip
@@ -237,9 +256,12 @@ class DecoderEngine:
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def from_decoder(cls, model: Any) -> DecoderEngine:
+    def from_decoder(cls, model: Any, embedding: str = "float32") -> DecoderEngine:
         """The engine of a W1.58A8 ``Decoder`` (its BitLinears, or the PackedBitLinears of
-        ``pack_model``): codes, scales and gains copied (the model is not kept)."""
+        ``pack_model``): codes, scales and gains copied (the model is not kept); the tied
+        embedding (and head) kept as ``embedding``, "float32" or "bfloat16" (rounded to
+        nearest: the engine then computes what the model with that rounded table computes)."""
+        _check_embedding(embedding)
         import torch
 
         from labutils.bitlinear import BitLinear
@@ -293,14 +315,16 @@ class DecoderEngine:
             raise ValueError("the engine needs the head tied to the embedding (Decoder's lm_head)")
         shape = EngineShape.of(cfg, act_eps=float(act_eps), act_bits=int(act_bits))
         return cls(shape, {k: _stack(v) for k, v in weights.items()}, {k: _stack(v) for k, v in scales.items()},
-                   {k: _stack(v) for k, v in gains.items()}, f32(table).T, f32(model.norm.weight))  # fmt: skip
+                   {k: _stack(v) for k, v in gains.items()}, _table(f32(table), embedding), f32(model.norm.weight))  # fmt: skip
 
     @classmethod
-    def random(cls, shape: EngineShape, seed: int = 0, progress: bool = False) -> DecoderEngine:
+    def random(cls, shape: EngineShape, seed: int = 0, progress: bool = False, embedding: str = "float32") -> DecoderEngine:
         """Random ternary weights (codes uniform in {-1, 0, +1}, scale 1/sqrt(in_features)),
-        embedding N(0, 0.02), unit gains: a benchmark model of any shape, as bitnet.cpp's
-        dummy models, built layer by layer (peak memory: one layer's int8 codes beyond the
-        packed model). :meth:`layer_codes` regenerates the codes (for a GGUF export)."""
+        embedding N(0, 0.02) kept as ``embedding`` ("float32" or "bfloat16"), unit gains: a
+        benchmark model of any shape, as bitnet.cpp's dummy models, built layer by layer (peak
+        memory: one layer's int8 codes beyond the packed model). :meth:`layer_codes`
+        regenerates the codes (for a GGUF export)."""
+        _check_embedding(embedding)
         from tqdm.auto import tqdm
 
         from labutils.kernels import prepack_w158a8
@@ -316,10 +340,9 @@ class DecoderEngine:
         gains = {name: np.ones((shape.n_layer, k), np.float32) for name, (_, k) in widths.items()}
         gains |= {"attn": np.ones((shape.n_layer, shape.d_model), np.float32), "mlp": np.ones((shape.n_layer, shape.d_model), np.float32)}
         rng = np.random.default_rng(seed)
-        embed_t = np.empty((shape.d_model, shape.vocab_size), np.float32)
-        for j in range(shape.d_model):
-            embed_t[j] = rng.standard_normal(shape.vocab_size, dtype=np.float32) * np.float32(0.02)
-        engine = cls(shape, weights, scales, gains, embed_t, np.ones(shape.d_model, np.float32))
+        embed = rng.standard_normal((shape.vocab_size, shape.d_model), dtype=np.float32)
+        embed *= np.float32(0.02)
+        engine = cls(shape, weights, scales, gains, _table(embed, embedding), np.ones(shape.d_model, np.float32))
         engine.random_seed = seed  # labutils.export.export_random_gguf regenerates the codes from it
         return engine
 
@@ -338,15 +361,26 @@ class DecoderEngine:
         self.length = length
 
     @property
+    def embedding_dtype(self) -> str:
+        """How the tied embedding (and head) is held: "float32" or "bfloat16"."""
+        return "bfloat16" if self.embed.dtype == np.uint16 else "float32"
+
+    def embedding(self) -> np.ndarray:
+        """The tied embedding as float32 ``[vocab, d]`` (a bfloat16 table widened exactly)."""
+        if self.embed.dtype == np.uint16:
+            return (self.embed.astype(np.uint32) << 16).view(np.float32)
+        return self.embed
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the weights the engine holds (tiles, scales, gains, embedding)."""
-        arrays = [*self.weights.values(), *self.scales.values(), *self.gains.values(), self.embed_t, self.final_gain]
+        arrays = [*self.weights.values(), *self.scales.values(), *self.gains.values(), self.embed, self.final_gain]
         return int(sum(a.nbytes for a in arrays))
 
     def forward(self, tokens: Any, logits: str = "last") -> np.ndarray:
         """Continue the cache by ``tokens`` (ints, or a 1-D int array) -> float32 logits
         ``[vocab]`` of the last token (``logits="last"``) or ``[T, vocab]`` (``"all"``)."""
-        from labutils.kernels.dispatch import kernel_for
+        from labutils.kernels.dispatch import active_path, kernel_for
 
         ids = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
         m, s = ids.shape[0], self.shape
@@ -361,9 +395,10 @@ class DecoderEngine:
         first = m - 1 if logits == "last" else 0
         out = self._last_logits if logits == "last" else np.empty((m, s.vocab_size), np.float32)
         b, w, sc, g = self._buffers, self.weights, self.scales, self.gains
-        _forward(kernel_for("w1.58a8"), kernel_for("w1.58a8", parallel=False), ids, m, self.length, first,
+        _forward(kernel_for("w1.58a8"), kernel_for("w1.58a8", parallel=False), float_matmul_for(active_path()), ids, m,
+                 self.length, first,
                  g["attn"], g["qkv"], w["qkv"], sc["qkv"], g["o"], w["o"], sc["o"], g["mlp"], g["gate_up"], w["gate_up"],
-                 sc["gate_up"], g["down"], w["down"], sc["down"], self.final_gain, self.embed_t, self.cos, self.sin,
+                 sc["gate_up"], g["down"], w["down"], sc["down"], self.final_gain, self.embed, self.cos, self.sin,
                  self.k_cache, self.v_cache, s.n_head, s.n_kv_head, s.head_dim, s.ffn_hidden, np.float32(s.norm_eps),
                  np.float32(s.act_eps), np.float32(2 ** (s.act_bits - 1) - 1), PARALLEL_MIN_MACS,
                  b["x"], b["h"], b["codes_d"], b["codes_h"], b["xs"], b["rowsum"], b["dots"], b["qkv"], b["att"],
@@ -383,13 +418,14 @@ class DecoderEngine:
         import statistics
         import time
 
-        from labutils.kernels.dispatch import kernel_for
+        from labutils.kernels.dispatch import active_path, kernel_for
 
         if not 1 <= position < self.shape.max_seq_len:
             raise ValueError(f"position must be in [1, {self.shape.max_seq_len - 1}], got {position}")
         self.reset()
         self.forward(np.random.default_rng(0).integers(0, self.shape.vocab_size, position))
         par, ser = kernel_for("w1.58a8"), kernel_for("w1.58a8", parallel=False)
+        head = float_matmul_for(active_path())
         b, w = self._buffers, self.weights
         head_in = np.ascontiguousarray(b["h"][:1])
 
@@ -401,7 +437,7 @@ class DecoderEngine:
             "total": step,
             "integer_kernel": lambda: _kernels_only(par, ser, 1, w["qkv"], w["o"], w["gate_up"], w["down"], b["codes_d"],
                                                     b["codes_h"], b["rowsum"], b["dots"], PARALLEL_MIN_MACS),
-            "float_head": lambda: float_matmul_t(head_in, 1, self.embed_t, self._last_logits),
+            "float_head": lambda: head(head_in, 1, self.embed, self._last_logits),
         }  # fmt: skip
         for fn in parts.values():
             fn()

@@ -12,9 +12,12 @@ a trip through Python. Rows are tokens: ``x [M, d]`` holds M tokens of width d.
 - :func:`ternary_matmul`: the integer kernel of :mod:`labutils.kernels` (any path; the kernel is
   an argument) on those codes, then ``y = float32(dot) * x_scale * w_scale`` in the order
   ``PackedBitLinear`` uses, so the engine's projections equal the packed layer's bit for bit.
-- :func:`float_matmul_t`: ``x @ W^T`` with W stored transposed (``wt [K, N]``): the float head.
-  The inner loop runs along N (an ``axpy`` per input feature), which LLVM vectorizes without
-  reordering any sum; tasks are column blocks, in parallel.
+- :func:`float_matmul_16` / :func:`float_matmul_8`: ``x @ W^T`` with W in nn.Linear's layout
+  ``[N, K]``: the float head. Each output is a dot product along K in register vectors; tasks
+  are contiguous row blocks, so the table streams through memory once, front to back (the
+  transposed axpy form read it in 1-2 KB pieces 256 KB apart, which prefetchers do not follow:
+  measured slower). W is float32, or bfloat16 held as ``uint16`` (:func:`to_bfloat16`;
+  :func:`widen` makes an entry float32 exactly: a shift).
 - :func:`rope`: rotary positions on q and k, pairs (i, i + d_h/2) (``lm.model.apply_rope``).
 - :func:`attend_cached`: causal attention of M new tokens over a KV cache, grouped-query (query
   head h reads KV head ``h // (n_head / n_kv_head)``), heads and tokens in parallel.
@@ -29,8 +32,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
+from labutils.kernels.float_simd import fadd, ffma, fload, fsum, fzeros
 from labutils.kernels.fused import quantize_row_a8, quantize_row_binary, rescale_block
 
 __all__ = [
@@ -39,7 +44,11 @@ __all__ = [
     "rmsnorm",
     "quantize_absmax",
     "ternary_matmul",
-    "float_matmul_t",
+    "float_matmul_8",
+    "float_matmul_16",
+    "float_matmul_for",
+    "to_bfloat16",
+    "widen",
     "rope",
     "attend_cached",
     "swiglu",
@@ -115,26 +124,80 @@ def ternary_matmul(parallel_kernel, serial_kernel, codes, m, w, rowsum, dots, x_
             out[r, j] = np.float32(dots[r, j]) * s * w_scale[j]
 
 
+def to_bfloat16(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 held as ``uint16`` (the top half of each float32, rounded to nearest,
+    ties to even: what ``torch.Tensor.to(torch.bfloat16)`` gives), same shape. Refuses NaN and
+    inf (rounding would turn a large finite value into inf silently)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError("bfloat16 conversion needs finite values")
+    bits = a.view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    if (rounded & 0x7F80 == 0x7F80).any():
+        raise ValueError("a value overflows bfloat16")
+    return rounded.astype(np.uint16)
+
+
+def widen(v):  # pragma: no cover - replaced in compiled code by the overload below
+    """One table entry as float32: a float as it is, a ``uint16`` as the bfloat16 it holds."""
+    if isinstance(v, np.uint16):
+        return np.array([int(v) << 16], np.uint32).view(np.float32)[0]
+    return np.float32(v)
+
+
+@overload(widen, inline="always")
+def _widen_compiled(v):
+    if isinstance(v, types.Float):
+        return lambda v: np.float32(v)
+    if v == types.uint16:
+        # bfloat16 is the top half of a float32: widening is a shift, exact (vpmovzxwd, vpslld)
+        return lambda v: np.uint32(np.uint32(v) << 16).view(np.float32)
+    return None
+
+
+@njit(inline="always", **_JIT)
+def _float_matmul_body(x, m, w, out, lanes):  # pragma: no cover - compiled
+    """out[:m] = x[:m] @ w.T, blocks of 64 rows of w in parallel; per output a dot product along
+    K in four vector accumulators of ``lanes``, the tail (K mod 4 lanes) in scalars."""
+    n, k = w.shape
+    step = 4 * lanes
+    main = k - k % step
+    for b in prange((n + 63) // 64):
+        for v in range(b * 64, min(b * 64 + 64, n)):
+            row = w[v]
+            for r in range(m):
+                xr = x[r]
+                a0 = a1 = a2 = a3 = fzeros(lanes)
+                for j in range(0, main, step):
+                    a0 = ffma(a0, fload(xr, j, lanes), fload(row, j, lanes))
+                    a1 = ffma(a1, fload(xr, j + lanes, lanes), fload(row, j + lanes, lanes))
+                    a2 = ffma(a2, fload(xr, j + 2 * lanes, lanes), fload(row, j + 2 * lanes, lanes))
+                    a3 = ffma(a3, fload(xr, j + 3 * lanes, lanes), fload(row, j + 3 * lanes, lanes))
+                total = fsum(fadd(fadd(a0, a1), fadd(a2, a3)))
+                for j in range(main, k):
+                    total += xr[j] * widen(row[j])
+                out[r, v] = total
+
+
 @njit(parallel=True, **_JIT)
-def float_matmul_t(x, m, wt, out):  # pragma: no cover - compiled
-    """out[:m] = x[:m] @ wt (x float32 [*, K], wt [K, N] float32, out [*, N]): column blocks of
-    512 in parallel, each an accumulation over K of ``x[r, j] * wt[j, block]``."""
-    k, n = wt.shape
-    block = 512
-    for b in prange((n + block - 1) // block):
-        lo, hi = b * block, min(b * block + block, n)
-        # A local accumulator and 1-D row views: LLVM then knows nothing aliases the sums and
-        # vectorizes the axpy (into out[r, c] directly it stays scalar: 10x slower, measured).
-        acc = np.empty(hi - lo, dtype=np.float32)
-        for r in range(m):
-            acc[:] = 0.0
-            for j in range(k):
-                xj = x[r, j]
-                row = wt[j, lo:hi]
-                for c in range(hi - lo):
-                    acc[c] += xj * row[c]
-            for c in range(hi - lo):
-                out[r, lo + c] = acc[c]
+def float_matmul_8(x, m, w, out):  # pragma: no cover - compiled
+    """out[:m] = x[:m] @ w.T (x float32 [*, K], w [N, K] float32 or bfloat16 as uint16, out
+    float32 [*, N]; nn.Linear's layout): the table is read once, front to back, by contiguous
+    row blocks (the access memory prefetchers stream best), each output a dot product along K in
+    vectors of 8 float32 (AVX2, NEON). A bfloat16 table gives exactly the result of its widened
+    float32 copy at half the bytes read."""
+    _float_matmul_body(x, m, w, out, 8)
+
+
+@njit(parallel=True, **_JIT)
+def float_matmul_16(x, m, w, out):  # pragma: no cover - compiled
+    """:func:`float_matmul_8` in vectors of 16 float32 (AVX-512)."""
+    _float_matmul_body(x, m, w, out, 16)
+
+
+def float_matmul_for(path: str):
+    """The head kernel for a kernel path ("avx512": 16 lanes; "avx2", "generic": 8)."""
+    return float_matmul_16 if path == "avx512" else float_matmul_8
 
 
 @njit(**_JIT)
@@ -184,7 +247,7 @@ def attend_cached(qkv, m, n_head, n_kv_head, head_dim, k_cache, v_cache, pos0, s
             s[t] = e
             total += e
         inv = np.float32(1.0) / total
-        acc = np.zeros(head_dim, dtype=np.float32)  # local: vectorizes (see float_matmul_t)
+        acc = np.zeros(head_dim, dtype=np.float32)  # local: nothing aliases the sums, so LLVM vectorizes
         for t in range(length):
             p = s[t] * inv
             row = v_cache[kv, t]

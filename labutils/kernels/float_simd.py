@@ -1,4 +1,5 @@
-"""Float32 vectors of 8 or 16 lanes for Numba code: load, store, broadcast, fused multiply-add.
+"""Float32 vectors of 8 or 16 lanes for Numba code: load, store, broadcast, fused multiply-add,
+add and horizontal sum.
 
 The integer microkernels keep their accumulators in registers through ``simd``'s intrinsics;
 these are the float32 counterparts, for register-blocked float loops LLVM does not block by
@@ -8,7 +9,9 @@ itself (the compiled encoder's attention, ``labutils.engine.encoder``). A vector
 one function body serves every path.
 
 Loads and stores take a C-contiguous float32 array and a flat element index, with no bounds
-check: callers index inside their own buffers.
+check: callers index inside their own buffers. A load also takes a ``uint16`` array holding
+bfloat16 values (the top halves of float32s) and widens them exactly: zero-extend, shift left by
+16 (``vpmovzxwd``, ``vpslld``), so one loop body reads either kind of table.
 """
 
 from __future__ import annotations
@@ -51,20 +54,31 @@ def _is_f32_c_array(t) -> bool:
     return isinstance(t, types.Array) and t.layout == "C" and t.dtype == types.float32
 
 
-def _pointer(context, builder, arrty, arr, index, lanes):
+def _is_bf16_c_array(t) -> bool:
+    return isinstance(t, types.Array) and t.layout == "C" and t.dtype == types.uint16
+
+
+def _pointer(context, builder, arrty, arr, index, lanes, element=None):
     data = context.make_array(arrty)(context, builder, arr).data
-    return builder.bitcast(builder.gep(data, [index]), ir.VectorType(ir.FloatType(), lanes).as_pointer())
+    return builder.bitcast(builder.gep(data, [index]), ir.VectorType(element or ir.FloatType(), lanes).as_pointer())
 
 
 @intrinsic
 def fload(typingctx, arr, index, lanes):
-    """The ``lanes`` float32 ``arr.flat[index : index + lanes]`` as a vector (lanes: a constant, 8 or 16)."""
+    """The ``lanes`` float32 ``arr.flat[index : index + lanes]`` as a vector (lanes: a constant, 8
+    or 16); from a uint16 array, its bfloat16 values widened to float32 (exact)."""
     width = _lanes(lanes)
-    if not (width and _is_f32_c_array(arr) and isinstance(index, types.Integer)):
+    bf16 = _is_bf16_c_array(arr)
+    if not (width and (_is_f32_c_array(arr) or bf16) and isinstance(index, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.load(_pointer(context, builder, sig.args[0], args[0], args[1], width), align=4)
+        if not bf16:
+            return builder.load(_pointer(context, builder, sig.args[0], args[0], args[1], width), align=4)
+        i16, i32 = ir.IntType(16), ir.VectorType(_I32, width)
+        halves = builder.load(_pointer(context, builder, sig.args[0], args[0], args[1], width, i16), align=2)
+        wide = builder.shl(builder.zext(halves, i32), ir.Constant(i32, [16] * width))
+        return builder.bitcast(wide, ir.VectorType(ir.FloatType(), width))
 
     return _VEC[width](arr, index, lanes), codegen
 
@@ -123,3 +137,31 @@ def ffma(typingctx, acc, a, b):
         return builder.call(fma, [args[1], args[2], args[0]])
 
     return acc(acc, a, b), codegen
+
+
+@intrinsic
+def fadd(typingctx, a, b):
+    """``a + b`` per lane."""
+    if not (isinstance(a, _F32Vec) and b == a):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def fsum(typingctx, vec):
+    """The float32 sum of a vector's lanes, added pairwise (``llvm.vector.reduce.fadd`` with
+    reassociation: log2(lanes) shuffle-and-add steps, not a serial chain)."""
+    if not isinstance(vec, _F32Vec):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vty = args[0].type
+        fty = ir.FunctionType(ir.FloatType(), [ir.FloatType(), vty])
+        reduce = cgutils.get_or_insert_function(builder.module, fty, f"llvm.vector.reduce.fadd.v{sig.args[0].lanes}f32")
+        return builder.call(reduce, [ir.Constant(ir.FloatType(), -0.0), args[0]], fastmath=("reassoc",))
+
+    return types.float32(vec), codegen

@@ -165,3 +165,32 @@ def fsum(typingctx, vec):
         return builder.call(reduce, [ir.Constant(ir.FloatType(), -0.0), args[0]], fastmath=("reassoc",))
 
     return types.float32(vec), codegen
+
+
+@intrinsic
+def fmax(typingctx, a, b):
+    """The larger of ``a`` and ``b`` per lane (``llvm.maxnum``: ``vmaxps``)."""
+    if not (isinstance(a, _F32Vec) and b == a):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vty = args[0].type
+        name = f"llvm.maxnum.v{sig.args[0].lanes}f32"
+        maxnum = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty]), name)
+        return builder.call(maxnum, [args[0], args[1]])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def fmaxlanes(typingctx, vec):
+    """The largest of a vector's lanes (``llvm.vector.reduce.fmax``: log2(lanes) shuffle-and-max steps)."""
+    if not isinstance(vec, _F32Vec):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fty = ir.FunctionType(ir.FloatType(), [args[0].type])
+        reduce = cgutils.get_or_insert_function(builder.module, fty, f"llvm.vector.reduce.fmax.v{sig.args[0].lanes}f32")
+        return builder.call(reduce, [args[0]])
+
+    return types.float32(vec), codegen

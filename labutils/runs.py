@@ -243,10 +243,22 @@ def _kernel_features() -> dict[str, Any]:
     return {"flags": found["flags"], "path": found["path"]}
 
 
+def _numba_threading_layer() -> str:
+    """The layer Numba's parallel regions ran on in this process ("omp", "tbb", "workqueue"),
+    or, before any region has run, the one asked for ("requested: default" lets Numba pick). On
+    a quiet 2-core machine the layers differ 2x in a decode step (``results/peers-xeon``)."""
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return f"requested: {numba.config.THREADING_LAYER}"
+
+
 def provenance(device: str) -> dict[str, Any]:
     """Where a result came from: commit, ``device`` (a ``device_name``), CPU model, vendor and
-    core count, the kernels' SIMD flags and path, the load averages, python and library versions,
-    the date (UTC) and the command line."""
+    core count, the kernels' SIMD flags and path, Numba's threading layer, the load averages,
+    python and library versions, the date (UTC) and the command line."""
     cpu = cpu_info()
     return {
         "commit": commit(),
@@ -259,5 +271,6 @@ def provenance(device: str) -> dict[str, Any]:
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "load_average": load_average(),
         "cpu_features": _kernel_features(),
+        "numba_threading_layer": _numba_threading_layer(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
     }

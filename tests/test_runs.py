@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,3 +97,17 @@ def test_provenance_names_the_machine_and_the_load():
     assert prov["load_average"] is None or len(prov["load_average"]) == 3
     assert "numpy" in prov["versions"] and prov["date"].endswith("+00:00")
     json.dumps(prov)  # JSON-friendly as it is
+
+
+def test_provenance_names_the_threading_layer_a_parallel_region_ran_on():
+    from numba import njit, prange
+
+    @njit(parallel=True)
+    def total(x):
+        s = 0.0
+        for i in prange(x.shape[0]):
+            s += x[i]
+        return s
+
+    total(np.ones(4))
+    assert runs.provenance("cpu")["numba_threading_layer"] in ("omp", "tbb", "workqueue")

@@ -100,6 +100,7 @@ def test_bfloat16_table_is_torchs_rounding_and_widens_exactly():
     assert table.dtype == np.uint16 and np.array_equal(table, expected)
     widened = torch.from_numpy(table.view(np.int16)).view(torch.bfloat16).float().numpy()
     assert ops.widen(table[0, 1]) == widened[0, 1] == 1 + 4 * 2**-8
+    assert np.array_equal(ops.from_bfloat16(table), widened)
     x = rand(2, 200)
     for head in (ops.float_matmul_8, ops.float_matmul_16):
         out, ref = np.zeros((2, 1100), np.float32), np.zeros((2, 1100), np.float32)

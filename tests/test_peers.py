@@ -261,6 +261,13 @@ def test_run_peers_end_to_end_tiny(tmp_path, monkeypatch):
     assert saved["target"] == result["target"] and (tmp_path / "peers.html").is_file()
     assert saved["engine_targets"] and saved["models"][1]["model"] == "tiny-gqa"
     assert set(saved["models"][1]["rows"]) == {peers.ENGINE_ROW, peers.REFERENCE_ROW}
+    # the engine row held its tied table in bfloat16 (the preset's default), as the GGUF's F16 token_embd
+    from labutils.engine import DecoderEngine, EngineShape
+
+    tiny = peers.ENGINE_SIZES["tiny-gqa"]
+    float_table = DecoderEngine.random(EngineShape(**tiny, max_seq_len=preset.prompt + preset.new_tokens), seed=preset.seed)
+    held = saved["models"][1]["rows"][peers.ENGINE_ROW]["weights_bytes"]
+    assert preset.engine_embedding == "bfloat16" and held == float_table.nbytes - 2 * tiny["vocab_size"] * tiny["d_model"]
     rows = saved["models"][0]["rows"]
     assert set(rows) == {"torch fp32", "book w1.58a8", peers.ENGINE_ROW, "llama.cpp TQ2_0", "llama.cpp TQ1_0",
                          *(("llama.cpp Q8_0",) if LLAMA_FLOAT_OK else ())}  # fmt: skip
@@ -268,8 +275,3 @@ def test_run_peers_end_to_end_tiny(tmp_path, monkeypatch):
     assert rows["llama.cpp TQ1_0"]["file_bytes"] > 0 and "rss_growth_bytes" in rows["llama.cpp TQ1_0"]  # tiny: may reuse freed pages
     assert saved["provenance"]["versions"]["llama_cpp_python"]
 
-
-def test_engine_rows_hold_the_head_as_the_ggufs_do():
-    """The engine rows read a 2-byte head per weight by default, as llama.cpp's F16 token_embd."""
-    assert peers.PRESETS["full"].engine_embedding == "bfloat16"
-    assert dataclasses.replace(peers.PRESETS["ci"], engine_embedding="float32").engine_embedding == "float32"

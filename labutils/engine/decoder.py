@@ -45,6 +45,7 @@ from labutils.engine.ops import (
     add_,
     attend_cached,
     float_matmul_for,
+    from_bfloat16,
     padded_width,
     quantize_absmax,
     rmsnorm,
@@ -367,9 +368,7 @@ class DecoderEngine:
 
     def embedding(self) -> np.ndarray:
         """The tied embedding as float32 ``[vocab, d]`` (a bfloat16 table widened exactly)."""
-        if self.embed.dtype == np.uint16:
-            return (self.embed.astype(np.uint32) << 16).view(np.float32)
-        return self.embed
+        return from_bfloat16(self.embed) if self.embed.dtype == np.uint16 else self.embed
 
     @property
     def nbytes(self) -> int:

@@ -48,6 +48,7 @@ __all__ = [
     "float_matmul_16",
     "float_matmul_for",
     "to_bfloat16",
+    "from_bfloat16",
     "widen",
     "rope",
     "attend_cached",
@@ -138,11 +139,15 @@ def to_bfloat16(a: np.ndarray) -> np.ndarray:
     return rounded.astype(np.uint16)
 
 
+def from_bfloat16(a: np.ndarray) -> np.ndarray:
+    """bfloat16 held as ``uint16`` -> float32, same shape, exactly: the 16 bits become the top
+    half of a float32 (the inverse of :func:`to_bfloat16` for the values it produces)."""
+    return (np.asarray(a, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
 def widen(v):  # pragma: no cover - replaced in compiled code by the overload below
     """One table entry as float32: a float as it is, a ``uint16`` as the bfloat16 it holds."""
-    if isinstance(v, np.uint16):
-        return np.array([int(v) << 16], np.uint32).view(np.float32)[0]
-    return np.float32(v)
+    return from_bfloat16(np.array(v))[()] if isinstance(v, np.uint16) else np.float32(v)
 
 
 @overload(widen, inline="always")

@@ -397,3 +397,27 @@ def test_every_trained_row_stores_its_predictions_and_the_teacher_the_labels(tin
         record = run["test_predictions"]
         assert record["labels_sha256"] == labels["labels_sha256"] and record["order"] == labels["order"]
         assert (decode_predictions(record) == truth).mean() == pytest.approx(run["accuracy"])
+
+
+@pytest.mark.slow
+def test_int8_stage_scores_onnx_runtime_int8_on_the_trained_teacher(tiny_run):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from labutils import bench
+    from labutils.benchmark.train import int8_accuracy
+    from labutils.stats import decode_predictions
+
+    out, _ = tiny_run
+    argv = ["imdb", "--stage", "int8", "--preset-file", str(out / "preset.json"), "--out", str(out),
+            "--rows", "onnx-int8", "--threads", "1", "--quiet"]  # fmt: skip
+    assert bench.main(argv) == 0
+    scored = json.loads((out / "train_onnx-int8.json").read_text())
+    predictions = decode_predictions(scored["test_predictions"])
+    labels = decode_predictions(json.loads((out / "test_labels.json").read_text()))
+    assert len(predictions) == TINY["test_size"] and scored["accuracy"] == pytest.approx((predictions == labels).mean())
+    torch_int8 = decode_predictions(json.loads((out / "train_int8.json").read_text())["test_predictions"])
+    assert (predictions == torch_int8).mean() >= 0.75, "two INT8 quantizations of one teacher mostly agree"
+    rows = B.rows_of(out, json.loads((out / "cpu.json").read_text()))
+    assert rows["onnx-int8"]["accuracy"] == scored["accuracy"]
+    with pytest.raises(ValueError, match="CPU accuracy rows"):
+        int8_accuracy(B.PRESETS["ci"], out, None, 1, True, row="w1a1")

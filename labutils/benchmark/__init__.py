@@ -44,7 +44,8 @@ from labutils.benchmark.command import (
     run_command,
     with_overrides,
 )
-from labutils.benchmark.cpu import CPU_COLUMNS, ONNX_LABELS, ONNX_ROWS, random_inputs, run_cpu
+from labutils.benchmark.cpu import CPU_COLUMNS, random_inputs, run_cpu
+from labutils.benchmark.onnx_runtime import ONNX_LABELS, ONNX_ROWS, export_onnx
 from labutils.benchmark.preset import DATA_SOURCES, PRESETS, ROWS, STUDENTS, TARGETS, Preset, Row
 from labutils.benchmark.report import (
     RESULTS_SCHEMA,
@@ -81,6 +82,7 @@ __all__ = [
     "add_arguments",
     "charts",
     "check_targets",
+    "export_onnx",
     "format_table",
     "int8_dynamic",
     "load_results",

@@ -12,11 +12,9 @@ from __future__ import annotations
 import copy
 import functools
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -29,6 +27,7 @@ from labutils.benchmark.checkpoints import (
     student_file,
     write_untrained_student,
 )
+from labutils.benchmark.onnx_runtime import OnnxModel, export_onnx
 from labutils.benchmark.preset import ROWS, Preset, check_rows
 from labutils.benchmark.train import Splits, load_splits
 from labutils.bitlinear import BitNetConfig, quantize_
@@ -271,81 +270,20 @@ def run_cpu(
 
 # --------------------------------------------------------------------------- the ONNX Runtime rows
 
-ONNX_ROWS = ("onnx-fp32", "onnx-int8")
-"""Extra CPU-stage rows (latency, memory, weights only): the FP32 teacher exported to ONNX and
-its dynamic INT8 quantization (``onnxruntime.quantization.quantize_dynamic``), run by ONNX
-Runtime on the same threads: what a CPU user would deploy without retraining."""
-ONNX_LABELS = {"onnx-fp32": "FP32 (ONNX Runtime)", "onnx-int8": "INT8 dynamic (ONNX Runtime)"}
-
-
-class OnnxModel(nn.Module):
-    """An ONNX Runtime session called like the HF classifier: ``model(input_ids=, attention_mask=).logits``."""
-
-    def __init__(self, path: Path, threads: int) -> None:
-        import onnxruntime as ort
-
-        super().__init__()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        # no spin-waiting after a call: with rows interleaved, ONNX Runtime's spinning threads would
-        # take the cores from the next row (they made FP32 at batch 1 2.5x slower)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.weights_nbytes = _onnx_initializer_bytes(path)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> Any:
-        feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
-        logits = self.session.run(["logits"], feed)[0]
-        return type("Output", (), {"logits": torch.from_numpy(logits)})()
-
-    def set_attn_implementation(self, attn: str) -> None:  # the graph's attention is fixed at export
-        pass
-
-
-def _onnx_initializer_bytes(path: Path) -> int:
-    import onnx
-
-    return sum(onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer)
-
 
 def add_onnx_rows(models: CpuModels, teacher: nn.Module, out: Path, source: str) -> None:
     """Export the teacher to ONNX (once, in ``out/onnx``), quantize it dynamically to INT8 and
     add both as ONNX_ROWS; skipped with a printed reason where onnxruntime or onnx is missing or
     the export fails."""
     try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        paths = export_onnx(teacher, out / "onnx")
     except ImportError as exc:
         print(f"[cpu] ONNX Runtime rows skipped: {exc} (pip install onnxruntime onnx)", flush=True)
         return
-    folder = out / "onnx"
-    fp32, int8 = folder / "fp32.onnx", folder / "int8.onnx"
-    try:
-        if not fp32.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            inputs = random_inputs(teacher.config.vocab_size, 2, 16, 0)
-            wrapped = _LogitsOnly(copy.deepcopy(teacher).eval())
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(wrapped, (inputs["input_ids"], inputs["attention_mask"]), str(fp32), dynamo=False,
-                                  input_names=["input_ids", "attention_mask"], output_names=["logits"], opset_version=17,
-                                  dynamic_axes={"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
-                                                "logits": {0: "batch"}})  # fmt: skip
-        if not int8.is_file():
-            quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
-        threads = torch.get_num_threads()
-        for row, path in zip(ONNX_ROWS, (fp32, int8)):
-            models.inference[row] = OnnxModel(path, threads)
-            models.notes[row] = f"{source}, exported to ONNX ({path.relative_to(out)}), ONNX Runtime, {threads} threads"
     except Exception as exc:  # noqa: BLE001 - an exporter failure must not lose the other rows
         print(f"[cpu] ONNX Runtime rows skipped: the export or quantization failed: {type(exc).__name__}: {exc}", flush=True)
-
-
-class _LogitsOnly(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return
+    threads = torch.get_num_threads()
+    for row, path in paths.items():
+        models.inference[row] = OnnxModel(path, threads)
+        models.notes[row] = f"{source}, exported to ONNX ({path.relative_to(out)}), ONNX Runtime, {threads} threads"

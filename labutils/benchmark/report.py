@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from labutils.benchmark.checkpoints import row_file
-from labutils.benchmark.cpu import ONNX_LABELS, ONNX_ROWS
+from labutils.benchmark.onnx_runtime import ONNX_LABELS, ONNX_ROWS
 from labutils.benchmark.preset import ROWS, TARGETS, Preset
 from labutils.runs import provenance, read_json, write_json
 
@@ -30,12 +30,14 @@ def rows_of(out: Path, cpu: Mapping[str, Any]) -> dict[str, dict]:
             if name in cpu.get(key, {}):
                 entry[key] = cpu[key][name]
         rows[name] = entry
-    # The ONNX Runtime rows compute what fp32 computes: latency and weights only. Their peak memory
+    # The ONNX Runtime rows: latency and weights from the CPU stage, onnx-int8's accuracy from the
+    # train stage's CPU subprocess (--stage int8 --rows int8,onnx-int8). Their peak memory
     # stays in cpu.json but not in the report: ONNX Runtime's arena keeps what an earlier call
     # allocated, so the extra RSS of one call (measure.peak_memory) reads near 0 and is no peak.
     for name in ONNX_ROWS:
-        if name in cpu.get("latency", {}):
-            entry = {"label": ONNX_LABELS[name], "accuracy": None}
+        trained = read_json(row_file(out, "train", name)) if row_file(out, "train", name).is_file() else {}
+        if trained or name in cpu.get("latency", {}):
+            entry = {"label": ONNX_LABELS[name], "accuracy": trained.get("accuracy")}
             for key in ("latency", "weights_bytes", "weights_source"):
                 if name in cpu.get(key, {}):
                     entry[key] = cpu[key][name]

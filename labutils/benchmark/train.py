@@ -32,6 +32,7 @@ from labutils.benchmark.checkpoints import (
     teacher_file,
     teacher_skeleton,
 )
+from labutils.benchmark.onnx_runtime import OnnxModel, export_onnx
 from labutils.benchmark.preset import ROWS, Preset, check_rows
 from labutils.bitlinear import quantize_, quantize_embeddings_
 from labutils.runs import device_name, provenance, save_safetensors, write_json
@@ -254,30 +255,45 @@ def _train_student(
     }
 
 
-def int8_accuracy(preset: Preset, out: Path, model_path: str | None, threads: int, quiet: bool) -> dict:
-    """The INT8 row's test accuracy, on the CPU (torch's dynamic quantization runs nowhere else)."""
+CPU_ACCURACY_ROWS = ("int8", "onnx-int8")
+"""Rows whose test accuracy the train stage measures on the CPU, from the trained teacher: torch's
+dynamic INT8 (runs nowhere else) and ONNX Runtime's (the deployment peer of the CPU stage)."""
+
+
+def int8_accuracy(preset: Preset, out: Path, model_path: str | None, threads: int, quiet: bool, row: str = "int8") -> dict:
+    """The test accuracy of ``row`` (one of ``CPU_ACCURACY_ROWS``), the trained teacher quantized to
+    INT8 dynamically, on the CPU: ``{"accuracy", "test_predictions", "eval_seconds", "threads", "device"}``."""
     from labutils.models import load_tokenizer
 
+    if row not in CPU_ACCURACY_ROWS:
+        raise ValueError(f"row {row!r}: the CPU accuracy rows are {', '.join(CPU_ACCURACY_ROWS)}")
     torch.set_num_threads(threads)
     teacher, source = load_teacher(out, model_path)
     if source != "trained teacher":
-        raise FileNotFoundError(f"the INT8 row needs the trained teacher at {teacher_file(out)}")
+        raise FileNotFoundError(f"the {row} row needs the trained teacher at {teacher_file(out)}")
     splits = load_splits(preset, load_tokenizer(model_path))
-    model = int8_dynamic(teacher)
+    if row == "int8":
+        model = int8_dynamic(teacher)
+    else:  # the exported files (87 MB) stay in out/onnx for the CPU stage to reuse
+        model = OnnxModel(export_onnx(teacher, out / "onnx")[row], threads)
     start = time.perf_counter()
     loader = _loader(splits.test, preset.eval_batch_size, False, 0)
     if not quiet:
         from tqdm.auto import tqdm
 
-        loader = tqdm(loader, desc="INT8 accuracy (CPU)")
+        loader = tqdm(loader, desc=f"{row} accuracy (CPU)")
     test = scored(model, loader, torch.device("cpu"), test_order(preset))
     return {**test, "eval_seconds": time.perf_counter() - start, "threads": threads, "device": device_name("cpu")}
 
 
 def spawn_int8(preset_file: Path, out: Path, model_path: str | None, threads: int) -> subprocess.Popen:
-    """Evaluate the INT8 row in a subprocess on ``threads`` CPU cores while the GPU trains."""
+    """Evaluate the CPU accuracy rows in a subprocess on ``threads`` CPU cores while the GPU trains:
+    torch INT8, and ONNX Runtime INT8 where onnx and onnxruntime are installed."""
+    import importlib.util
+
+    rows = ["int8"] + (["onnx-int8"] if all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")) else [])
     cmd = [sys.executable, "-m", "labutils.bench", "imdb", "--stage", "int8", "--preset-file", str(preset_file),
-           "--out", str(out), "--threads", str(threads), "--quiet"]  # fmt: skip
+           "--out", str(out), "--threads", str(threads), "--rows", ",".join(rows), "--quiet"]  # fmt: skip
     if model_path:
         cmd += ["--model", str(model_path)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

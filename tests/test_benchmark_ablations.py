@@ -102,3 +102,15 @@ def test_sweeps_that_stored_different_labels_are_refused(sweep, tmp_path_factory
         (target / "teacher" / "test_labels.json").write_text(json.dumps(encode_predictions(labels, labels, "file")))
     with pytest.raises(ValueError, match="different test labels"):
         sweep_table([folder, other])
+
+
+def test_a_recipe_is_set_against_the_spread_of_the_base_seeds(sweep):
+    folder, runs = sweep
+    base = {"name": "full", "seed": 0, "student_lr": 2e-4, "threads": 2}
+    # a lever whose run lands exactly on one base seed: a different model, no different recipe
+    _run(folder, "lr-w1.58a8", "w1.58a8", {**base, "student_lr": 3e-4}, 0.88, 11)
+    table = {(r["row"], r["recipe"]): r for r in sweep_table(folder, LABELS)}
+    assert table[("w1.58a8", "augment_copies=1")]["outside_base_seeds"] is True  # 2 points above 0.88
+    assert table[("w1.58a8", "student_lr=0.0003")]["outside_base_seeds"] is False
+    assert table[("w1.58a8", "base")]["outside_base_seeds"] is None
+    assert table[("w1a1", "base")]["outside_base_seeds"] is None  # one base run: no spread to set against

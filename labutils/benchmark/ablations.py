@@ -106,7 +106,12 @@ def sweep_table(folders: str | os.PathLike | Sequence[str | os.PathLike],
     sweep's teacher), the difference to the row's base recipe in points, and McNemar p-values
     against the teacher and against the base recipe (runs paired seed by seed, discordant reviews
     pooled; None without stored predictions or ``labels``, the test labels in file order;
-    default: the ``teacher/test_labels.json`` the train stage writes beside each teacher)."""
+    default: the ``teacher/test_labels.json`` the train stage writes beside each teacher).
+
+    McNemar's p says whether two *models* differ; two seeds of one recipe already do. So each
+    other recipe also says whether its mean lies outside the range of the base recipe's seeds
+    (``outside_base_seeds``; None with fewer than two base seeds): a lever inside that range moved
+    the student no further than a new seed does."""
     folders = [Path(folders)] if isinstance(folders, (str, os.PathLike)) else [Path(f) for f in folders]
     runs = [run for folder in folders for run in sweep_runs(folder)]
     if labels is None:
@@ -132,5 +137,7 @@ def sweep_table(folders: str | os.PathLike | Sequence[str | os.PathLike],
             "vs_base_points": None if base_mean is None or not recipe else 100 * (summary["mean"] - base_mean),
             "p_vs_teacher": _pooled_p(teacher, members, labels, same_sweep=True),
             "p_vs_base": None if not recipe else _pooled_p(base, members, labels),
+            "outside_base_seeds": None if len(base) < 2 or not recipe
+            else not min(m["accuracy"] for m in base) <= summary["mean"] <= max(m["accuracy"] for m in base),
         })  # fmt: skip
     return records

@@ -128,3 +128,33 @@ def test_the_profile_adds_up_and_reports_its_own_cost():
     assert found["outside_sections"] == pytest.approx(found["total"] - sum(found[s] for s in ENGINE_SECTIONS))
     assert found["profiler_overhead"] == pytest.approx(found["total"] - found["total_unmarked"])
     assert all(found[s] >= 0 for s in ENGINE_SECTIONS)
+
+
+def _grouped(weight: torch.Tensor, bits: int, group: int = 32) -> K.layer.PackedEmbedding:
+    """A PackedEmbedding of ``weight`` [rows, dim]: absmax codes of ``bits`` per group of ``group``."""
+    qmax = 2 ** (bits - 1) - 1
+    groups = weight.detach().reshape(weight.shape[0], -1, group)
+    scale = groups.abs().amax(-1).clamp_min(1e-8) / qmax
+    codes = (groups / scale[..., None]).round().clamp(-qmax - 1, qmax).reshape(weight.shape).to(torch.int8)
+    return K.layer.PackedEmbedding(codes, scale)
+
+
+@pytest.mark.parametrize("tables", ["int4", "int8", "mixed"])
+def test_embeddings_are_read_where_each_table_lies(tables):
+    """Word, token-type and position rows dequantized in the compiled lookup equal the packed
+    tables' own rows: the engine's logits match the model running the same PackedEmbedding modules."""
+    model = _student("w1.58a8")
+    emb = model.bert.embeddings
+    bits = {"int4": (4, 4, 4), "int8": (8, 8, 8), "mixed": (4, None, 8)}[tables]  # None: a float table stays
+    for name, b in zip(("word_embeddings", "token_type_embeddings", "position_embeddings"), bits):
+        if b is not None:
+            setattr(emb, name, _grouped(getattr(emb, name).weight, b))
+    batch = {**_batch(), "token_type_ids": (torch.arange(37) >= 20).long().expand(4, 37)}
+    with torch.no_grad():
+        want = model(**batch).logits
+    got = EncoderEngine.from_model(model)(**batch).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=TOLERANCE["w1.58a8"] * float(want.abs().max()))
+    with pytest.raises(IndexError, match="input_ids out of range"):
+        EncoderEngine.from_model(model)(input_ids=torch.full((1, 4), 300))
+    with pytest.raises(IndexError, match="token_type_ids out of range"):
+        EncoderEngine.from_model(model)(input_ids=torch.ones(1, 4, dtype=torch.long), token_type_ids=torch.full((1, 4), 2))

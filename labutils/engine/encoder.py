@@ -6,7 +6,8 @@ encoder linears are BitLinear (fake-quantized) or PackedBitLinear (``kernels.pac
 keeps what its forward pass computes with: per layer the prepacked weights of Q, K and V
 concatenated into one ``[3H, H]`` matrix (one activation quantization and one kernel for the
 three), the attention output, the FFN's two linears, their scales and biases, the LayerNorms;
-the embeddings, pooler and classifier stay torch modules (one call each per forward pass).
+the embedding tables stay as the model holds them; the pooler and classifier stay torch modules
+(one call each per forward pass).
 
 A forward pass of B sequences of L tokens:
 
@@ -14,8 +15,8 @@ A forward pass of B sequences of L tokens:
    first token (the pooler reads it even when masked); attention runs over each sequence's
    real tokens. Padding costs nothing, and a padded token never reaches a real one, exactly as
    the mask makes it in the float model.
-2. **Embeddings**: word (the int4 ``PackedEmbedding`` or a float table, torch) + position +
-   token type, LayerNorm (compiled).
+2. **Embeddings**: word (the int4 ``PackedEmbedding`` or a float table) + token type + position,
+   read where each table lies and dequantized on the fly, then LayerNorm: one compiled call.
 3. Per layer, three compiled calls on preallocated buffers ``h [M, H]``, ``qkv [M, 3H]``,
    ``ctx [M, H]``:
 
@@ -36,8 +37,8 @@ dots are the packed layer's; LayerNorm, softmax, exp and erf sum and round diffe
 torch, so the logits equal the fake-quantized model's to float rounding, and where rounding moves
 an activation across a code boundary, to that code's step (tests/test_engine_encoder.py).
 
-``PackedEncoderClassifier`` wraps an engine as an ``nn.Module`` called like the Hugging Face
-model (``model(input_ids=, attention_mask=).logits``), for ``labutils.benchmark``'s CPU stage.
+``EncoderEngine`` is itself an ``nn.Module`` called like the Hugging Face model
+(``model(input_ids=, attention_mask=).logits``), which is how ``labutils.benchmark``'s CPU stage runs it.
 """
 
 from __future__ import annotations
@@ -55,10 +56,11 @@ from torch import nn
 
 from labutils.kernels import generic, microkernels_avx2, microkernels_avx512
 from labutils.kernels.dispatch import active_path
+from labutils.kernels.layer import PackedEmbedding
 from labutils.kernels.float_simd import ffma, fload, fmax, fmaxlanes, fsplat, fstore, fzeros
 from labutils.engine.ops import a8_linear_rows, binary_linear_rows, exp_approx
 
-__all__ = ["EncoderEngine", "EncoderLayerWeights", "PackedEncoderClassifier", "engine_profile", "ENGINE_SECTIONS"]
+__all__ = ["EncoderEngine", "EncoderLayerWeights", "engine_profile", "ENGINE_SECTIONS"]
 
 _JIT = {"cache": True, "boundscheck": False, "error_model": "numpy"}
 _INLINE = {**_JIT, "inline": "always"}
@@ -293,14 +295,48 @@ def _attention_16(qkv, ctx, rows_start, keys, keys_start, heads, head_dim):  # p
     _attention_body(qkv, ctx, rows_start, keys, keys_start, heads, head_dim, 16)
 
 
-@njit(parallel=True, fastmath=_FAST, **_JIT)
-def _embed(word, position, kind, gamma, beta, eps, h):  # pragma: no cover - compiled
+# An embedding table as the compiled lookup reads it: (floats, codes, scale, group, mode). Mode
+# FLOAT_TABLE reads float32 ``floats [rows, H]``; INT4_TABLE and INT8_TABLE read ``codes`` and
+# ``scale`` as ``kernels.PackedEmbedding`` stores them (nibbles + 8, two per byte, low nibble first;
+# or int8 bytes) with one float32 scale per ``group`` values. The unused arrays are 1 x 1.
+FLOAT_TABLE, INT4_TABLE, INT8_TABLE = 0, 1, 2
+
+
+@njit(**_INLINE)
+def _table_value(table, row, j):  # pragma: no cover - compiled
+    """Element j of row ``row`` of an embedding table (float32): the float, or code * scale."""
+    floats, codes, scale, group, mode = table
+    if mode == FLOAT_TABLE:
+        return floats[row, j]
+    if mode == INT4_TABLE:
+        code = np.int32((codes[row, j >> 1] >> np.uint8(4 * (j & 1))) & np.uint8(15)) - 8
+    else:
+        code = np.int32(np.int8(codes[row, j]))
+    return np.float32(code) * scale[row, j // group]
+
+
+@njit(parallel=True, **_JIT)
+def _embed(word_ids, type_ids, positions, word, kind, position, gamma, beta, eps, h):  # pragma: no cover - compiled
     """h [M, H] = LayerNorm((word + kind) + position) per row, in parallel: BERT's embeddings in
-    its order of additions, from the rows each table gave (float32 [M, H]; word is overwritten)."""
-    for r in prange(word.shape[0]):
-        for j in range(word.shape[1]):
-            word[r, j] = (word[r, j] + kind[r, j]) + position[r, j]
-        _layer_norm_row(word, r, gamma, beta, eps, h)
+    its order of additions, each row read from its table where it lies (int [M] indices; tables as
+    ``_table_value`` reads them). No fastmath: a product of the lookup must round before its sum,
+    as in the float model, not fuse into it."""
+    for r in prange(h.shape[0]):
+        for j in range(h.shape[1]):
+            h[r, j] = (_table_value(word, word_ids[r], j) + _table_value(kind, type_ids[r], j)) + _table_value(position, positions[r], j)
+        _layer_norm_row(h, r, gamma, beta, eps, h)
+
+
+def _table_arrays(table: nn.Module, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """An ``nn.Embedding`` (float) or a ``kernels.PackedEmbedding`` as ``_table_value``'s tuple
+    (zero-copy views of its buffers)."""
+    none_f, none_u = np.zeros((1, 1), np.float32), np.zeros((1, 1), np.uint8)
+    if isinstance(table, PackedEmbedding):
+        mode = INT4_TABLE if table.nibbles else INT8_TABLE
+        return none_f, table.codes.numpy(), table.scale.numpy(), int(table.group_size), mode
+    if type(table) is nn.Embedding and table.weight.dtype == torch.float32:
+        return table.weight.detach().numpy(), none_u, none_f, 1, FLOAT_TABLE
+    raise TypeError(f"{name}: the encoder engine reads float32 nn.Embedding or PackedEmbedding tables, got {type(table).__name__}")
 
 
 # --------------------------------------------------------------------------- one entry per path
@@ -481,10 +517,13 @@ class EncoderEngine(nn.Module):
         if base.pooler is None or not hasattr(model, "classifier"):
             raise ValueError("the encoder engine needs the pooler and the classifier (a *ForSequenceClassification model)")
         emb = base.embeddings
-        # the tables stay the model's modules (float nn.Embedding or int4 PackedEmbedding): each
-        # forward pass looks up the rows it needs, one call per table
+        # the tables stay the model's modules (float nn.Embedding or int4 PackedEmbedding); one
+        # compiled call reads the rows each forward pass needs from all three (_embed)
         self.word_embeddings, self.position_embeddings = emb.word_embeddings, emb.position_embeddings
         self.token_type_embeddings = emb.token_type_embeddings
+        self._tables = tuple(_table_arrays(t, f"embeddings.{n}") for t, n in (
+            (self.word_embeddings, "word_embeddings"), (self.token_type_embeddings, "token_type_embeddings"),
+            (self.position_embeddings, "position_embeddings")))  # fmt: skip
         self.max_positions = int(config.max_position_embeddings)
         g, b, self.embedding_eps = _layer_norm_arrays(emb.LayerNorm, "embeddings.LayerNorm")
         self.register_buffer("embedding_gamma", torch.from_numpy(g))
@@ -598,10 +637,13 @@ class EncoderEngine(nn.Module):
         m = seq.shape[0]
         ids_np, types_np = ids.cpu().numpy(), types.cpu().numpy()
         mark and mark("unpadding")
-        word, position, kind = (table(torch.from_numpy(index)).float().contiguous().numpy() for table, index in (
-            (self.word_embeddings, ids_np[seq, pos]), (self.position_embeddings, pos), (self.token_type_embeddings, types_np[seq, pos])))  # fmt: skip
+        word_ids, type_ids = ids_np[seq, pos].astype(np.int64), types_np[seq, pos].astype(np.int64)
+        for index, table, name in ((word_ids, self.word_embeddings, "input_ids"), (type_ids, self.token_type_embeddings, "token_type_ids")):
+            if index.min() < 0 or index.max() >= table.num_embeddings:
+                raise IndexError(f"{name} out of range: must be in [0, {table.num_embeddings})")
         h, qkv, ctx = self._scratch(m)
-        _embed(word, position, kind, self.embedding_gamma.numpy(), self.embedding_beta.numpy(), np.float32(self.embedding_eps), h)
+        _embed(word_ids, type_ids, pos.astype(np.int64), *self._tables, self.embedding_gamma.numpy(), self.embedding_beta.numpy(),
+               np.float32(self.embedding_eps), h)  # fmt: skip
         mark and mark("embeddings")
         qkv_step, attention_step, block_step = _ENTRIES[(self.kind, active_path())]
         block = self._block_rows(m)

@@ -56,13 +56,12 @@ def test_runs_are_grouped_by_recipe_with_seed_and_measurement_fields_ignored(swe
     assert base["vs_base_points"] is None and base["p_vs_base"] is None
 
 
-def test_p_values_pool_the_seeds_and_need_predictions(sweep):
+def test_p_values_pair_runs_by_seed_and_need_predictions(sweep):
     folder, runs = sweep
     table = {(r["row"], r["recipe"]): r for r in sweep_table(folder, LABELS)}
     aug = table[("w1.58a8", "augment_copies=1")]
-    a = np.concatenate([runs[v] == LABELS for v in ("base-w1.58a8", "seed1-w1.58a8", "seed2-w1.58a8")])
-    b = np.concatenate([runs["aug1-w1.58a8"] == LABELS] * 3)
-    assert aug["p_vs_base"] == mcnemar(a, b)["p_value"] < 0.05  # 2 points, independent errors, 3 pairs
+    # one augmented run (seed 0): paired with the base run of seed 0 only, never counted thrice
+    assert aug["p_vs_base"] == mcnemar(runs["base-w1.58a8"] == LABELS, runs["aug1-w1.58a8"] == LABELS)["p_value"] < 0.05
     assert table[("w1a1", "base")]["p_vs_teacher"] is None  # stored no predictions
     assert sweep_table(folder)[0]["p_vs_teacher"] is None  # no labels given
 
@@ -89,8 +88,7 @@ def test_several_sweeps_read_as_one_each_student_against_its_own_teacher(sweep, 
     emb = table[("w1.58a8", "embeddings=float")]
     assert emb["gap_to_teacher_points"] == pytest.approx(100 * ((teacher_b == LABELS).mean() - (student_b == LABELS).mean()))
     assert emb["p_vs_teacher"] == mcnemar(teacher_b == LABELS, student_b == LABELS)["p_value"]  # its own sweep's teacher only
-    a = np.concatenate([runs[v] == LABELS for v in ("base-w1.58a8", "seed1-w1.58a8", "seed2-w1.58a8")])
-    assert emb["p_vs_base"] == mcnemar(a, np.concatenate([student_b == LABELS] * 3))["p_value"]  # paired across sweeps
+    assert emb["p_vs_base"] == mcnemar(runs["base-w1.58a8"] == LABELS, student_b == LABELS)["p_value"]  # paired across sweeps, seed 0
     assert table[("w1.58a8", "base")] == {**sweep_table(folder, LABELS)[0]}  # the first sweep's rows unchanged
 
 
@@ -114,3 +112,14 @@ def test_a_recipe_is_set_against_the_spread_of_the_base_seeds(sweep):
     assert table[("w1.58a8", "student_lr=0.0003")]["outside_base_seeds"] is False
     assert table[("w1.58a8", "base")]["outside_base_seeds"] is None
     assert table[("w1a1", "base")]["outside_base_seeds"] is None  # one base run: no spread to set against
+
+
+def test_a_recipe_with_several_seeds_pools_its_seed_pairs(sweep):
+    folder, runs = sweep
+    base = {"name": "full", "seed": 0, "student_lr": 2e-4, "threads": 2}
+    aug_seed1 = _run(folder, "aug1-seed1-w1.58a8", "w1.58a8", {**base, "seed": 1, "augment_copies": 1}, 0.90, 21)
+    aug = {(r["row"], r["recipe"]): r for r in sweep_table(folder, LABELS)}[("w1.58a8", "augment_copies=1")]
+    assert aug["seeds"] == 2
+    a = np.concatenate([runs["base-w1.58a8"] == LABELS, runs["seed1-w1.58a8"] == LABELS])  # seeds 0 and 1; seed 2 unpaired
+    b = np.concatenate([runs["aug1-w1.58a8"] == LABELS, aug_seed1 == LABELS])
+    assert aug["p_vs_base"] == mcnemar(a, b)["p_value"]

@@ -70,16 +70,14 @@ def sweep_runs(folder: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _pooled_p(a: Sequence[dict], b: Sequence[dict], labels: np.ndarray | None,
               same_sweep: bool = False) -> float | None:  # fmt: skip
-    """McNemar's exact p of recipe ``b`` against recipe ``a``: runs paired seed by seed (every run
-    against the other side's only run, where one side has one), or with ``same_sweep`` each run of
-    ``b`` against the run of ``a`` from its own sweep (a teacher); the discordant reviews of all
-    pairs pooled; None where no pair has predictions or ``labels`` is None."""
+    """McNemar's exact p of recipe ``b`` against recipe ``a``: runs paired seed by seed (a run of
+    ``b`` only against the run of ``a`` with its seed, so that no run counts twice), or with
+    ``same_sweep`` each run of ``b`` against the run of ``a`` from its own sweep (a teacher); the
+    discordant reviews of all pairs pooled; None where no pair has predictions or ``labels`` is None."""
     if labels is None:
         return None
-    if same_sweep:
-        pairs = [(x, y) for x in a for y in b if x["sweep"] == y["sweep"]]
-    else:
-        pairs = [(x, y) for x in a for y in b if x["seed"] == y["seed"] or len(a) == 1 or len(b) == 1]
+    key = "sweep" if same_sweep else "seed"
+    pairs = [(x, y) for x in a for y in b if x[key] == y[key]]
     pairs = [(x, y) for x, y in pairs if x["predictions"] is not None and y["predictions"] is not None]
     if not pairs:
         return None
@@ -104,8 +102,8 @@ def sweep_table(folders: str | os.PathLike | Sequence[str | os.PathLike],
     """One record per (row, recipe) of one sweep folder or several: its seeds, accuracy mean /
     stdev / min / max (as fractions), the gap to the teacher in points (each run against its own
     sweep's teacher), the difference to the row's base recipe in points, and McNemar p-values
-    against the teacher and against the base recipe (runs paired seed by seed, discordant reviews
-    pooled; None without stored predictions or ``labels``, the test labels in file order;
+    against the teacher and against the base recipe (runs paired seed by seed, each run once,
+    discordant reviews pooled; None without stored predictions or ``labels``, the test labels in file order;
     default: the ``teacher/test_labels.json`` the train stage writes beside each teacher).
 
     McNemar's p says whether two *models* differ; two seeds of one recipe already do. So each

@@ -469,3 +469,19 @@ def test_generations():
         checks.check_generations(greedy, greedy, s0, s0, model, prompt)
     with wrong("sample with temperature=1.0"):
         checks.check_generations(greedy, greedy, greedy, greedy, model, prompt)
+
+
+def test_check_decode_bounds():
+    weights = 679_477_248  # the 700m size's projection weights
+    right = {fmt: 20e9 / (weights * b) for fmt, b in checks.DECODE_BYTES_PER_WEIGHT.items()}
+    assert checks.check_decode_bounds(right)
+    with pytest.raises(checks.ExerciseError, match="keys"):
+        checks.check_decode_bounds({"float32": 1.0})
+    with pytest.raises(checks.ExerciseError, match="seconds per token"):
+        checks.check_decode_bounds({**right, "int8": 1 / right["int8"]})
+    with pytest.raises(checks.ExerciseError, match="2 bits"):
+        checks.check_decode_bounds({**right, "ternary": 20e9 / (weights * math.log2(3) / 8)})
+    with pytest.raises(checks.ExerciseError, match="bytes and seconds"):
+        checks.check_decode_bounds({**right, "float32": right["float32"] / 1e9})
+    with pytest.raises(checks.ExerciseError, match="float32"):
+        checks.check_decode_bounds({**right, "float32": right["float32"] * 2})

@@ -58,6 +58,8 @@ __all__ = [
     "check_restored_epoch",
     "check_kv_cache",
     "check_generations",
+    "check_decode_bounds",
+    "DECODE_BYTES_PER_WEIGHT",
 ]
 
 
@@ -647,6 +649,42 @@ def check_kv_cache(kv_bytes: int, equivalent_weights: int, size: str = "700m", c
     if messages:
         raise ExerciseError("; ".join(messages))
     return _ok(f"{expected_kv:,} bytes of KV cache = {expected_weights:,} weights at {weight_bits} bits")
+
+
+DECODE_BYTES_PER_WEIGHT = {"float32": 4.0, "int8": 1.0, "ternary": 0.25}
+"""Bytes a projection weight takes in Exercise 8.3's formats (ternary: the packed 2-bit codes)."""
+
+
+def check_decode_bounds(tokens_per_s: dict, size: str = "700m", bandwidth: float = 20e9) -> bool:
+    """Exercise 8.3: the tokens per second that reading every projection weight once per token
+    allows at ``bandwidth`` bytes/s, for each format of ``DECODE_BYTES_PER_WEIGHT``
+    (``{"float32": ..., "int8": ..., "ternary": ...}``; embeddings, head and KV cache left out)."""
+    from labutils.lm.experiment import SIZES
+    from labutils.lm.model import LMConfig
+
+    if not isinstance(tokens_per_s, dict) or set(tokens_per_s) != set(DECODE_BYTES_PER_WEIGHT):
+        raise ExerciseError(f"tokens_per_s must be a dict with the keys {sorted(DECODE_BYTES_PER_WEIGHT)}")
+    n_layer, n_head, d_model = SIZES[size]
+    c = LMConfig(vocab_size=8, n_layer=n_layer, n_head=n_head, d_model=d_model)
+    weights = n_layer * (4 * d_model**2 + 3 * d_model * c.ffn_hidden)  # q, k, v, o; gate, up, down
+    messages = []
+    for fmt, per_weight in DECODE_BYTES_PER_WEIGHT.items():
+        mine, expected = _number(tokens_per_s[fmt], f"tokens_per_s[{fmt!r}]"), bandwidth / (weights * per_weight)
+        if math.isclose(mine, expected, rel_tol=0.01):
+            continue
+        if math.isclose(mine, 1 / expected, rel_tol=0.01):
+            messages.append(f"{fmt}: that is seconds per token; tokens/s is its inverse")
+        elif fmt == "ternary" and math.isclose(mine, bandwidth / (weights * math.log2(3) / 8), rel_tol=0.01):
+            messages.append("ternary: the codes are stored in 2 bits each (a quarter byte), not log2(3) = 1.58")
+        elif math.isclose(mine, expected * 1e9, rel_tol=0.01) or math.isclose(mine, expected / 1e9, rel_tol=0.01):
+            messages.append(f"{fmt}: the bandwidth is {bandwidth:.3g} bytes/s; keep bytes and seconds")
+        else:
+            messages.append(f"{fmt}: {mine:.3g} tokens/s is not bandwidth / (projection weights x bytes per weight)"
+                            f"{_ratio_hint(mine, expected)}")
+    if messages:
+        raise ExerciseError("; ".join(messages))
+    bounds = ", ".join(f"{fmt} {bandwidth / (weights * b):.1f}" for fmt, b in DECODE_BYTES_PER_WEIGHT.items())
+    return _ok(f"{weights:,} projection weights per token at {bandwidth / 1e9:g} GB/s: {bounds} tokens/s")
 
 
 def check_generations(greedy: torch.Tensor, greedy_again: torch.Tensor, sampled: torch.Tensor,

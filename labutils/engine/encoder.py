@@ -56,7 +56,7 @@ from torch import nn
 
 from labutils.kernels import generic, microkernels_avx2, microkernels_avx512
 from labutils.kernels.dispatch import active_path
-from labutils.kernels.layer import PackedEmbedding
+from labutils.kernels.layer import PackedEmbedding, embedding_value
 from labutils.kernels.float_simd import ffma, fload, fmax, fmaxlanes, fsplat, fstore, fzeros
 from labutils.engine.ops import a8_linear_rows, binary_linear_rows, exp_approx
 
@@ -308,11 +308,7 @@ def _table_value(table, row, j):  # pragma: no cover - compiled
     floats, codes, scale, group, mode = table
     if mode == FLOAT_TABLE:
         return floats[row, j]
-    if mode == INT4_TABLE:
-        code = np.int32((codes[row, j >> 1] >> np.uint8(4 * (j & 1))) & np.uint8(15)) - 8
-    else:
-        code = np.int32(np.int8(codes[row, j]))
-    return np.float32(code) * scale[row, j // group]
+    return embedding_value(codes, scale, group, mode == INT4_TABLE, row, j)
 
 
 @njit(parallel=True, **_JIT)

@@ -287,18 +287,24 @@ def pack_model(model: nn.Module, *, act: str | None = None, inplace: bool = Fals
     return target.eval()
 
 
+@njit(inline="always", cache=True, boundscheck=False, error_model="numpy")
+def embedding_value(codes, scale, group, nibbles, r, j):  # pragma: no cover - compiled
+    """Element j of row r of a PackedEmbedding's buffers, float32: code * scale of its group
+    (codes stored as nibbles + 8, two per byte, low nibble first, when ``nibbles``; else as int8
+    bytes). Inlined into every compiled caller (this module's lookup, the encoder engine's)."""
+    if nibbles:
+        code = np.int32((codes[r, j >> 1] >> np.uint8(4 * (j & 1))) & np.uint8(15)) - 8
+    else:
+        code = np.int32(np.int8(codes[r, j]))
+    return np.float32(code) * scale[r, j // group]
+
+
 @njit(cache=True, boundscheck=False, error_model="numpy")
 def _embed_rows(ids, codes, scale, dim, group, nibbles, out):  # pragma: no cover - compiled
-    """out[i] = the dequantized row ids[i]: code * scale of its group, float32 (codes stored as
-    nibbles + 8, two per byte, low nibble first, when ``nibbles``; else as int8 bytes)."""
+    """out[i] = the dequantized row ids[i] (``embedding_value``), float32."""
     for i in range(ids.shape[0]):
-        r = ids[i]
         for j in range(dim):
-            if nibbles:
-                code = np.int32((codes[r, j >> 1] >> np.uint8(4 * (j & 1))) & np.uint8(15)) - 8
-            else:
-                code = np.int32(np.int8(codes[r, j]))
-            out[i, j] = np.float32(code) * scale[r, j // group]
+            out[i, j] = embedding_value(codes, scale, group, nibbles, ids[i], j)
 
 
 class PackedEmbedding(nn.Module):

@@ -55,6 +55,11 @@ VARIANTS=(
   "aug1-w1a8|w1a8|augment_copies=1|-"
   "emb-int8-w1.58a8|w1.58a8|embeddings=int8|-"
   "emb-float-w1.58a8|w1.58a8|embeddings=float|-"
+  # 2026-12-06 (fourth session of the day): four augmented copies of every review for one epoch,
+  # 5/4 of the base recipe's steps (TinyBERT used twenty copies; one copy moved nothing).
+  "aug4e1-w1.58a8|w1.58a8|augment_copies=4 student_epochs=1|-"
+  "aug4e1-w1a8|w1a8|augment_copies=4 student_epochs=1|-"
+  "aug4e1-w1a1|w1a1|augment_copies=4 student_epochs=1|-"
 )
 
 prepare() {  # folder with the trained teacher linked in (and, for a chain, the earlier student)

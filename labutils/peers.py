@@ -169,6 +169,9 @@ class PeersPreset:
         engine_embedding: how the engine rows hold the tied embedding and head, "bfloat16" (the
             default: 2 bytes a weight, as the F16 ``token_embd`` every GGUF here is written with)
             or "float32" (``DecoderEngine``'s ``embedding``).
+        engine_kv_cache: how the engine rows cache K and V, "bfloat16" (the default: 2 bytes a
+            value, as llama.cpp's default fp16 cache beside them) or "float32"
+            (``DecoderEngine``'s ``kv_cache``).
         agreement_text, agreement_tokens: the agreement prompt (after ``<|endoftext|>``) and how
             many greedy tokens both sides generate from it.
     """
@@ -185,6 +188,7 @@ class PeersPreset:
     repeat: int = 3
     threads: int = 2
     engine_embedding: str = "bfloat16"
+    engine_kv_cache: str = "bfloat16"
     agreement_text: str = "This movie was"
     agreement_tokens: int = 32
     agreement_size: str = "s"
@@ -205,10 +209,12 @@ class PeersPreset:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        from labutils.engine.decoder import EMBEDDINGS
+        from labutils.engine.decoder import EMBEDDINGS, KV_CACHES
 
         if self.engine_embedding not in EMBEDDINGS:
             raise ValueError(f"engine_embedding must be one of {EMBEDDINGS}, got {self.engine_embedding!r}")
+        if self.engine_kv_cache not in KV_CACHES:
+            raise ValueError(f"engine_kv_cache must be one of {KV_CACHES}, got {self.engine_kv_cache!r}")
         if not self.agreement_text.strip():
             raise ValueError("agreement_text must not be empty")
 
@@ -382,7 +388,7 @@ def _time_model(name: str, kind: str, ternary: torch.nn.Module, fp: torch.nn.Mod
     rows["book w1.58a8"] = {"weights_bytes": weights_bytes(packed), "file_bytes": files["book .packed"]["bytes"]}
     from labutils.engine import DecoderEngine
 
-    engine = DecoderEngine.from_decoder(packed, embedding=preset.engine_embedding)
+    engine = DecoderEngine.from_decoder(packed, embedding=preset.engine_embedding, kv_cache=preset.engine_kv_cache)
     engines[ENGINE_ROW] = _engine_row(engine)
     rows[ENGINE_ROW] = {"weights_bytes": engine.nbytes, "file_bytes": files["book .packed"]["bytes"]}
     llamas = {}
@@ -432,7 +438,8 @@ def _time_engine_model(name: str, tokenizer, preset: PeersPreset, work: Path, qu
 
     n_ctx = preset.prompt + preset.new_tokens
     shape = EngineShape(**ENGINE_SIZES[name], max_seq_len=n_ctx)
-    engine = DecoderEngine.random(shape, seed=preset.seed, progress=not quiet, embedding=preset.engine_embedding)
+    engine = DecoderEngine.random(shape, seed=preset.seed, progress=not quiet, embedding=preset.engine_embedding,
+                                  kv_cache=preset.engine_kv_cache)  # fmt: skip
     path = work / f"{name}-TQ2_0.gguf"
     start = time.perf_counter()
     types = export_random_gguf(engine, tokenizer, path, "TQ2_0")
@@ -735,7 +742,6 @@ def format_table(result: dict[str, Any]) -> str:
 def chart(result: dict[str, Any]):
     """Plotly figure: generation and prompt tokens/s per model and row (bars, per-round min-max
     as error bars), and each row's generation speed relative to llama.cpp TQ2_0."""
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=3, subplot_titles=("generation (tg), tokens/s", "prompt (pp), tokens/s",

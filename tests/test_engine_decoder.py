@@ -98,6 +98,27 @@ def test_bfloat16_embedding_computes_the_model_with_that_rounded_table():
         DecoderEngine.from_decoder(ref, embedding="float16")
 
 
+def test_bfloat16_kv_cache_holds_the_rounded_keys_and_values():
+    """kv_cache="bfloat16" stores K and V rounded to nearest as they are written (half the bytes
+    attention reads a token, as llama.cpp's fp16 cache); logits stay within a few per cent of
+    the float32 cache's largest (a rounded value can move an int8 code of the next layer by one)
+    and greedy decoding mostly agrees."""
+    ref = model(2, seed=6)
+    x = prompt(12, seed=6)[0].numpy()
+    full, half = DecoderEngine.from_decoder(ref), DecoderEngine.from_decoder(ref, kv_cache="bfloat16")
+    assert (full.kv_cache_dtype, half.kv_cache_dtype) == ("float32", "bfloat16") and half.k_cache.dtype == np.uint16
+    assert half.k_cache.nbytes * 2 == full.k_cache.nbytes
+    a, b = full.forward(x, logits="all"), half.forward(x, logits="all")
+    # the first layer's keys and values come from the same inputs: exactly the rounded float32 ones
+    assert np.array_equal(half.k_cache[0, :, :12], ops.to_bfloat16(full.k_cache[0, :, :12]))
+    assert np.array_equal(half.v_cache[0, :, :12], ops.to_bfloat16(full.v_cache[0, :, :12]))
+    assert np.abs(a - b).max() < 5e-2 * np.abs(a).max() and (a.argmax(1) == b.argmax(1)).mean() >= 0.9
+    for _ in range(4):  # decode steps read the rounded cache
+        np.testing.assert_allclose(full.step(int(a[-1].argmax())), half.step(int(a[-1].argmax())), atol=5e-2 * np.abs(a).max())
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        DecoderEngine.from_decoder(ref, kv_cache="float16")
+
+
 def test_random_engine_is_seeded_and_runs_gqa_shapes():
     shape = EngineShape(vocab_size=500, n_layer=2, n_head=6, n_kv_head=2, d_model=96, ffn_hidden=200, max_seq_len=16)
     a, b = DecoderEngine.random(shape, seed=7), DecoderEngine.random(shape, seed=7)

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from numba import njit
 
 from labutils import quant
 from labutils import kernels as K
@@ -141,6 +142,29 @@ def test_attend_cached_equals_causal_sdpa(n_head, n_kv):
     tv = torch.from_numpy(v[:, :length]).repeat_interleave(group, dim=0)[None]
     expected = attend(tq, tk, tv, past, "eager")[0].transpose(0, 1).reshape(m, -1)
     np.testing.assert_allclose(out, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_attend_cached_on_a_bfloat16_cache_reads_its_widened_copy():
+    """A bfloat16 cache (uint16) gives the attention of its exactly widened float32 copy, up to
+    the order fastmath sums in; narrow_like rounds into it as to_bfloat16 does."""
+    n_head, n_kv, hd, past, m, max_len = 4, 2, 16, 5, 2, 9
+    qkv = rand(m, (n_head + 2 * n_kv) * hd, seed=8)
+    k, v = rand(n_kv, max_len, hd, seed=9), rand(n_kv, max_len, hd, seed=10)
+    kb, vb = ops.to_bfloat16(k), ops.to_bfloat16(v)
+    out = {name: np.zeros((m, n_head * hd), np.float32) for name in ("bf16", "widened")}
+    scores = np.zeros((n_head * m, max_len), np.float32)
+    ops.attend_cached(qkv, m, n_head, n_kv, hd, kb, vb, past, scores, out["bf16"])
+    ops.attend_cached(qkv, m, n_head, n_kv, hd, ops.from_bfloat16(kb), ops.from_bfloat16(vb), past, scores, out["widened"])
+    np.testing.assert_allclose(out["bf16"], out["widened"], rtol=1e-6, atol=1e-6)
+    values = np.array([1 + 2**-8, 1 + 3 * 2**-8, -2.5e-3, 0.0, -0.0, 7e20, np.nan], np.float32)
+    narrowed = np.array([_narrow(np.float32(x), kb) for x in values], np.uint16)
+    assert np.array_equal(narrowed[:-1], ops.to_bfloat16(values[:-1])) and np.isnan(ops.from_bfloat16(narrowed[-1:]))[0]
+    assert _narrow(np.float32(1.5), k) == np.float32(1.5)
+
+
+@njit
+def _narrow(x, table):
+    return ops.narrow_like(x, table)
 
 
 def test_swiglu_and_add():

@@ -82,7 +82,7 @@ def test_fold_norms_like_llama_refuses_a_full_precision_model():
 
 @pytest.mark.parametrize("field, value", [("sizes", ("nope",)), ("engine_sizes", ("125m",)), ("float_gguf", ("Q4_0",)),
                                           ("repeat", 0), ("prompt", True), ("agreement_text", " "),
-                                          ("engine_embedding", "float16")])  # fmt: skip
+                                          ("engine_embedding", "float16"), ("engine_kv_cache", "float16")])  # fmt: skip
 def test_preset_rejects_bad_values(field, value):
     with pytest.raises(ValueError):
         dataclasses.replace(peers.PRESETS["ci"], **{field: value})

@@ -10,7 +10,9 @@
   the table once per token; a lookup reads one row), float32 or bfloat16
   (``embedding="bfloat16"``: half the bytes the head reads per token, as llama.cpp's F16 output
   matrix), the final norm's gain, the rotary tables;
-- the KV cache ``float32 [n_layer, n_kv_head, max_len, head_dim]`` (K and V) and every scratch
+- the KV cache ``[n_layer, n_kv_head, max_len, head_dim]`` (K and V), float32 or bfloat16
+  (``kv_cache="bfloat16"``: half the bytes attention reads per token, as llama.cpp's default
+  fp16 cache; at batch 1 attention streams the whole cache once a token), and every scratch
   buffer a pass needs, for up to ``max_seq_len`` tokens at once, allocated once.
 
 :meth:`DecoderEngine.forward` then runs M tokens (a prompt, or one generated token) through
@@ -46,6 +48,7 @@ from labutils.engine.ops import (
     attend_cached,
     float_matmul_for,
     from_bfloat16,
+    narrow_like,
     padded_width,
     quantize_absmax,
     rmsnorm,
@@ -56,7 +59,7 @@ from labutils.engine.ops import (
     widen,
 )
 
-__all__ = ["EMBEDDINGS", "EngineShape", "DecoderEngine", "engine_for", "is_packed_decoder"]
+__all__ = ["EMBEDDINGS", "KV_CACHES", "EngineShape", "DecoderEngine", "engine_for", "is_packed_decoder"]
 
 _JIT = {"cache": True, "boundscheck": False, "error_model": "numpy"}
 # Functions that take the kernels as arguments are not cached on disk: Numba keys its cache by
@@ -141,8 +144,8 @@ def _forward(par, ser, head, tokens, m, pos0, first_logit,
         for r in range(m):
             for hh in range(n_kv):
                 for i in range(head_dim):
-                    kc[hh, pos0 + r, i] = qkv[r, q_width + hh * head_dim + i]
-                    vc[hh, pos0 + r, i] = qkv[r, q_width + kv_width + hh * head_dim + i]
+                    kc[hh, pos0 + r, i] = narrow_like(qkv[r, q_width + hh * head_dim + i], kc)
+                    vc[hh, pos0 + r, i] = narrow_like(qkv[r, q_width + kv_width + hh * head_dim + i], vc)
         attend_cached(qkv, m, n_head, n_kv, head_dim, kc, vc, pos0, scores, att)
         rmsnorm(att, m, g_o[layer], act_eps, att)
         _project(par, ser, att, m, codes_d, xs, rowsum, dots, w_o[layer], s_o[layer], proj, qp, act_eps, min_macs)
@@ -181,11 +184,18 @@ def _kernels_only(par, ser, m, w_qkv, w_o, w_gu, w_down, codes_d, codes_h, rowsu
 
 
 EMBEDDINGS = ("float32", "bfloat16")
+KV_CACHES = ("float32", "bfloat16")
+_CACHE_DTYPES = {"float32": np.float32, "bfloat16": np.uint16}  # bfloat16 held as its 16 bits
 
 
 def _check_embedding(embedding: str) -> None:
     if embedding not in EMBEDDINGS:
         raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+
+
+def _check_kv_cache(kv_cache: str) -> None:
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
 
 
 def _table(embed: np.ndarray, embedding: str) -> np.ndarray:
@@ -205,7 +215,8 @@ class DecoderEngine:
     """
 
     def __init__(self, shape: EngineShape, weights: dict[str, np.ndarray], scales: dict[str, np.ndarray],
-                 gains: dict[str, np.ndarray], embed: np.ndarray, final_gain: np.ndarray) -> None:  # fmt: skip
+                 gains: dict[str, np.ndarray], embed: np.ndarray, final_gain: np.ndarray,
+                 kv_cache: str = "float32") -> None:  # fmt: skip
         """Args (``L`` = n_layer; see the module docstring for the layouts):
         shape: the decoder's EngineShape.
         weights: {projection: uint8 [L, T, G, 4, 64]} prepacked W1.58A8 tiles of every layer.
@@ -214,7 +225,10 @@ class DecoderEngine:
             [L, K] the BitLinear norms}.
         embed: [vocab, d], the tied embedding (and head): float32, or bfloat16 held as uint16
             (``labutils.engine.ops.to_bfloat16``). final_gain: float32 [d].
+        kv_cache: "float32" (the torch decoder's values, the default) or "bfloat16" (K and V
+            rounded to nearest as they are written: half the bytes).
         """
+        _check_kv_cache(kv_cache)
         widths = shape.widths()
         for name, (n, k) in widths.items():
             w = weights[name]
@@ -239,7 +253,8 @@ class DecoderEngine:
         angles = np.concatenate([angles, angles], axis=1)
         self.cos, self.sin = f32(np.cos(angles)), f32(np.sin(angles))
         cache = (shape.n_layer, shape.n_kv_head, t, hd)
-        self.k_cache, self.v_cache = np.zeros(cache, np.float32), np.zeros(cache, np.float32)
+        dtype = _CACHE_DTYPES[kv_cache]
+        self.k_cache, self.v_cache = np.zeros(cache, dtype), np.zeros(cache, dtype)
         d, hidden = shape.d_model, shape.ffn_hidden
         self._buffers = {
             "x": np.zeros((t, d), np.float32), "h": np.zeros((t, d), np.float32),
@@ -257,12 +272,14 @@ class DecoderEngine:
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def from_decoder(cls, model: Any, embedding: str = "float32") -> DecoderEngine:
+    def from_decoder(cls, model: Any, embedding: str = "float32", kv_cache: str = "float32") -> DecoderEngine:
         """The engine of a W1.58A8 ``Decoder`` (its BitLinears, or the PackedBitLinears of
         ``pack_model``): codes, scales and gains copied (the model is not kept); the tied
         embedding (and head) kept as ``embedding``, "float32" or "bfloat16" (rounded to
-        nearest: the engine then computes what the model with that rounded table computes)."""
+        nearest: the engine then computes what the model with that rounded table computes);
+        the KV cache as ``kv_cache`` (see ``__init__``)."""
         _check_embedding(embedding)
+        _check_kv_cache(kv_cache)
         import torch
 
         from labutils.bitlinear import BitLinear
@@ -316,16 +333,19 @@ class DecoderEngine:
             raise ValueError("the engine needs the head tied to the embedding (Decoder's lm_head)")
         shape = EngineShape.of(cfg, act_eps=float(act_eps), act_bits=int(act_bits))
         return cls(shape, {k: _stack(v) for k, v in weights.items()}, {k: _stack(v) for k, v in scales.items()},
-                   {k: _stack(v) for k, v in gains.items()}, _table(f32(table), embedding), f32(model.norm.weight))  # fmt: skip
+                   {k: _stack(v) for k, v in gains.items()}, _table(f32(table), embedding), f32(model.norm.weight),
+                   kv_cache=kv_cache)  # fmt: skip
 
     @classmethod
-    def random(cls, shape: EngineShape, seed: int = 0, progress: bool = False, embedding: str = "float32") -> DecoderEngine:
+    def random(cls, shape: EngineShape, seed: int = 0, progress: bool = False, embedding: str = "float32",
+               kv_cache: str = "float32") -> DecoderEngine:  # fmt: skip
         """Random ternary weights (codes uniform in {-1, 0, +1}, scale 1/sqrt(in_features)),
         embedding N(0, 0.02) kept as ``embedding`` ("float32" or "bfloat16"), unit gains: a
         benchmark model of any shape, as bitnet.cpp's dummy models, built layer by layer (peak
         memory: one layer's int8 codes beyond the packed model). :meth:`layer_codes`
-        regenerates the codes (for a GGUF export)."""
+        regenerates the codes (for a GGUF export). ``kv_cache``: see ``__init__``."""
         _check_embedding(embedding)
+        _check_kv_cache(kv_cache)
         from tqdm.auto import tqdm
 
         from labutils.kernels import prepack_w158a8
@@ -343,7 +363,8 @@ class DecoderEngine:
         rng = np.random.default_rng(seed)
         embed = rng.standard_normal((shape.vocab_size, shape.d_model), dtype=np.float32)
         embed *= np.float32(0.02)
-        engine = cls(shape, weights, scales, gains, _table(embed, embedding), np.ones(shape.d_model, np.float32))
+        engine = cls(shape, weights, scales, gains, _table(embed, embedding), np.ones(shape.d_model, np.float32),
+                     kv_cache=kv_cache)  # fmt: skip
         engine.random_seed = seed  # labutils.export.export_random_gguf regenerates the codes from it
         return engine
 
@@ -365,6 +386,11 @@ class DecoderEngine:
     def embedding_dtype(self) -> str:
         """How the tied embedding (and head) is held: "float32" or "bfloat16"."""
         return "bfloat16" if self.embed.dtype == np.uint16 else "float32"
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """How K and V are cached: "float32" or "bfloat16"."""
+        return "bfloat16" if self.k_cache.dtype == np.uint16 else "float32"
 
     def embedding(self) -> np.ndarray:
         """The tied embedding as float32 ``[vocab, d]`` (a bfloat16 table widened exactly)."""

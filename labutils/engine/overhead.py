@@ -25,6 +25,10 @@ operations, a few hundred small calls a token):
    step (:mod:`labutils.engine.decoder`) on the same weights.
 7. ``threads``: the engine's step on 2 threads against 1: on a machine whose other processes
    hold the cores, every parallel region waits for its second thread to be scheduled.
+8. ``bandwidth``: is a generated token bound by memory? The bytes one 700m engine step reads
+   (its ternary codes, the bfloat16 head table, the bfloat16 KV cache at position 128) over the
+   step's time, and the codes over the ternary kernels' time, against a plain parallel read of
+   512 MB (a float32 sum LLVM vectorizes) on the same threads.
 """
 
 from __future__ import annotations
@@ -211,6 +215,58 @@ def _threads(calls: int, rounds: int) -> dict[str, Any]:
         numba.set_num_threads(2)
 
 
+def _read_rate(rounds: int) -> list[float]:
+    """Bytes per second of a parallel float32 sum over 512 MB, ``rounds`` timed passes."""
+    from numba import njit, prange
+
+    @njit(parallel=True, fastmath=True, cache=False)
+    def read(a):  # pragma: no cover - compiled
+        chunk = a.shape[0] // 64
+        total = 0.0
+        for c in prange(64):
+            part = np.float32(0.0)
+            for i in range(c * chunk, (c + 1) * chunk):
+                part += a[i]
+            total += part
+        return total
+
+    table = np.ones(128 << 20, np.float32)
+    read(table)
+    rates = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        read(table)
+        rates.append(table.nbytes / (time.perf_counter() - start))
+    return rates
+
+
+def _bandwidth(calls: int, rounds: int) -> dict[str, Any]:
+    """Experiment 8: bytes per second of the 700m engine step and of its ternary kernels, against a
+    plain parallel read of memory (medians; the read's passes interleaved with the profiles)."""
+    import statistics
+
+    from labutils.engine.decoder import DecoderEngine, EngineShape
+    from labutils.lm.preset import PRESETS, row_config
+
+    cfg = row_config("w1.58a8-700m", PRESETS["full"], 8192, max_seq_len=192)
+    engine = DecoderEngine.random(EngineShape.of(cfg), seed=0, embedding="bfloat16", kv_cache="bfloat16")
+    position = 128
+    codes = sum(w.nbytes for w in engine.weights.values())
+    kv = engine.k_cache[:, :, : position + 1].nbytes + engine.v_cache[:, :, : position + 1].nbytes
+    step_bytes = codes + engine.embed.nbytes + kv
+    reads, steps, kernels = [], [], []
+    for _ in range(rounds):
+        reads += _read_rate(1)
+        profile = engine.profile_step(position, repeat=max(3, calls // 20))
+        steps.append(profile["total"])
+        kernels.append(profile["integer_kernel"])
+    read_rate, step_s, kernel_s = statistics.median(reads), statistics.median(steps), statistics.median(kernels)
+    return {"read_gb_s": read_rate / 1e9, "read_gb_s_best": max(reads) / 1e9, "step_ms": 1e3 * step_s,
+            "kernels_ms": 1e3 * kernel_s, "step_mb": step_bytes / 1e6, "codes_mb": codes / 1e6,
+            "head_mb": engine.embed.nbytes / 1e6, "kv_mb": kv / 1e6, "step_gb_s": step_bytes / step_s / 1e9,
+            "kernels_gb_s": codes / kernel_s / 1e9}  # fmt: skip
+
+
 EXPERIMENTS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "two_pools": _two_pools,
     "conversions": _conversions,
@@ -218,8 +274,10 @@ EXPERIMENTS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "dispatch": _dispatch,
     "step": _step,
     "threads": _threads,
+    "bandwidth": _bandwidth,
 }
-"""name -> fn(calls, rounds) -> {a_us, b_us, a_over_b}: the in-process experiments 2-6."""
+"""name -> fn(calls, rounds) -> figures: the in-process experiments 2-8 (2-7: {a_us, b_us,
+a_over_b}; 8: bytes per second, see ``_bandwidth``)."""
 
 
 def profile_before_after(size: str = "700m", position: int = 128, repeat: int = 5) -> dict[str, Any]:

@@ -96,6 +96,22 @@ def test_the_engine_equals_the_packed_layers(scheme):
     torch.testing.assert_close(got, want, rtol=0, atol=2e-3 * float(want.abs().max()))
 
 
+@pytest.mark.skipif(not K.amx.available(), reason="needs AMX-INT8 (Sapphire Rapids or later) and the OS's tile state")
+@pytest.mark.parametrize("scheme", ["w1.58a8", "w1a8"])
+def test_amx_tasks_give_the_vnni_tasks_logits_bit_for_bit(scheme, monkeypatch):
+    """On an AMX CPU the avx512 path's A8 steps run their tiles on AMX: exact int32 dots, so the
+    logits are those of the VNNI tasks bit for bit; the binary scheme and short inputs keep VNNI."""
+    engine = EncoderEngine.from_model(_student(scheme, seed=7))
+    batch = _batch(seed=8)
+    with K.use("avx512"):
+        assert engine._entry_path(16) == "amx" and engine._entry_path(8) == "avx512"
+        on_amx = engine(**batch).logits
+        monkeypatch.setattr(engine, "_entry_path", lambda block: "avx512")
+        on_vnni = engine(**batch).logits
+    assert torch.equal(on_amx, on_vnni)
+    assert EncoderEngine.from_model(_student("w1a1", seed=7))._entry_path(16) != "amx"
+
+
 def test_bad_inputs_and_models_are_refused():
     engine = EncoderEngine.from_model(_student("w1.58a8"))
     ids = torch.randint(5, 300, (2, 10))

@@ -54,7 +54,7 @@ import torch
 from numba import njit, prange
 from torch import nn
 
-from labutils.kernels import generic, microkernels_avx2, microkernels_avx512
+from labutils.kernels import amx, generic, microkernels_avx2, microkernels_avx512
 from labutils.kernels.dispatch import active_path
 from labutils.kernels.layer import PackedEmbedding, embedding_value
 from labutils.kernels.float_simd import ffma, fload, fmax, fmaxlanes, fsplat, fstore, fzeros
@@ -356,6 +356,11 @@ def _qkv_a8_generic(h, qkv, block, w, ws, bias, k, qp, eps, bits, mult):  # prag
 
 
 @njit(parallel=True, fastmath=_FAST, **_JIT)
+def _qkv_a8_amx(h, qkv, block, w, ws, bias, k, qp, eps, bits, mult):  # pragma: no cover - compiled
+    return _qkv_body(h, qkv, block, w, ws, bias, k, qp, eps, bits, mult, a8_linear_rows, amx.a8_task)
+
+
+@njit(parallel=True, fastmath=_FAST, **_JIT)
 def _qkv_binary_avx512(h, qkv, block, w, ws, bias, k, qp, eps, bits, mult):  # pragma: no cover - compiled
     return _qkv_body(h, qkv, block, w, ws, bias, k, qp, eps, bits, mult, binary_linear_rows, microkernels_avx512.w1a1_task)
 
@@ -392,6 +397,13 @@ def _block_a8_generic(h, ctx, block, w_o, ws_o, b_o, g1, beta1, w_i, ws_i, b_i, 
 
 
 @njit(parallel=True, fastmath=_FAST, **_JIT)
+def _block_a8_amx(h, ctx, block, w_o, ws_o, b_o, g1, beta1, w_i, ws_i, b_i, w_d, ws_d, b_d, g2, beta2,
+                  k_o, k_i, k_d, qp, eps, bits, mult, ln_eps):  # pragma: no cover - compiled  # fmt: skip
+    _block_body(h, ctx, block, w_o, ws_o, b_o, g1, beta1, w_i, ws_i, b_i, w_d, ws_d, b_d, g2, beta2,
+                k_o, k_i, k_d, qp, eps, bits, mult, ln_eps, a8_linear_rows, amx.a8_task)  # fmt: skip
+
+
+@njit(parallel=True, fastmath=_FAST, **_JIT)
 def _block_binary_avx512(h, ctx, block, w_o, ws_o, b_o, g1, beta1, w_i, ws_i, b_i, w_d, ws_d, b_d, g2, beta2,
                          k_o, k_i, k_d, qp, eps, bits, mult, ln_eps):  # pragma: no cover - compiled  # fmt: skip
     _block_body(h, ctx, block, w_o, ws_o, b_o, g1, beta1, w_i, ws_i, b_i, w_d, ws_d, b_d, g2, beta2,
@@ -416,11 +428,14 @@ _ENTRIES = {
     ("a8", "avx512"): (_qkv_a8_avx512, _attention_16, _block_a8_avx512),
     ("a8", "avx2"): (_qkv_a8_avx2, _attention_8, _block_a8_avx2),
     ("a8", "generic"): (_qkv_a8_generic, _attention_8, _block_a8_generic),
+    # the avx512 path on a CPU with AMX-INT8 (Sapphire Rapids on): tasks of 16 tokens or more run
+    # their tiles on AMX (kernels.amx: 16,384 int8 products an instruction), the rest on VNNI
+    ("a8", "amx"): (_qkv_a8_amx, _attention_16, _block_a8_amx),
     ("binary", "avx512"): (_qkv_binary_avx512, _attention_16, _block_binary_avx512),
     ("binary", "avx2"): (_qkv_binary_avx2, _attention_8, _block_binary_avx2),
     ("binary", "generic"): (_qkv_binary_generic, _attention_8, _block_binary_generic),
 }
-"""(activation kind, kernel path) -> (qkv step, attention step, block step)."""
+"""(activation kind, kernel path or "amx") -> (qkv step, attention step, block step)."""
 
 _SCHEMES = {"w1.58a8": ("a8", 2, 1), "w1a8": ("a8", 1, 2), "w1a1": ("binary", 1, 1)}
 """scheme -> (activation kind, bits per weight code, multiplier of the code sum) (``kernels.layout``)."""
@@ -599,6 +614,15 @@ class EncoderEngine(nn.Module):
         per = -(-m // (4 * numba.get_num_threads()))
         return int(min(_ROW_BLOCK_MAX, max(_ROW_BLOCK_MIN, -(-per // 4) * 4)))
 
+    def _entry_path(self, block: int) -> str:
+        """The active kernel path, or "amx" where the avx512 path's A8 tasks of ``block`` tokens
+        run on AMX tiles (``kernels.amx.usable`` for every linear's activation width)."""
+        path = active_path()
+        if path != "avx512" or self.kind != "a8":
+            return path
+        widths = {w.shape[1] * 32 // self.bits for lw in self.layers for w in (lw.w_qkv, lw.w_o, lw.w_i, lw.w_d)}
+        return "amx" if all(amx.usable(block, kp) for kp in widths) else path
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, mark: Callable[[str], None] | None = None, **_: Any) -> Any:  # fmt: skip
@@ -641,8 +665,8 @@ class EncoderEngine(nn.Module):
         _embed(word_ids, type_ids, pos.astype(np.int64), *self._tables, self.embedding_gamma.numpy(), self.embedding_beta.numpy(),
                np.float32(self.embedding_eps), h)  # fmt: skip
         mark and mark("embeddings")
-        qkv_step, attention_step, block_step = _ENTRIES[(self.kind, active_path())]
         block = self._block_rows(m)
+        qkv_step, attention_step, block_step = _ENTRIES[(self.kind, self._entry_path(block))]
         ln_eps = np.float32(self.layer_norm_eps)
         for lw in self.layers:
             xs = qkv_step(h, qkv, block, lw.w_qkv, lw.ws_qkv, lw.b_qkv, lw.k_qkv, self.qp, self.act_eps, self.bits, self.mult)

@@ -577,6 +577,8 @@ class EncoderEngine(nn.Module):
         self.kind, self.bits, self.mult = _SCHEMES[self.scheme]
         _, act_bits, eps = act.pop()
         self.qp, self.act_eps = np.float32(2 ** (act_bits - 1) - 1), np.float32(eps)
+        # activation codes per token of each linear (K padded to the kernels' group): AMX needs whole 64-byte blocks
+        self._code_widths = {w.shape[1] * 32 // self.bits for lw in self.layers for w in (lw.w_qkv, lw.w_o, lw.w_i, lw.w_d)}
         for i, lw in enumerate(self.layers):  # buffers: state_dict and resident bytes see them
             for field in ("w_qkv", "ws_qkv", "b_qkv", "w_o", "ws_o", "b_o", "g1", "beta1", "w_i", "ws_i", "b_i",
                           "w_d", "ws_d", "b_d", "g2", "beta2"):  # fmt: skip
@@ -620,8 +622,7 @@ class EncoderEngine(nn.Module):
         path = active_path()
         if path != "avx512" or self.kind != "a8":
             return path
-        widths = {w.shape[1] * 32 // self.bits for lw in self.layers for w in (lw.w_qkv, lw.w_o, lw.w_i, lw.w_d)}
-        return "amx" if all(amx.usable(block, kp) for kp in widths) else path
+        return "amx" if all(amx.usable(block, kp) for kp in self._code_widths) else path
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

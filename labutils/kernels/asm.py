@@ -110,7 +110,7 @@ def expected_instructions(path: str, flags: list[str] | None = None) -> dict[str
     Numba compiles every path for the target CPU, so a forced path's instructions depend on it:
     - "avx512": ``vpopcntq`` and ``vpdpbusd``, fixed by its intrinsics.
     - "avx2": ``vpshufb``/``vpsadbw``; for int8, ``vpdpbusd`` on ymm where the target has a
-      256-bit VNNI (AVX-VNNI, or AVX512-VNNI with AVX512-VL: Intel since Ice Lake, AMD Zen 4),
+      256-bit VNNI (AVX-VNNI, or AVX512-VNNI with AVX512-VL: Intel since Cascade Lake (2019), AMD since Zen 4),
       else ``vpmaddubsw`` with the int16 -> int32 widening ``vpmaddwd`` (``vpdpwssd``, the
       widening fused with its add, where AVX512-VNNI comes without VL).
     - "generic": what LLVM selects for portable vector IR (``portable``; the W1A1 tiles' vector

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -296,6 +297,25 @@ def test_padding_error():
         checks.check_padding_error(-2 * 36)  # the data bits of the last word counted as padding
     with wrong("not the error"):
         checks.check_padding_error(-55)
+
+
+def _popcount(words) -> int:
+    return int(np.bitwise_count(words).sum())
+
+
+def test_ternary_binary_dot():
+    def right(a, p, m):
+        return 2 * _popcount(a & p) - _popcount(p) - 2 * _popcount(a & m) + _popcount(m)
+
+    assert checks.check_ternary_binary_dot(right)
+    with wrong("sign is flipped"):
+        checks.check_ternary_binary_dot(lambda a, p, m: -right(a, p, m))
+    with wrong("activation of −1"):
+        checks.check_ternary_binary_dot(lambda a, p, m: 2 * (_popcount(a & p) - _popcount(a & m)))
+    with wrong(r"the \+1 activations only"):
+        checks.check_ternary_binary_dot(lambda a, p, m: _popcount(a & p) - _popcount(a & m))
+    with wrong("must return an int"):
+        checks.check_ternary_binary_dot(lambda a, p, m: None)
 
 
 def test_gemv_roofs():

@@ -52,6 +52,7 @@ __all__ = [
     "check_embedding_shares",
     "check_xnor_dot",
     "check_padding_error",
+    "check_ternary_binary_dot",
     "check_gemv_roofs",
     "check_table_reading",
     "check_energy_ratio",
@@ -455,6 +456,51 @@ def check_padding_error(error: int, k: int = 100, *, seed: int = 0) -> bool:
         raise ExerciseError(f"{mine} is {-mine // 2} differing padding bits; count the bits of the last word past K "
                             f"(the words hold {64 * a_words.shape[1]} bits, K = {k})")
     raise ExerciseError(f"{mine} is not the error; try it: set the padding bits of the activations and call xnor_dots")
+
+
+def check_ternary_binary_dot(ternary_binary_dot: Callable[[np.ndarray, np.ndarray, np.ndarray], int]) -> bool:
+    """Exercise 6.3: ``ternary_binary_dot(a_words, plus_words, minus_words)`` is ``a . w`` for one row
+    of ±1 activations (bits ``a_words``, uint64) and ternary weights (masks ``plus_words`` where
+    w = +1, ``minus_words`` where w = -1), for lengths that are not multiples of 64 and with the
+    activations' padding bits set."""
+    if not callable(ternary_binary_dot):
+        raise ExerciseError(f"pass your function, got {type(ternary_binary_dot).__name__}")
+    rng = np.random.default_rng(63)
+    cases = []  # (K, padding set?, alpha, plus, minus, a . w, the answer)
+    for k in (5, 64, 100, 130):
+        for dirty in (False, True):
+            a = np.where(rng.random(k) < 0.5, -1, 1).astype(np.int8)
+            w = rng.integers(-1, 2, k).astype(np.int8)
+            alpha = packing.pack_binary_rows(a[None])[0]
+            if dirty and k % 64:
+                alpha[-1] |= ~np.uint64(0) << np.uint64(k % 64)  # the activations' padding bits set to 1
+            plus = packing.pack_binary_rows(np.where(w > 0, 1, -1).astype(np.int8)[None])[0]
+            minus = packing.pack_binary_rows(np.where(w < 0, 1, -1).astype(np.int8)[None])[0]
+            mine = ternary_binary_dot(alpha.copy(), plus.copy(), minus.copy())
+            if mine is None or isinstance(mine, bool) or not isinstance(mine, (int, np.integer)):
+                raise ExerciseError(f"ternary_binary_dot must return an int, got {type(mine).__name__} {mine!r}")
+            cases.append((k, dirty, alpha, plus, minus, int(a.astype(np.int64) @ w), int(mine)))
+    wrong = [c for c in cases if c[6] != c[5]]
+    if not wrong:
+        return _ok("a . w = 2 popcount(α ∧ β⁺) − popcount(β⁺) − 2 popcount(α ∧ β⁻) + popcount(β⁻), whatever α's padding")
+
+    def count(words: np.ndarray) -> int:
+        return int(np.bitwise_count(words).sum())
+
+    mistakes = [  # what a typical wrong answer computes, and what to say
+        (lambda al, p, m, dot: -dot, "the sign is flipped: w = β⁺ − β⁻"),
+        (lambda al, p, m, dot: 2 * (count(al & p) - count(al & m)),
+         "a 0 bit of α inside a mask is an activation of −1: each sum is 2 popcount(α ∧ β) − popcount(β)"),
+        (lambda al, p, m, dot: count(al & p) - count(al & m),
+         "this counts the +1 activations only; a 0 bit of α is −1, so each sum is 2 popcount(α ∧ β) − popcount(β)"),
+    ]
+    hint = next((text for guess, text in mistakes if all(c[6] == guess(c[2], c[3], c[4], c[5]) for c in cases)), None)
+    if hint is None and all(c[1] for c in wrong):
+        hint = ("right with zero padding, wrong when the activations' padding bits are 1: "
+                "count α only where a mask is 1 (α ∧ β⁺, α ∧ β⁻), never popcount(α) alone")
+    k, dirty, *_, expected, mine = wrong[0]
+    raise ExerciseError(f"K = {k}{' (activation padding bits set)' if dirty else ''}: got {mine}, expected {expected}: "
+                        f"{hint or 'write a . w as a sum over β⁺ minus a sum over β⁻, each with popcounts'}")
 
 
 def _gemv_roof(bandwidth: float, k: int, n: int, weight: float, act: float, out: float) -> float:

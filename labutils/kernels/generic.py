@@ -27,7 +27,8 @@ _ROWS_PER_TASK = 128  # rows of activations per parallel task
 
 @njit(cache=True, boundscheck=False, error_model="numpy")
 def w1a1_gemm_simple(x_rows, w_rows, k):  # pragma: no cover - compiled
-    """The plain triple loop with scalar ``ctpop``: uint64 [M, Kw] x [N, Kw] -> int32 [M, N].
+    """The plain triple loop: uint64 [M, Kw] x [N, Kw] -> int32 [M, N], scalar code; LLVM may
+    vectorize the ``ctpop`` (appendix B.3).
 
     The baseline the tiled kernels are measured against (takes ``pack_binary_rows`` layouts
     directly, no checks, one thread).

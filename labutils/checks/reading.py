@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from labutils.checks._common import ExerciseError, _filled, _number, _ok
+from labutils.measure import Timing, paired_ratio
 
 __all__ = ["check_paired_reading", "check_target_reading", "check_step_floor", "check_run_hours"]
 
@@ -45,14 +46,14 @@ def _spread(spread: object) -> tuple[float, float]:
 
 
 def _check_ratio_and_spread(ratio: object, spread: object, base: np.ndarray, other: np.ndarray,
-                            labels: tuple[str, str]) -> tuple[float, float, float]:
-    """The ratio of the medians and the (min, max) per-round ratio, or an ExerciseError naming the misreading."""
-    if base.size != other.size:
-        raise ValueError(f"paired rounds must be as many: {base.size} and {other.size}")
+                            labels: tuple[str, str]) -> dict:
+    """``measure.paired_ratio`` of the rounds when ``ratio`` and ``spread`` agree with it, else an
+    ExerciseError naming the misreading."""
+    truth = paired_ratio(Timing.from_seconds(base.tolist()), Timing.from_seconds(other.tolist()))
     base_name, other_name = labels
     mine = _number(ratio, "the ratio")
     per_round = base / other
-    want = float(np.median(base) / np.median(other))
+    want = truth["ratio"]
     if not _close(mine, want):
         misreadings = ((1 / want, f"upside down: {base_name}'s median time over {other_name}'s, above 1 when {other_name} is faster"),
                        (float(np.median(per_round)), "the median of the per-round ratios; the figure is the ratio of the medians"),
@@ -61,7 +62,7 @@ def _check_ratio_and_spread(ratio: object, spread: object, base: np.ndarray, oth
         hint = next((text for value, text in misreadings if _close(mine, value)), f"the median of {base_name}'s times over the median of {other_name}'s")
         raise ExerciseError(f"the ratio {mine:.4g} is not {want:.4g}: {hint}")
     low, high = _spread(spread)
-    want_low, want_high = float(per_round.min()), float(per_round.max())
+    want_low, want_high = truth["spread"]
     if not (_close(low, want_low) and _close(high, want_high)):
         unsorted = np.sort(base) / np.sort(other)
         if _close(low, want_high) and _close(high, want_low):
@@ -75,7 +76,7 @@ def _check_ratio_and_spread(ratio: object, spread: object, base: np.ndarray, oth
         else:
             hint = f"divide {base_name}'s round i by {other_name}'s round i, then take the smallest and the largest"
         raise ExerciseError(f"the spread ({low:.4g}, {high:.4g}) is not ({want_low:.4g}, {want_high:.4g}): {hint}")
-    return want, want_low, want_high
+    return truth
 
 
 def check_paired_reading(ratio: float, spread: Sequence[float], verdict: str, base: Sequence[float],
@@ -85,8 +86,8 @@ def check_paired_reading(ratio: float, spread: Sequence[float], verdict: str, ba
     faster ``other`` is), ``spread`` the (lowest, highest) per-round ratio, ``verdict`` "faster" when
     every round's ratio is above 1, "slower" when every one is below, else "no difference"."""
     b, o = _rounds(base, "base"), _rounds(other, "other")
-    want, low, high = _check_ratio_and_spread(ratio, spread, b, o, labels)
-    expected = "faster" if low > 1 else "slower" if high < 1 else "no difference"
+    truth = _check_ratio_and_spread(ratio, spread, b, o, labels)
+    want, (low, high), expected = truth["ratio"], truth["spread"], truth["verdict"]
     _filled(verdict, "the verdict")
     if verdict != expected:
         raise ExerciseError(f"the verdict {verdict!r} is not {expected!r}: 'faster' only when every round's ratio is "
@@ -100,7 +101,8 @@ def check_target_reading(ratio: float, spread: Sequence[float], met: bool, on_th
     :func:`check_paired_reading`; ``met`` when the ratio of the medians reaches ``goal``; ``on_the_line``
     when the per-round ratios fall on both sides of it."""
     b, o = _rounds(base, "base"), _rounds(other, "other")
-    want, low, high = _check_ratio_and_spread(ratio, spread, b, o, labels)
+    truth = _check_ratio_and_spread(ratio, spread, b, o, labels)
+    want, (low, high) = truth["ratio"], truth["spread"]
     for value, name in ((met, "met"), (on_the_line, "on_the_line")):
         _filled(value, name)
         if not isinstance(value, (bool, np.bool_)):

@@ -60,6 +60,11 @@ VARIANTS=(
   "aug4e1-w1.58a8|w1.58a8|augment_copies=4 student_epochs=1|-"
   "aug4e1-w1a8|w1a8|augment_copies=4 student_epochs=1|-"
   "aug4e1-w1a1|w1a1|augment_copies=4 student_epochs=1|-"
+  # 2026-12-07: seeds 1 and 2 of the four-copy recipe, for a paired test against base seeds 1 and 2.
+  "aug4e1s1-w1.58a8|w1.58a8|augment_copies=4 student_epochs=1 seed=1|-"
+  "aug4e1s2-w1.58a8|w1.58a8|augment_copies=4 student_epochs=1 seed=2|-"
+  "aug4e1s1-w1a8|w1a8|augment_copies=4 student_epochs=1 seed=1|-"
+  "aug4e1s2-w1a8|w1a8|augment_copies=4 student_epochs=1 seed=2|-"
 )
 
 prepare() {  # folder with the trained teacher linked in (and, for a chain, the earlier student)

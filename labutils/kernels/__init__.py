@@ -117,7 +117,7 @@ and the ``ctpop`` variant wins, 600 vs 260, but such a CPU takes the avx512 path
 ~6 ops per 256 MACs on 4 vector pipes (2 for ``vpshufb``) is ~128-170 MACs per cycle, 8-10x
 the 16 float32 MACs per cycle of two 256-bit FMA pipes: the 8x target sits at the roofline.
 A8: ``vpmaddubsw`` on 32 bytes, its int16 add, and one ``vpmaddwd`` per 63 steps: ~64 MACs
-per cycle at 2 per cycle, 4x the float32 peak. ``results/kernels/kernels-avx2-zen3.json``
+per cycle at 2 per cycle, 4x the float32 peak. ``results/kernels/zen3/kernels.json``
 has the 2-thread run (medians and best samples).
 
 torch and Numba each bring an OpenMP runtime whose idle threads spin for a while after a

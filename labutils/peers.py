@@ -167,8 +167,10 @@ class PeersPreset:
         repeat: interleaved timed rounds (after one warm-up round).
         threads: torch, Numba and llama.cpp threads.
         engine_embedding: how the engine rows hold the tied embedding and head, "bfloat16" (the
-            default: 2 bytes a weight, as the F16 ``token_embd`` every GGUF here is written with)
-            or "float32" (``DecoderEngine``'s ``embedding``).
+            default: 2 bytes a weight, as the F16 ``token_embd`` the ternary GGUFs are then
+            written with), "int8" (per-row codes: the ternary GGUFs' ``token_embd`` is then
+            Q8_0, so llama.cpp reads as few head bytes) or "float32" (``DecoderEngine``'s
+            ``embedding``).
         engine_kv_cache: how the engine rows cache K and V, "bfloat16" (the default: 2 bytes a
             value, as llama.cpp's default fp16 cache beside them) or "float32"
             (``DecoderEngine``'s ``kv_cache``).
@@ -275,6 +277,12 @@ def _dummy(quant: str, size: str, vocab: int, max_len: int, seed: int) -> torch.
     return Decoder(row_config(f"{quant}-{size}", LM_PRESETS["full"], vocab, max_seq_len=max_len), seed=seed).eval()
 
 
+def ternary_embed_type(preset: PeersPreset) -> str:
+    """The ``token_embd`` type of the ternary GGUFs beside the engine: Q8_0 when the engine's head
+    is int8, else F16 (the engine's bfloat16 head reads as many bytes)."""
+    return "Q8_0" if preset.engine_embedding == "int8" else "F16"
+
+
 def _export(model, tokenizer, path: Path, weight_type: str, **kwargs) -> dict[str, Any]:
     """Write one GGUF file; {file, bytes, tensor types written (counts), seconds}."""
     from labutils.export import export_gguf
@@ -370,7 +378,8 @@ def _time_model(name: str, kind: str, ternary: torch.nn.Module, fp: torch.nn.Mod
     files: dict[str, dict[str, Any]] = {}
     approximate = kind == "trained"
     for wtype in TERNARY_GGUF:
-        files[wtype] = _export(ternary, tokenizer, work / f"{name}-{wtype}.gguf", wtype, approximate_norms=approximate)
+        files[wtype] = _export(ternary, tokenizer, work / f"{name}-{wtype}.gguf", wtype, approximate_norms=approximate,
+                               embed_type=ternary_embed_type(preset))
     if fp is not None:
         for wtype in preset.float_gguf:
             files[wtype] = _export(fp, tokenizer, work / f"{name}-{wtype}.gguf", wtype)
@@ -442,7 +451,7 @@ def _time_engine_model(name: str, tokenizer, preset: PeersPreset, work: Path, qu
                                   kv_cache=preset.engine_kv_cache)  # fmt: skip
     path = work / f"{name}-TQ2_0.gguf"
     start = time.perf_counter()
-    types = export_random_gguf(engine, tokenizer, path, "TQ2_0")
+    types = export_random_gguf(engine, tokenizer, path, "TQ2_0", embed_type=ternary_embed_type(preset))
     files = {"TQ2_0": {"file": path.name, "bytes": path.stat().st_size, "seconds": time.perf_counter() - start,
                        "embedding_type": types["token_embd.weight"]}}  # fmt: skip
     llama_cpp = require_llama_cpp()

@@ -152,3 +152,42 @@ def test_errors():
         broken.blocks[0].attn_norm.weight.fill_(float("nan"))
     with pytest.raises(ValueError, match="non-finite"):
         DecoderEngine.from_decoder(broken).forward([1, 2])
+
+
+@pytest.mark.parametrize("path", K.available_paths())
+def test_int8_embedding_computes_the_model_with_that_quantized_table(path):
+    """embedding="int8" reads a quarter of the float32 bytes a token: per-row absmax codes, the
+    row's scale applied to its lookup and its logit. The engine then computes the model whose
+    tied table is ``codes * scale`` (up to the head's float rounding: the scale multiplies the
+    dot product instead of every weight)."""
+    from labutils.engine.decoder import quantize_table_int8
+
+    ref = model(2, seed=7)
+    codes, scale = quantize_table_int8(ref.embed.weight.detach().numpy())
+    assert codes.dtype == np.int8 and np.abs(codes).max() == 127 and scale.shape == (SMALL["vocab_size"],)
+    table = ref.embed.weight.detach().numpy()
+    assert np.abs(codes * scale[:, None] - table).max() <= scale.max() / 2 + 1e-7  # rounded to nearest
+    dequantized = model(2, seed=7)
+    with torch.no_grad():
+        dequantized.embed.weight.copy_(torch.from_numpy(codes.astype(np.float32) * scale[:, None]))
+    x = prompt(10, seed=7)[0].numpy()
+    with K.use(path):
+        small = DecoderEngine.from_decoder(ref, embedding="int8")
+        assert small.embedding_dtype == "int8" and small.embed.dtype == np.int8
+        expected = DecoderEngine.from_decoder(dequantized).forward(x, logits="all")
+        got = small.forward(x, logits="all")
+        small.reset()
+        last = [small.forward(x[:4]).copy()] + [small.step(int(t)).copy() for t in x[4:]]
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.stack(last), expected[3:], atol=ATOL, rtol=0)
+    assert np.array_equal(got.argmax(-1), expected.argmax(-1))
+    np.testing.assert_array_equal(small.embedding(), codes.astype(np.float32) * scale[:, None])
+    full = DecoderEngine.from_decoder(ref)
+    assert full.nbytes - small.nbytes == 3 * SMALL["vocab_size"] * SMALL["d_model"] - 4 * SMALL["vocab_size"]
+    shape = EngineShape(vocab_size=500, n_layer=1, n_head=2, n_kv_head=2, d_model=32, ffn_hidden=64, max_seq_len=8)
+    a, b = DecoderEngine.random(shape, seed=3), DecoderEngine.random(shape, seed=3, embedding="int8")
+    assert np.array_equal(b.embed, quantize_table_int8(a.embed)[0])
+    with pytest.raises(ValueError, match="embed_scale"):
+        DecoderEngine(shape, a.weights, a.scales, a.gains, b.embed, a.final_gain)  # codes without their scales
+    with pytest.raises(ValueError, match="embed_scale"):
+        DecoderEngine(shape, a.weights, a.scales, a.gains, a.embed, a.final_gain, embed_scale=b.embed_scale)

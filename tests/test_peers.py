@@ -275,3 +275,11 @@ def test_run_peers_end_to_end_tiny(tmp_path, monkeypatch):
     assert rows["llama.cpp TQ1_0"]["file_bytes"] > 0 and "rss_growth_bytes" in rows["llama.cpp TQ1_0"]  # tiny: may reuse freed pages
     assert saved["provenance"]["versions"]["llama_cpp_python"]
 
+
+
+def test_the_ternary_ggufs_hold_the_head_as_the_engine_does():
+    """An int8 engine head is timed against ternary GGUFs whose token_embd is Q8_0 (about as few
+    bytes a token), a bfloat16 or float32 one against F16 (the default)."""
+    assert peers.ternary_embed_type(peers.PeersPreset(name="x", engine_embedding="int8")) == "Q8_0"
+    assert peers.ternary_embed_type(peers.PeersPreset(name="x")) == "F16"
+    assert peers.ternary_embed_type(peers.PeersPreset(name="x", engine_embedding="float32")) == "F16"

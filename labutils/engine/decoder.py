@@ -7,9 +7,11 @@
   ``uint8 [n_layer, T, G, 4, 64]``, their scales ``float32 [n_layer, N]`` and the gains of the
   BitLinear norms ``float32 [n_layer, K]``; the block norms' gains ``[n_layer, d]``;
 - the tied embedding ``[vocab, d]`` (the head computes ``x @ embed.T`` row by row, streaming
-  the table once per token; a lookup reads one row), float32 or bfloat16
+  the table once per token; a lookup reads one row), float32, bfloat16
   (``embedding="bfloat16"``: half the bytes the head reads per token, as llama.cpp's F16 output
-  matrix), the final norm's gain, the rotary tables;
+  matrix) or int8 codes with one scale a row (``embedding="int8"``: a quarter, about as
+  llama.cpp's Q8_0 output; the row's scale multiplies its looked-up row and its logit), the
+  final norm's gain, the rotary tables;
 - the KV cache ``[n_layer, n_kv_head, max_len, head_dim]`` (K and V), float32 or bfloat16
   (``kv_cache="bfloat16"``: half the bytes attention reads per token, as llama.cpp's default
   fp16 cache; at batch 1 attention streams the whole cache once a token), and every scratch
@@ -59,7 +61,7 @@ from labutils.engine.ops import (
     widen,
 )
 
-__all__ = ["EMBEDDINGS", "KV_CACHES", "EngineShape", "DecoderEngine", "engine_for", "is_packed_decoder"]
+__all__ = ["EMBEDDINGS", "KV_CACHES", "EngineShape", "DecoderEngine", "engine_for", "is_packed_decoder", "quantize_table_int8"]
 
 _JIT = {"cache": True, "boundscheck": False, "error_model": "numpy"}
 # Functions that take the kernels as arguments are not cached on disk: Numba keys its cache by
@@ -123,15 +125,22 @@ def _project(par, ser, h, m, codes, xs, rowsum, dots, w, ws, out, qp, eps, min_m
 @njit(**_JIT_KERNEL_ARGS)
 def _forward(par, ser, head, tokens, m, pos0, first_logit,
              g_attn, g_qkv, w_qkv, s_qkv, g_o, w_o, s_o, g_mlp, g_gu, w_gu, s_gu, g_down, w_down, s_down, g_final,
-             embed, cos, sin, k_cache, v_cache, n_head, n_kv, head_dim, hidden, norm_eps, act_eps, qp, min_macs,
+             embed, embed_scale, cos, sin, k_cache, v_cache, n_head, n_kv, head_dim, hidden, norm_eps, act_eps, qp, min_macs,
              x, h, codes_d, codes_h, xs, rowsum, dots, qkv, att, gu, act, proj, scores, logits):  # pragma: no cover - compiled  # fmt: skip
     """Tokens [m] at positions pos0.. through every block; logits of rows first_logit..m-1 into
-    logits[:m - first_logit]. Every array is preallocated (see DecoderEngine)."""
+    logits[:m - first_logit]. Every array is preallocated (see DecoderEngine); ``embed_scale``
+    holds an int8 table's row scales, and is empty for a float table."""
     d = x.shape[1]
+    scaled = embed_scale.shape[0] > 0
     for r in range(m):  # embedding: one row of the table
         row = embed[tokens[r]]
-        for j in range(d):
-            x[r, j] = widen(row[j])
+        if scaled:
+            s = embed_scale[tokens[r]]
+            for j in range(d):
+                x[r, j] = widen(row[j]) * s
+        else:
+            for j in range(d):
+                x[r, j] = widen(row[j])
     q_width, kv_width = n_head * head_dim, n_kv * head_dim
     for layer in range(w_qkv.shape[0]):
         # attention: x += o(attn(rope(q), rope(k), v)), qkv = BitLinear(RMSNorm(x))
@@ -164,6 +173,18 @@ def _forward(par, ser, head, tokens, m, pos0, first_logit,
             h[r, j] = x[first_logit + r, j]
     rmsnorm(h, rows, g_final, norm_eps, h)
     head(h, rows, embed, logits)
+    scale_columns(logits, rows, embed_scale)
+
+
+@njit(**_JIT)
+def scale_columns(logits, rows, scale):  # pragma: no cover - compiled
+    """logits[:rows, v] *= scale[v] (an int8 head's row scales, applied once to each dot
+    product); nothing for an empty ``scale`` (a float head)."""
+    if scale.shape[0] == 0:
+        return
+    for r in range(rows):
+        for v in range(logits.shape[1]):
+            logits[r, v] *= scale[v]
 
 
 @njit(**_JIT_KERNEL_ARGS)
@@ -183,7 +204,7 @@ def _kernels_only(par, ser, m, w_qkv, w_o, w_gu, w_down, codes_d, codes_h, rowsu
             ser(codes_h[:m], w_down[layer], rowsum[:m], dots[:m])
 
 
-EMBEDDINGS = ("float32", "bfloat16")
+EMBEDDINGS = ("float32", "bfloat16", "int8")
 KV_CACHES = ("float32", "bfloat16")
 _CACHE_DTYPES = {"float32": np.float32, "bfloat16": np.uint16}  # bfloat16 held as its 16 bits
 
@@ -198,8 +219,25 @@ def _check_kv_cache(kv_cache: str) -> None:
         raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
 
 
-def _table(embed: np.ndarray, embedding: str) -> np.ndarray:
-    return to_bfloat16(embed) if embedding == "bfloat16" else embed
+def quantize_table_int8(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [vocab, d] -> (int8 codes [vocab, d], float32 scales [vocab]): per-row absmax,
+    ``scale = max|row| / 127``, ``codes = rint(row / scale)``; a row of zeros gets scale 1.
+    ``codes * scale[:, None]`` is the table the engine then computes with."""
+    table = np.asarray(table, dtype=np.float32)
+    scale = np.abs(table).max(axis=1) / np.float32(127)
+    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+    codes = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+_NO_SCALE = np.zeros(0, np.float32)  # a float table's (empty) row scales
+
+
+def _table(embed: np.ndarray, embedding: str) -> tuple[np.ndarray, np.ndarray]:
+    """The table as ``embedding`` holds it and its row scales (empty unless int8)."""
+    if embedding == "int8":
+        return quantize_table_int8(embed)
+    return (to_bfloat16(embed) if embedding == "bfloat16" else embed), _NO_SCALE
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:
@@ -216,17 +254,20 @@ class DecoderEngine:
 
     def __init__(self, shape: EngineShape, weights: dict[str, np.ndarray], scales: dict[str, np.ndarray],
                  gains: dict[str, np.ndarray], embed: np.ndarray, final_gain: np.ndarray,
-                 kv_cache: str = "float32") -> None:  # fmt: skip
+                 kv_cache: str = "float32", embed_scale: np.ndarray | None = None) -> None:  # fmt: skip
         """Args (``L`` = n_layer; see the module docstring for the layouts):
         shape: the decoder's EngineShape.
         weights: {projection: uint8 [L, T, G, 4, 64]} prepacked W1.58A8 tiles of every layer.
         scales: {projection: float32 [L, N]} per-output weight scales.
         gains: float32 gains {"attn", "mlp": [L, d] block norms; "qkv", "o", "gate_up", "down":
             [L, K] the BitLinear norms}.
-        embed: [vocab, d], the tied embedding (and head): float32, or bfloat16 held as uint16
-            (``labutils.engine.ops.to_bfloat16``). final_gain: float32 [d].
+        embed: [vocab, d], the tied embedding (and head): float32, bfloat16 held as uint16
+            (``labutils.engine.ops.to_bfloat16``), or int8 codes with ``embed_scale``.
+            final_gain: float32 [d].
         kv_cache: "float32" (the torch decoder's values, the default) or "bfloat16" (K and V
             rounded to nearest as they are written: half the bytes).
+        embed_scale: float32 [vocab], the row scales of an int8 ``embed``
+            (:func:`quantize_table_int8`); only with one.
         """
         _check_kv_cache(kv_cache)
         widths = shape.widths()
@@ -240,12 +281,17 @@ class DecoderEngine:
                 raise ValueError(f"{name}: scales must be [L, {n}] and gains [L, {k}], got {scales[name].shape}, {gains[name].shape}")
         if embed.shape != (shape.vocab_size, shape.d_model) or final_gain.shape != (shape.d_model,):
             raise ValueError(f"embed must be [{shape.vocab_size}, {shape.d_model}], final_gain [{shape.d_model}]")
+        if (embed.dtype == np.int8) != (embed_scale is not None and len(embed_scale) > 0):
+            raise ValueError("an int8 embed needs its row scales (embed_scale), and only an int8 embed takes them")
+        if embed.dtype == np.int8 and np.shape(embed_scale) != (shape.vocab_size,):
+            raise ValueError(f"embed_scale must be [{shape.vocab_size}], got {np.shape(embed_scale)}")
         self.shape = shape
         f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
         self.weights = weights
         self.scales = {k: f32(v) for k, v in scales.items()}
         self.gains = {k: f32(v) for k, v in gains.items()}
-        self.embed = np.ascontiguousarray(embed) if embed.dtype == np.uint16 else f32(embed)
+        self.embed = np.ascontiguousarray(embed) if embed.dtype in (np.uint16, np.int8) else f32(embed)
+        self.embed_scale = _NO_SCALE if embed_scale is None or len(embed_scale) == 0 else f32(embed_scale)
         self.final_gain = f32(final_gain)
         hd, t = shape.head_dim, shape.max_seq_len
         angles = np.outer(np.arange(t, dtype=np.float64),
@@ -275,8 +321,9 @@ class DecoderEngine:
     def from_decoder(cls, model: Any, embedding: str = "float32", kv_cache: str = "float32") -> DecoderEngine:
         """The engine of a W1.58A8 ``Decoder`` (its BitLinears, or the PackedBitLinears of
         ``pack_model``): codes, scales and gains copied (the model is not kept); the tied
-        embedding (and head) kept as ``embedding``, "float32" or "bfloat16" (rounded to
-        nearest: the engine then computes what the model with that rounded table computes);
+        embedding (and head) kept as ``embedding``, "float32", "bfloat16" (rounded to
+        nearest: the engine then computes what the model with that rounded table computes) or
+        "int8" (:func:`quantize_table_int8`: likewise, for the table ``codes * scale``);
         the KV cache as ``kv_cache`` (see ``__init__``)."""
         _check_embedding(embedding)
         _check_kv_cache(kv_cache)
@@ -332,15 +379,16 @@ class DecoderEngine:
         if model.lm_head.weight is not table and not torch.equal(model.lm_head.weight, table):
             raise ValueError("the engine needs the head tied to the embedding (Decoder's lm_head)")
         shape = EngineShape.of(cfg, act_eps=float(act_eps), act_bits=int(act_bits))
+        embed, embed_scale = _table(f32(table), embedding)
         return cls(shape, {k: _stack(v) for k, v in weights.items()}, {k: _stack(v) for k, v in scales.items()},
-                   {k: _stack(v) for k, v in gains.items()}, _table(f32(table), embedding), f32(model.norm.weight),
-                   kv_cache=kv_cache)  # fmt: skip
+                   {k: _stack(v) for k, v in gains.items()}, embed, f32(model.norm.weight), kv_cache=kv_cache,
+                   embed_scale=embed_scale)  # fmt: skip
 
     @classmethod
     def random(cls, shape: EngineShape, seed: int = 0, progress: bool = False, embedding: str = "float32",
                kv_cache: str = "float32") -> DecoderEngine:  # fmt: skip
         """Random ternary weights (codes uniform in {-1, 0, +1}, scale 1/sqrt(in_features)),
-        embedding N(0, 0.02) kept as ``embedding`` ("float32" or "bfloat16"), unit gains: a
+        embedding N(0, 0.02) kept as ``embedding`` ("float32", "bfloat16" or "int8"), unit gains: a
         benchmark model of any shape, as bitnet.cpp's dummy models, built layer by layer (peak
         memory: one layer's int8 codes beyond the packed model). :meth:`layer_codes`
         regenerates the codes (for a GGUF export). ``kv_cache``: see ``__init__``."""
@@ -363,8 +411,9 @@ class DecoderEngine:
         rng = np.random.default_rng(seed)
         embed = rng.standard_normal((shape.vocab_size, shape.d_model), dtype=np.float32)
         embed *= np.float32(0.02)
-        engine = cls(shape, weights, scales, gains, _table(embed, embedding), np.ones(shape.d_model, np.float32),
-                     kv_cache=kv_cache)  # fmt: skip
+        table, table_scale = _table(embed, embedding)
+        engine = cls(shape, weights, scales, gains, table, np.ones(shape.d_model, np.float32), kv_cache=kv_cache,
+                     embed_scale=table_scale)  # fmt: skip
         engine.random_seed = seed  # labutils.export.export_random_gguf regenerates the codes from it
         return engine
 
@@ -384,8 +433,8 @@ class DecoderEngine:
 
     @property
     def embedding_dtype(self) -> str:
-        """How the tied embedding (and head) is held: "float32" or "bfloat16"."""
-        return "bfloat16" if self.embed.dtype == np.uint16 else "float32"
+        """How the tied embedding (and head) is held: "float32", "bfloat16" or "int8"."""
+        return {np.dtype(np.uint16): "bfloat16", np.dtype(np.int8): "int8"}.get(self.embed.dtype, "float32")
 
     @property
     def kv_cache_dtype(self) -> str:
@@ -393,13 +442,17 @@ class DecoderEngine:
         return "bfloat16" if self.k_cache.dtype == np.uint16 else "float32"
 
     def embedding(self) -> np.ndarray:
-        """The tied embedding as float32 ``[vocab, d]`` (a bfloat16 table widened exactly)."""
+        """The tied embedding as float32 ``[vocab, d]`` (a bfloat16 table widened exactly, an int8
+        table's codes times their row scales)."""
+        if self.embed.dtype == np.int8:
+            return self.embed.astype(np.float32) * self.embed_scale[:, None]
         return from_bfloat16(self.embed) if self.embed.dtype == np.uint16 else self.embed
 
     @property
     def nbytes(self) -> int:
         """Bytes of the weights the engine holds (tiles, scales, gains, embedding)."""
-        arrays = [*self.weights.values(), *self.scales.values(), *self.gains.values(), self.embed, self.final_gain]
+        arrays = [*self.weights.values(), *self.scales.values(), *self.gains.values(), self.embed, self.embed_scale,
+                  self.final_gain]
         return int(sum(a.nbytes for a in arrays))
 
     def forward(self, tokens: Any, logits: str = "last") -> np.ndarray:
@@ -423,7 +476,7 @@ class DecoderEngine:
         _forward(kernel_for("w1.58a8"), kernel_for("w1.58a8", parallel=False), float_matmul_for(active_path()), ids, m,
                  self.length, first,
                  g["attn"], g["qkv"], w["qkv"], sc["qkv"], g["o"], w["o"], sc["o"], g["mlp"], g["gate_up"], w["gate_up"],
-                 sc["gate_up"], g["down"], w["down"], sc["down"], self.final_gain, self.embed, self.cos, self.sin,
+                 sc["gate_up"], g["down"], w["down"], sc["down"], self.final_gain, self.embed, self.embed_scale, self.cos, self.sin,
                  self.k_cache, self.v_cache, s.n_head, s.n_kv_head, s.head_dim, s.ffn_hidden, np.float32(s.norm_eps),
                  np.float32(s.act_eps), np.float32(2 ** (s.act_bits - 1) - 1), PARALLEL_MIN_MACS,
                  b["x"], b["h"], b["codes_d"], b["codes_h"], b["xs"], b["rowsum"], b["dots"], b["qkv"], b["att"],
@@ -462,7 +515,8 @@ class DecoderEngine:
             "total": step,
             "integer_kernel": lambda: _kernels_only(par, ser, 1, w["qkv"], w["o"], w["gate_up"], w["down"], b["codes_d"],
                                                     b["codes_h"], b["rowsum"], b["dots"], PARALLEL_MIN_MACS),
-            "float_head": lambda: head(head_in, 1, self.embed, self._last_logits),
+            "float_head": lambda: (head(head_in, 1, self.embed, self._last_logits),
+                                   scale_columns(self._last_logits, 1, self.embed_scale)),
         }  # fmt: skip
         for fn in parts.values():
             fn()

@@ -144,7 +144,8 @@ def from_bfloat16(a: np.ndarray) -> np.ndarray:
 
 
 def widen(v):  # pragma: no cover - replaced in compiled code by the overload below
-    """One table entry as float32: a float as it is, a ``uint16`` as the bfloat16 it holds."""
+    """One table entry as float32: a float as it is, a ``uint16`` as the bfloat16 it holds, an
+    ``int8`` code as its value (unscaled)."""
     return from_bfloat16(np.array(v))[()] if isinstance(v, np.uint16) else np.float32(v)
 
 
@@ -155,6 +156,8 @@ def _widen_compiled(v):
     if v == types.uint16:
         # bfloat16 is the top half of a float32: widening is a shift, exact (vpmovzxwd, vpslld)
         return lambda v: np.uint32(np.uint32(v) << 16).view(np.float32)
+    if v == types.int8:  # an int8 table's code, its scale applied by the caller
+        return lambda v: np.float32(v)
     return None
 
 

@@ -11,7 +11,9 @@ one function body serves every path.
 Loads and stores take a C-contiguous float32 array and a flat element index, with no bounds
 check: callers index inside their own buffers. A load also takes a ``uint16`` array holding
 bfloat16 values (the top halves of float32s) and widens them exactly: zero-extend, shift left by
-16 (``vpmovzxwd``, ``vpslld``), so one loop body reads either kind of table.
+16 (``vpmovzxwd``, ``vpslld``), so one loop body reads either kind of table; and an ``int8``
+array of codes, widened exactly to float32 (``vpmovsxbd``, ``vcvtdq2ps``): a quarter of the
+bytes, the caller applies the codes' scales.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def _is_bf16_c_array(t) -> bool:
     return isinstance(t, types.Array) and t.layout == "C" and t.dtype == types.uint16
 
 
+def _is_i8_c_array(t) -> bool:
+    return isinstance(t, types.Array) and t.layout == "C" and t.dtype == types.int8
+
+
 def _pointer(context, builder, arrty, arr, index, lanes, element=None):
     data = context.make_array(arrty)(context, builder, arr).data
     return builder.bitcast(builder.gep(data, [index]), ir.VectorType(element or ir.FloatType(), lanes).as_pointer())
@@ -66,13 +72,17 @@ def _pointer(context, builder, arrty, arr, index, lanes, element=None):
 @intrinsic
 def fload(typingctx, arr, index, lanes):
     """The ``lanes`` float32 ``arr.flat[index : index + lanes]`` as a vector (lanes: a constant, 8
-    or 16); from a uint16 array, its bfloat16 values widened to float32 (exact)."""
+    or 16); from a uint16 array, its bfloat16 values widened to float32 (exact); from an int8
+    array, its codes as float32 (exact)."""
     width = _lanes(lanes)
-    bf16 = _is_bf16_c_array(arr)
-    if not (width and (_is_f32_c_array(arr) or bf16) and isinstance(index, types.Integer)):
+    bf16, i8 = _is_bf16_c_array(arr), _is_i8_c_array(arr)
+    if not (width and (_is_f32_c_array(arr) or bf16 or i8) and isinstance(index, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
+        if i8:
+            codes = builder.load(_pointer(context, builder, sig.args[0], args[0], args[1], width, ir.IntType(8)), align=1)
+            return builder.sitofp(builder.sext(codes, ir.VectorType(_I32, width)), ir.VectorType(ir.FloatType(), width))
         if not bf16:
             return builder.load(_pointer(context, builder, sig.args[0], args[0], args[1], width), align=4)
         i16, i32 = ir.IntType(16), ir.VectorType(_I32, width)

@@ -6,7 +6,9 @@ ran without an error, saves the executed notebook as ``$LABBOOK_EXECUTED_DIR/<st
 minus the first cell that tests/standalone_support.py added. tests/test_book_browser.py then
 builds the book from those notebooks instead of executing every chapter a second time.
 
-``.ci/test`` loads it with ``-p nbval_outputs``; without ``LABBOOK_EXECUTED_DIR`` it does nothing.
+It also fails a cell that glues a numpy scalar (``numpy_glue``), whose text the book's prose
+cannot format. ``.ci/test`` loads it with ``-p nbval_outputs``; without ``LABBOOK_EXECUTED_DIR``
+it saves nothing.
 """
 
 from __future__ import annotations
@@ -32,11 +34,31 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.notebooks)
 
 
+def numpy_glue(outputs: list[dict]) -> list[str]:
+    """``"name = text"`` for each value a cell glued (myst-nb's ``glue``) whose text is a numpy
+    scalar's repr, e.g. ``np.float64(4.48)``: the prose's ``{glue:text}`name:.2f``` cannot format
+    that text, and the book build, which turns warnings into errors, fails on it."""
+    bad = []
+    for out in outputs:
+        glued = out.get("metadata", {}).get("scrapbook", {})
+        data = out.get("data", {})  # display=False files the text under the record's MIME prefix
+        name, text = glued.get("name"), "".join(data.get(glued.get("mime_prefix", "") + "text/plain", data.get("text/plain", "")))
+        if name and text.startswith(("np.", "numpy.")):
+            bad.append(f"{name} = {text}")
+    return bad
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
-    if not FOLDER or not _is_nbval_cell(item) or report.when != "call":
+    if not _is_nbval_cell(item) or report.when != "call":
+        return
+    bad = numpy_glue(item.test_outputs or []) if report.passed else []
+    if bad:  # caught here, in the cell that glued it, not minutes later by the book build
+        report.outcome = "failed"
+        report.longrepr = "glued numpy scalars (glue float(x) or int(x) instead): " + "; ".join(bad)
+    if not FOLDER:
         return
     notebook = item.parent
     if report.passed:

@@ -91,6 +91,20 @@ def test_float_matmul_equals_numpy(head):
     assert ops.float_matmul_for("avx512") is ops.float_matmul_16 and ops.float_matmul_for("generic") is ops.float_matmul_8
 
 
+@pytest.mark.parametrize("head", [ops.float_matmul_8, ops.float_matmul_16])
+def test_float_matmul_reads_an_int8_table_as_its_float32_widening(head):
+    """An int8 table (the decode engine's int8 head, its scales applied by the caller) gives the
+    result of its float32 copy: each code widened exactly, the same dot products (either width:
+    LLVM splits 16 lanes into two registers on AVX2)."""
+    x = rand(3, 200)
+    codes = np.random.default_rng(4).integers(-127, 128, (1100, 200)).astype(np.int8)
+    out, wide = np.zeros((3, 1100), np.float32), np.zeros((3, 1100), np.float32)
+    head(x, 3, codes, out)
+    head(x, 3, codes.astype(np.float32), wide)
+    assert np.array_equal(out, wide)
+    assert ops.widen(np.int8(-7)) == np.float32(-7.0)
+
+
 def test_bfloat16_table_is_torchs_rounding_and_widens_exactly():
     """to_bfloat16 rounds as torch does (ties to even); the head on a bfloat16 table equals the
     head on its widened float32 copy bit for bit (widening is exact), at half the bytes."""

@@ -131,16 +131,11 @@ def _forward(par, ser, head, tokens, m, pos0, first_logit,
     logits[:m - first_logit]. Every array is preallocated (see DecoderEngine); ``embed_scale``
     holds an int8 table's row scales, and is empty for a float table."""
     d = x.shape[1]
-    scaled = embed_scale.shape[0] > 0
-    for r in range(m):  # embedding: one row of the table
+    for r in range(m):  # embedding: one row of the table (times its scale: 1, exactly, for a float table)
         row = embed[tokens[r]]
-        if scaled:
-            s = embed_scale[tokens[r]]
-            for j in range(d):
-                x[r, j] = widen(row[j]) * s
-        else:
-            for j in range(d):
-                x[r, j] = widen(row[j])
+        s = embed_scale[tokens[r]] if embed_scale.shape[0] > 0 else np.float32(1.0)
+        for j in range(d):
+            x[r, j] = widen(row[j]) * s
     q_width, kv_width = n_head * head_dim, n_kv * head_dim
     for layer in range(w_qkv.shape[0]):
         # attention: x += o(attn(rope(q), rope(k), v)), qkv = BitLinear(RMSNorm(x))

@@ -65,6 +65,12 @@ VARIANTS=(
   "aug4e1s2-w1.58a8|w1.58a8|augment_copies=4 student_epochs=1 seed=2|-"
   "aug4e1s1-w1a8|w1a8|augment_copies=4 student_epochs=1 seed=1|-"
   "aug4e1s2-w1a8|w1a8|augment_copies=4 student_epochs=1 seed=2|-"
+  # 2026-12-07 (second session): twice the copies for one epoch (9/4 of the base recipe's steps):
+  # four copies gave +0.58 where one copy at twice the steps gave nothing, so variety may be the lever.
+  "aug8e1-w1.58a8|w1.58a8|augment_copies=8 student_epochs=1|-"
+  "aug8e1-w1a8|w1a8|augment_copies=8 student_epochs=1|-"
+  "aug4e1s1-w1a1|w1a1|augment_copies=4 student_epochs=1 seed=1|-"
+  "aug4e1s2-w1a1|w1a1|augment_copies=4 student_epochs=1 seed=2|-"
 )
 
 prepare() {  # folder with the trained teacher linked in (and, for a chain, the earlier student)

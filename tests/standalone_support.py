@@ -12,6 +12,12 @@
   its own folder, with that first assertion cell added.
 - ``jupyter/kernels/labbook-standalone/``: a kernel of this Python whose environment points at
   ``site/``, the server and an empty cache.
+One Numba cache serves the checkout and ``site/`` when the run sets ``NUMBA_CACHE_DIR`` (``.ci/test``
+does; ``share_numba_cache`` links ``site/``'s folders in it): the wheel holds the same sources, so
+  a kernel compiled by a test is loaded by the notebooks, and the other way round, instead of
+  being compiled twice (the compiles were minutes of the run). What the notebooks import, and
+  what they compute, is unchanged: the wheel's modules, and machine code Numba built from the
+  same source for this same CPU.
 
 ``.ci/test`` stages, serves, and runs nbval on ``notebooks/`` with that kernel.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -62,6 +69,37 @@ def build_site(stage: Path) -> Path:
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(site)
     return site
+
+
+def _numba_cache_subpath(folder: Path) -> str:
+    """The folder under ``NUMBA_CACHE_DIR`` where Numba keeps the cache of the modules in ``folder``
+    (``numba.core.caching.UserProvidedCacheLocator.get_suitable_cache_subpath``: the folder's name and the
+    SHA-1 of its absolute path)."""
+    import hashlib
+
+    folder = Path(os.path.abspath(folder))
+    return f"{folder.name}_{hashlib.sha1(str(folder).encode()).hexdigest()}"
+
+
+def share_numba_cache(site: Path, cache: Path) -> int:
+    """Point every package folder of ``site/labutils`` at its checkout twin's folder in the Numba
+    cache ``cache`` (symbolic links), and give each of its modules the modification time of the
+    checkout's, which Numba compares (with the size) before it loads a cached kernel. Returns the
+    number of folders linked; ValueError if a module of the wheel differs from the checkout's."""
+    linked = 0
+    for origin in sorted(p for p in (ROOT / "labutils").rglob("*") if p.is_dir() and p.name != "__pycache__"
+                         and any(p.glob("*.py"))) + [ROOT / "labutils"]:  # fmt: skip
+        twin = site / origin.relative_to(ROOT)
+        for module in origin.glob("*.py"):
+            copy = twin / module.name
+            if copy.read_bytes() != module.read_bytes():
+                raise ValueError(f"{copy} differs from {module}: the wheel is not this checkout")
+            os.utime(copy, ns=(module.stat().st_atime_ns, module.stat().st_mtime_ns))
+        shared = cache / _numba_cache_subpath(origin)
+        shared.mkdir(parents=True, exist_ok=True)
+        (cache / _numba_cache_subpath(twin)).symlink_to(shared, target_is_directory=True)
+        linked += 1
+    return linked
 
 
 def publish(stage: Path) -> Path:
@@ -115,6 +153,8 @@ def free_port() -> int:
 def stage(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     site = build_site(folder)
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        share_numba_cache(site, Path(os.environ["NUMBA_CACHE_DIR"]))
     publish(folder)
     notebooks = stage_notebooks(folder)
     port = free_port()

@@ -12,8 +12,8 @@
   its own folder, with that first assertion cell added.
 - ``jupyter/kernels/labbook-standalone/``: a kernel of this Python whose environment points at
   ``site/``, the server and an empty cache.
-One Numba cache serves the checkout and ``site/`` when the run sets ``NUMBA_CACHE_DIR`` (``.ci/test``
-does; ``share_numba_cache`` links ``site/``'s folders in it): the wheel holds the same sources, so
+- One Numba cache serves the checkout and ``site/`` when the run sets ``NUMBA_CACHE_DIR`` (``.ci/test``
+  does; ``share_numba_cache`` links ``site/``'s folders in it): the wheel holds the same sources, so
   a kernel compiled by a test is loaded by the notebooks, and the other way round, instead of
   being compiled twice (the compiles were minutes of the run). What the notebooks import, and
   what they compute, is unchanged: the wheel's modules, and machine code Numba built from the
@@ -86,9 +86,8 @@ def share_numba_cache(site: Path, cache: Path) -> int:
     cache ``cache`` (symbolic links), and give each of its modules the modification time of the
     checkout's, which Numba compares (with the size) before it loads a cached kernel. Returns the
     number of folders linked; ValueError if a module of the wheel differs from the checkout's."""
-    linked = 0
-    for origin in sorted(p for p in (ROOT / "labutils").rglob("*") if p.is_dir() and p.name != "__pycache__"
-                         and any(p.glob("*.py"))) + [ROOT / "labutils"]:  # fmt: skip
+    packages = sorted({module.parent for module in (ROOT / "labutils").rglob("*.py")})
+    for origin in packages:
         twin = site / origin.relative_to(ROOT)
         for module in origin.glob("*.py"):
             copy = twin / module.name
@@ -98,8 +97,7 @@ def share_numba_cache(site: Path, cache: Path) -> int:
         shared = cache / _numba_cache_subpath(origin)
         shared.mkdir(parents=True, exist_ok=True)
         (cache / _numba_cache_subpath(twin)).symlink_to(shared, target_is_directory=True)
-        linked += 1
-    return linked
+    return len(packages)
 
 
 def publish(stage: Path) -> Path:

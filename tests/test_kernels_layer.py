@@ -299,6 +299,26 @@ def test_fused_layer_refuses_nan_and_keeps_no_float_weights():
     assert sum(b.numel() for b in floats) <= 2 * 64 + 1  # scales and bias, no weight matrix
 
 
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_fused_layer_follows_buffers_changed_after_a_call(per_channel):
+    """The fused call keeps its scale and bias arrays between calls; a buffer written in place
+    (load_state_dict), replaced, or a layer moved to another dtype must still be read."""
+    torch.manual_seed(7)
+    lin = BitLinear(96, 48, bias=True, config=BitNetConfig(1.58, 8, per_channel=per_channel, norm=None)).eval()
+    packed = K.PackedBitLinear.from_bitlinear(lin)
+    x = torch.randn(5, 96)
+    before = packed(x)
+    state = {name: t.clone() for name, t in packed.state_dict().items()}
+    state["weight_scale"] *= 2
+    state["bias"] += 1
+    packed.load_state_dict(state)  # in place: the same tensors, new version counters
+    torch.testing.assert_close(packed(x), 2 * (before - lin.bias.detach()) + lin.bias.detach() + 1)
+    packed.bias = torch.zeros(48)  # replaced
+    torch.testing.assert_close(packed(x), 2 * (before - lin.bias.detach()))
+    packed.double()  # buffers converted: float64 scale and bias reach the float32 kernel as float32
+    torch.testing.assert_close(packed(x.double()), 2 * (before - lin.bias.detach()).double())
+
 def test_packed_embedding_stays_int4_and_gives_the_loaded_rows(tmp_path):
     from labutils.kernels.layer import PackedEmbedding, pack_embeddings_
     from labutils.packfile import load_packed, save_packed

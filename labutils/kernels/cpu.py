@@ -78,8 +78,10 @@ def missing_features(path: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def available_paths() -> tuple[str, ...]:
-    """The paths this CPU can execute, fastest first; always ends with "generic"."""
+    """The paths this CPU can execute, fastest first; always ends with "generic". Cached (the
+    compile target's features are): every packed layer call asks for its path."""
     return tuple(p for p in PATHS if not missing_features(p))
 
 

@@ -109,10 +109,11 @@ def kernel_for(scheme: str, path: str | None = None, *, parallel: bool = True) -
 _PARALLEL_MIN_MACS = {"w1a1": 1 << 23, "w1a8": 1 << 20, "w1.58a8": 1 << 20}
 
 
-def _on_amx(scheme: str, m: int, w: PackedWeights) -> bool:
-    """True where the avx512 path runs an A8 GEMM of ``m`` tokens on AMX tiles (``amx``: a CPU
-    with AMX-INT8, Sapphire Rapids on, at least 16 tokens, whole 64-byte blocks of k)."""
-    if active_path() != "avx512" or scheme not in amx.KERNELS:
+def _on_amx(scheme: str, m: int, w: PackedWeights, path: str) -> bool:
+    """True where ``path`` (the active one) runs an A8 GEMM of ``m`` tokens on AMX tiles: the
+    avx512 path on a CPU with AMX-INT8 (Sapphire Rapids on), at least 16 tokens, whole 64-byte
+    blocks of k (``amx``)."""
+    if path != "avx512" or scheme not in amx.KERNELS:
         return False
     return amx.usable(m, w.data.shape[1] * (16 if scheme == "w1.58a8" else 32))
 
@@ -121,8 +122,9 @@ def _launch(scheme: str, w: PackedWeights, m: int, threads: int | None, *args: A
     """Run the scheme's kernel on the active path: serial for one thread or little work, else
     parallel on ``threads`` threads (Numba's current setting when None)."""
     _check_threads(threads)
-    parallel, serial = _KERNELS[active_path()][scheme]
-    if _on_amx(scheme, m, w):
+    path = active_path()
+    parallel, serial = _KERNELS[path][scheme]
+    if _on_amx(scheme, m, w, path):
         parallel, serial = amx.KERNELS[scheme]
     current = numba.get_num_threads()
     wanted = current if threads is None else int(threads)
@@ -144,12 +146,14 @@ def fused_for(scheme: str, m: int, w: PackedWeights, threads: int | None) -> Any
     GEMM that ``_launch`` would run on AMX gets ``_amx_layer``'s three calls. ``threads`` other
     than Numba's current count is set for the call by the caller (``PackedBitLinear`` leaves it
     None: one thread count for torch and Numba, set once)."""
-    layers = _FUSED.get(active_path())
+    # Called once per layer call: one read of the active path (it reads the environment).
+    path = active_path()
+    layers = _FUSED.get(path)
     if layers is None:
         return None
-    wanted = numba.get_num_threads() if threads is None else int(threads)
-    serial_work = wanted == 1 or m * w.n * w.k < _PARALLEL_MIN_MACS[scheme]
-    if _on_amx(scheme, m, w):
+    # little work runs serially whatever the thread count (asking Numba for it costs a microsecond)
+    serial_work = m * w.n * w.k < _PARALLEL_MIN_MACS[scheme] or (numba.get_num_threads() if threads is None else threads) == 1
+    if _on_amx(scheme, m, w, path):
         return _amx_layer(scheme, w, amx.KERNELS[scheme][1 if serial_work else 0])
     parallel, serial = layers[scheme]
     return serial if serial_work else parallel

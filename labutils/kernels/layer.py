@@ -37,6 +37,16 @@ def _pack_signs(x):  # pragma: no cover - compiled
     return out
 
 
+@njit(cache=True, boundscheck=False, error_model="numpy")
+def _all_finite(values):  # pragma: no cover - compiled
+    """True where every element of the float [M] array is finite (NumPy's isfinite().all()
+    costs several microseconds a call, a one-token layer call about as much as its kernel)."""
+    for i in range(values.shape[0]):
+        if not np.isfinite(values[i]):
+            return False
+    return True
+
+
 ACT_MODES = ("int8", "binary")
 
 
@@ -185,9 +195,11 @@ class PackedBitLinear(nn.Module):
         mark and mark("activation_quantization")
         return np.ascontiguousarray(codes.numpy()), scale
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., in_features] float -> [..., out_features] in x's dtype (CPU only, no autograd)."""
+        if torch.is_grad_enabled():  # entering no_grad costs microseconds: only where grad is on
+            with torch.no_grad():
+                return self._forward(x, None)
         return self._forward(x, None)
 
     def _forward(self, x: torch.Tensor, mark) -> torch.Tensor:
@@ -195,9 +207,9 @@ class PackedBitLinear(nn.Module):
         each step with the section the time since the previous mark belongs to."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"x must be a float tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        if x.shape[-1:] != (self.in_features,):
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape [..., {self.in_features}] (in_features), got {tuple(x.shape)}")
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             raise ValueError(f"PackedBitLinear runs on the CPU, got x on {x.device}")
         if x.numel() == 0:  # an empty batch, as nn.Linear: [..., 0 tokens, out_features]
             return x.new_zeros(*x.shape[:-1], self.out_features)
@@ -228,14 +240,11 @@ class PackedBitLinear(nn.Module):
     def _fused_forward(self, kernel, x: torch.Tensor, h: torch.Tensor, mark) -> torch.Tensor:
         """Quantization, kernel, rescale and bias in one compiled call on zero-copy views."""
         xf = h.contiguous().numpy()
-        y = torch.empty(h.shape[0], self.out_features)
+        y = np.empty((h.shape[0], self.out_features), dtype=np.float32)
         w = self.weights
-        # Read from the buffers at each call (a load_state_dict may have replaced them): the fused
-        # kernels take one scale per output and a bias, zeros where the layer has none.
-        ws = self.weight_scale.reshape(-1).expand(self.out_features).contiguous().numpy()
-        bias = (self.bias if self.bias is not None else torch.zeros(self.out_features)).numpy()
-        args = ((xf, w.data, w.k, ws, bias, y.numpy()) if w.scheme == "w1a1"
-                else (xf, w.data, ws, bias, y.numpy(), self._qp, self._eps))  # fmt: skip
+        ws, bias = self._fused_scale_bias()
+        args = ((xf, w.data, w.k, ws, bias, y) if w.scheme == "w1a1"
+                else (xf, w.data, ws, bias, y, self._qp, self._eps))  # fmt: skip
         mark and mark("conversions")
         if self.threads is None or self.threads == numba.get_num_threads():
             x_scale = kernel(*args)
@@ -247,11 +256,26 @@ class PackedBitLinear(nn.Module):
             finally:
                 numba.set_num_threads(current)
         mark and mark("kernel_call", lambda: kernel(*args))
-        if not np.isfinite(x_scale).all():  # a NaN or inf anywhere in a token reaches its scale
+        if not _all_finite(x_scale):  # a NaN or inf anywhere in a token reaches its scale
             raise ValueError("x must be finite: it holds NaN or inf, which per-token scales cannot quantize")
-        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        out = torch.from_numpy(y).reshape(*x.shape[:-1], self.out_features)
+        out = out if x.dtype == torch.float32 else out.to(x.dtype)
         mark and mark("conversions")
-        return y
+        return out
+
+    def _fused_scale_bias(self) -> tuple[np.ndarray, np.ndarray]:
+        """The fused kernels' scale per output and bias (zeros where the layer has none), float32
+        [out_features] numpy arrays. Rebuilt only when a buffer was replaced (``load_state_dict``
+        of a new tensor, ``.to``) or written in place (its version counter moved): building them
+        costs more than the kernel of a one-token call."""
+        scale, bias = self.weight_scale, self.bias
+        versions = (scale._version, None if bias is None else bias._version)
+        cached = self.__dict__.get("_fused_arrays")
+        if cached is None or cached[0] is not scale or cached[1] is not bias or cached[2] != versions:
+            ws = scale.detach().float().reshape(-1).expand(self.out_features).contiguous().numpy()
+            b = (bias.detach().float() if bias is not None else torch.zeros(self.out_features)).contiguous().numpy()
+            cached = self.__dict__["_fused_arrays"] = (scale, bias, versions, ws, b)
+        return cached[3], cached[4]
 
     def extra_repr(self) -> str:
         return (

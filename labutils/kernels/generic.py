@@ -5,9 +5,12 @@ included), written so that LLVM finds each CPU's own vector instructions.
   ``ctpop``, ``add`` on 8 x 64 bits), one token at a time (a 4-token tile would hold 64 NEON
   registers of counters). ``ctpop`` becomes ``cnt`` on arm64, ``vpopcntq`` where AVX512-VPOPCNTDQ
   is there, a ``vpshufb`` lookup on AVX2.
-- A8 (W1A8, W1.58A8): each task decodes its column tile into int8 codes, one row of Kp per
-  column (four codes per 32-bit shift-and-mask), then 4 tokens x 4 columns of dot products, one
-  accumulator each (``portable``: NEON ``sdot`` on arm64, ``vpmaddwd`` / ``vpdpwssd`` on x86).
+- A8 (W1A8, W1.58A8): a task of 4 tokens or more decodes its column tile into int8 codes, one
+  row of Kp per column (four codes per 32-bit shift-and-mask), then 4 tokens x 4 columns of dot
+  products, one accumulator each (``portable``: NEON ``sdot`` on arm64, ``vpmaddwd`` /
+  ``vpdpwssd`` on x86). A task of fewer tokens (the GEMV of a decode step) reads the packed
+  words as stored, 16 columns in 16 int32 lanes (``_a8_row_packed``): decoding would write and
+  re-read every code for one use.
 
 Same tiles and same int32 results as the SIMD paths.
 """
@@ -19,10 +22,11 @@ from numba import njit, prange
 
 from labutils.kernels.fused import a8_fused_layer, w1a1_fused_layer
 from labutils.kernels.microkernels_avx512 import _w1a1_tile1
-from labutils.kernels.portable import STEP, _acc_sum, _acc_zero, _dot_add
-from labutils.kernels.simd import popcount
+from labutils.kernels.portable import COLUMNS, STEP, _acc_sum, _acc_zero, _cols_dot_add, _cols_zero, _dot_add
+from labutils.kernels.simd import _vstore, popcount
 
 _ROWS_PER_TASK = 128  # rows of activations per parallel task
+_DECODE_MIN_ROWS = 4  # from this many rows per task, decode the weight tile once (A8); fewer read it packed
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy")
@@ -114,9 +118,40 @@ def _store_row4(out, r, c, o, x, codes, kmain, rowsum, mult, a0, a1, a2, a3):  #
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
+def _a8_row_packed(x, w, rowsum, out, t, r, bits, mult):  # pragma: no cover - compiled
+    """Token r x column tile t -> out[r, 64t : 64t+64], straight from the packed words: per
+    group and field, the field shifted down gives 4 codes of each of 16 columns, multiplied by
+    the token's 4 activations of those k and added per column (``portable._cols_dot_add``). No decoded copy of
+    the tile: a token or a few read each weight byte once, where decoding would write it first."""
+    words = w.view(np.uint32)  # [T, G, 4, 16]: word (t, g, v, lane) holds column 16v + lane
+    groups, fields, kp = w.shape[1], 8 // bits, x.shape[1]
+    mask = np.uint32((1 << bits) - 1)
+    a0 = a1 = a2 = a3 = _cols_zero()
+    for g in range(groups):
+        base = (t * groups + g) * 4 * COLUMNS
+        for q in range(fields):
+            ix, shift = r * kp + 4 * (fields * g + q), bits * q
+            a0 = _cols_dot_add(a0, x, ix, words, base, shift, mask)
+            a1 = _cols_dot_add(a1, x, ix, words, base + COLUMNS, shift, mask)
+            a2 = _cols_dot_add(a2, x, ix, words, base + 2 * COLUMNS, shift, mask)
+            a3 = _cols_dot_add(a3, x, ix, words, base + 3 * COLUMNS, shift, mask)
+    sums = np.empty(4 * COLUMNS, dtype=np.int32)
+    _vstore(sums, 0, a0)
+    _vstore(sums, COLUMNS, a1)
+    _vstore(sums, 2 * COLUMNS, a2)
+    _vstore(sums, 3 * COLUMNS, a3)
+    for j in range(4 * COLUMNS):
+        out[r, 64 * t + j] = mult * sums[j] - rowsum[r]
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
 def a8_task(x, w, rowsum, out, t, lo, hi, bits, mult):  # pragma: no cover - compiled
     """Rows lo..hi-1 x column tile t -> out[lo:hi, 64t : 64t+64] (int32): one task of
     ``_a8_body``, and the integer step of a fused layer (``fused``, ``labutils.engine``)."""
+    if hi - lo < _DECODE_MIN_ROWS:  # a token or a few (the GEMV of a decode step): no decoded copy
+        for r in range(lo, hi):
+            _a8_row_packed(x, w, rowsum, out, t, r, bits, mult)
+        return
     kp = x.shape[1]
     codes = np.empty((64, kp), dtype=np.int8)
     _decode_columns(w, t, bits, codes)

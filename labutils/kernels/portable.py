@@ -12,6 +12,9 @@ them, and adds them into the accumulator with LLVM's ``vector.partial.reduce.add
   which LLVM selects as ``vpmaddwd`` (int16 pairs), fused with the add into ``vpdpwssd``
   where the CPU has a VNNI extension.
 
+For a token or a few (the GEMV), ``_cols_dot_add`` multiplies the packed codes of 16 columns,
+shifted and masked in place, by the broadcast activations: 16 int32 lanes that stay columns.
+
 ``popcount`` loops need no help: ``llvm.ctpop`` on vectors is ``cnt`` on arm64 (the generic
 W1A1 kernel uses the portable vector tiles of ``microkernels_avx512``, which contain no x86
 intrinsic). ``asm.cross_asm_lines`` compiles these kernels for an Apple M1 on any machine.
@@ -89,3 +92,58 @@ def _dot_add(typingctx, acc, x, ix, codes, ic):
         return _call(builder, name, acc_value.type, acc_value, products)
 
     return _ACC(acc, x, ix, codes, ic), codegen
+
+
+# --------------------------------------------------------------------------- straight from the packed words
+# A token against the 16 columns of one vector of an A8 tile, read from the packed words as they
+# are stored (no decoded copy of the tile): word ``lane`` holds column ``lane``'s codes for 4
+# consecutive k in each field, so byte j of the word, shifted down to the field and masked, is
+# column ``lane``'s code for the j-th of those k. One int32 lane per column (lanes must stay
+# columns here, so no ``partial.reduce``, whose grouping of products into lanes is unspecified):
+# per k a shift, a mask, a multiply by the broadcast activation and an add, on 16 lanes.
+
+COLUMNS = 16
+"""Columns (int32 lanes) of a column accumulator: one vector of an A8 tile."""
+
+_COLS = _Vec(COLUMNS, 32)
+
+
+@intrinsic
+def _cols_zero(typingctx):
+    """A zero column accumulator (``COLUMNS`` x int32)."""
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(ir.VectorType(_I32, COLUMNS), [0] * COLUMNS)
+
+    return _COLS(), codegen
+
+
+@intrinsic
+def _cols_dot_add(typingctx, acc, x, ix, words, iw, shift, mask):
+    """``acc`` plus, in lane c, sum over j < 4 of ``x.flat[ix + j]`` (int8) times byte j of
+    ``words.flat[iw + c] >> shift``, masked by ``mask`` (words uint32; codes 0..2)."""
+    if not (acc == _COLS and _is_c_array(x, types.int8) and _is_c_array(words, types.uint32)
+            and isinstance(shift, types.Integer) and isinstance(mask, types.Integer)):  # fmt: skip
+        return None
+
+    def codegen(context, builder, sig, args):
+        acc_value, x_arr, x_index, w_arr, w_index, shift_value, mask_value = args
+        lanes = ir.VectorType(_I32, COLUMNS)
+
+        def splat32(value):
+            if value.type.width != 32:
+                value = builder.trunc(value, _I32) if value.type.width > 32 else builder.sext(value, _I32)
+            one = builder.insert_element(ir.Constant(lanes, ir.Undefined), value, ir.Constant(_I32, 0))
+            return builder.shuffle_vector(one, one, ir.Constant(lanes, [0] * COLUMNS))
+
+        w_ptr = builder.bitcast(_element_ptr(context, builder, sig.args[3], w_arr, w_index), lanes.as_pointer())
+        packed = builder.lshr(builder.load(w_ptr, align=4), splat32(shift_value))
+        masks = splat32(mask_value)
+        total = acc_value
+        for j in range(4):
+            codes = builder.and_(builder.lshr(packed, ir.Constant(lanes, [8 * j] * COLUMNS)) if j else packed, masks)
+            xj = builder.load(_element_ptr(context, builder, sig.args[1], x_arr, builder.add(x_index, ir.Constant(x_index.type, j))))
+            total = builder.add(total, builder.mul(codes, splat32(xj)))
+        return total
+
+    return _COLS(acc, x, ix, words, iw, shift, mask), codegen

@@ -188,8 +188,10 @@ _vzeros_u64x4, _vzeros_i32x8, _vzeros_i16x16, _vzeros_u8x32 = (
 
 @intrinsic
 def _vstore(typingctx, arr, index, vec):
-    """``arr.flat[index : index+len(vec)] = vec`` for a uint8 array and 64 or 32 byte lanes."""
-    if not (_is_c_array(arr, types.uint8) and vec in (_U8x64, _U8x32)):
+    """``arr.flat[index : index+len(vec)] = vec`` for a uint8 array and 64 or 32 byte lanes, or an
+    int32 array and 16 or 8 int32 lanes (plain IR: every target)."""
+    if not ((_is_c_array(arr, types.uint8) and vec in (_U8x64, _U8x32))
+            or (_is_c_array(arr, types.int32) and vec in (_I32x16, _I32x8))):  # fmt: skip
         return None
 
     def codegen(context, builder, sig, args):

@@ -71,6 +71,14 @@ VARIANTS=(
   "aug8e1-w1a8|w1a8|augment_copies=8 student_epochs=1|-"
   "aug4e1s1-w1a1|w1a1|augment_copies=4 student_epochs=1 seed=1|-"
   "aug4e1s2-w1a1|w1a1|augment_copies=4 student_epochs=1 seed=2|-"
+  # Eight copies met the W1.58A8 and W1A8 targets with one seed each (sweep-2026-12-07b): its seeds 1
+  # and 2, and four copies for two epochs (about the same steps, 1,876 against 1,688, half the variety)
+  # to separate the copies' variety from the training length.
+  "aug8e1s1-w1.58a8|w1.58a8|augment_copies=8 student_epochs=1 seed=1|-"
+  "aug8e1s2-w1.58a8|w1.58a8|augment_copies=8 student_epochs=1 seed=2|-"
+  "aug8e1s1-w1a8|w1a8|augment_copies=8 student_epochs=1 seed=1|-"
+  "aug8e1s2-w1a8|w1a8|augment_copies=8 student_epochs=1 seed=2|-"
+  "aug4e2-w1.58a8|w1.58a8|augment_copies=4 student_epochs=2|-"
 )
 
 prepare() {  # folder with the trained teacher linked in (and, for a chain, the earlier student)

@@ -22,8 +22,8 @@ from numba import njit, prange
 
 from labutils.kernels.fused import a8_fused_layer, w1a1_fused_layer
 from labutils.kernels.microkernels_avx512 import _w1a1_tile1
-from labutils.kernels.portable import COLUMNS, STEP, _acc_sum, _acc_zero, _cols_dot_add, _cols_zero, _dot_add
-from labutils.kernels.simd import _vstore, popcount
+from labutils.kernels.portable import COLUMNS, STEP, _acc_sum, _acc_zero, _cols_dot_add, _dot_add
+from labutils.kernels.simd import _vstore, _vzeros_i32, popcount
 
 _ROWS_PER_TASK = 128  # rows of activations per parallel task
 _DECODE_MIN_ROWS = 4  # from this many rows per task, decode the weight tile once (A8); fewer read it packed
@@ -121,12 +121,13 @@ def _store_row4(out, r, c, o, x, codes, kmain, rowsum, mult, a0, a1, a2, a3):  #
 def _a8_row_packed(x, w, rowsum, out, t, r, bits, mult):  # pragma: no cover - compiled
     """Token r x column tile t -> out[r, 64t : 64t+64], straight from the packed words: per
     group and field, the field shifted down gives 4 codes of each of 16 columns, multiplied by
-    the token's 4 activations of those k and added per column (``portable._cols_dot_add``). No decoded copy of
-    the tile: a token or a few read each weight byte once, where decoding would write it first."""
+    the token's 4 activations of those k and added per column (``portable._cols_dot_add``). No
+    decoded copy of the tile: a token or a few read each weight byte once, where decoding would
+    write it first."""
     words = w.view(np.uint32)  # [T, G, 4, 16]: word (t, g, v, lane) holds column 16v + lane
     groups, fields, kp = w.shape[1], 8 // bits, x.shape[1]
     mask = np.uint32((1 << bits) - 1)
-    a0 = a1 = a2 = a3 = _cols_zero()
+    a0 = a1 = a2 = a3 = _vzeros_i32()
     for g in range(groups):
         base = (t * groups + g) * 4 * COLUMNS
         for q in range(fields):

@@ -30,7 +30,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from labutils.kernels.cpu import _enabled_llvm_features
-from labutils.kernels.simd import _element_ptr, _is_c_array, _Vec
+from labutils.kernels.simd import _I32x16, _as_int, _element_ptr, _is_c_array, _splat, _Vec
 
 DOTPROD: bool = bool({"neon", "dotprod"} & _enabled_llvm_features())
 """True when compiling for an arm64 target: 16-byte steps that lower to ``sdot``."""
@@ -103,26 +103,15 @@ def _dot_add(typingctx, acc, x, ix, codes, ic):
 # per k a shift, a mask, a multiply by the broadcast activation and an add, on 16 lanes.
 
 COLUMNS = 16
-"""Columns (int32 lanes) of a column accumulator: one vector of an A8 tile."""
-
-_COLS = _Vec(COLUMNS, 32)
-
-
-@intrinsic
-def _cols_zero(typingctx):
-    """A zero column accumulator (``COLUMNS`` x int32)."""
-
-    def codegen(context, builder, sig, args):
-        return ir.Constant(ir.VectorType(_I32, COLUMNS), [0] * COLUMNS)
-
-    return _COLS(), codegen
+"""Columns (int32 lanes) of a column accumulator (``simd._I32x16``; ``simd._vzeros_i32`` makes a
+zero one): one vector of an A8 tile."""
 
 
 @intrinsic
 def _cols_dot_add(typingctx, acc, x, ix, words, iw, shift, mask):
     """``acc`` plus, in lane c, sum over j < 4 of ``x.flat[ix + j]`` (int8) times byte j of
     ``words.flat[iw + c] >> shift``, masked by ``mask`` (words uint32; codes 0..2)."""
-    if not (acc == _COLS and _is_c_array(x, types.int8) and _is_c_array(words, types.uint32)
+    if not (acc == _I32x16 and _is_c_array(x, types.int8) and _is_c_array(words, types.uint32)
             and isinstance(shift, types.Integer) and isinstance(mask, types.Integer)):  # fmt: skip
         return None
 
@@ -130,20 +119,14 @@ def _cols_dot_add(typingctx, acc, x, ix, words, iw, shift, mask):
         acc_value, x_arr, x_index, w_arr, w_index, shift_value, mask_value = args
         lanes = ir.VectorType(_I32, COLUMNS)
 
-        def splat32(value):
-            if value.type.width != 32:
-                value = builder.trunc(value, _I32) if value.type.width > 32 else builder.sext(value, _I32)
-            one = builder.insert_element(ir.Constant(lanes, ir.Undefined), value, ir.Constant(_I32, 0))
-            return builder.shuffle_vector(one, one, ir.Constant(lanes, [0] * COLUMNS))
-
         w_ptr = builder.bitcast(_element_ptr(context, builder, sig.args[3], w_arr, w_index), lanes.as_pointer())
-        packed = builder.lshr(builder.load(w_ptr, align=4), splat32(shift_value))
-        masks = splat32(mask_value)
+        packed = builder.lshr(builder.load(w_ptr, align=4), _splat(builder, _as_int(builder, shift_value, 32), lanes))
+        masks = _splat(builder, _as_int(builder, mask_value, 32), lanes)
         total = acc_value
         for j in range(4):
             codes = builder.and_(builder.lshr(packed, ir.Constant(lanes, [8 * j] * COLUMNS)) if j else packed, masks)
             xj = builder.load(_element_ptr(context, builder, sig.args[1], x_arr, builder.add(x_index, ir.Constant(x_index.type, j))))
-            total = builder.add(total, builder.mul(codes, splat32(xj)))
+            total = builder.add(total, builder.mul(codes, _splat(builder, _as_int(builder, xj, 32), lanes)))
         return total
 
-    return _COLS(acc, x, ix, words, iw, shift, mask), codegen
+    return _I32x16(acc, x, ix, words, iw, shift, mask), codegen

@@ -174,6 +174,10 @@ class PeersPreset:
         engine_kv_cache: how the engine rows cache K and V, "bfloat16" (the default: 2 bytes a
             value, as llama.cpp's default fp16 cache beside them) or "float32"
             (``DecoderEngine``'s ``kv_cache``).
+        engine_gemv: how the engine rows run a generated token's projections, "lut" (the
+            default: the weights also held as table indices, 1.67 bits a weight, read by the
+            lookup kernel; their weights MB count both copies) or "tiles" (the 2-bit tiles
+            alone) (``DecoderEngine``'s ``gemv``).
         agreement_text, agreement_tokens: the agreement prompt (after ``<|endoftext|>``) and how
             many greedy tokens both sides generate from it.
     """
@@ -191,6 +195,7 @@ class PeersPreset:
     threads: int = 2
     engine_embedding: str = "bfloat16"
     engine_kv_cache: str = "bfloat16"
+    engine_gemv: str = "lut"
     agreement_text: str = "This movie was"
     agreement_tokens: int = 32
     agreement_size: str = "s"
@@ -211,12 +216,14 @@ class PeersPreset:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        from labutils.engine.decoder import EMBEDDINGS, KV_CACHES
+        from labutils.engine.decoder import EMBEDDINGS, GEMVS, KV_CACHES
 
         if self.engine_embedding not in EMBEDDINGS:
             raise ValueError(f"engine_embedding must be one of {EMBEDDINGS}, got {self.engine_embedding!r}")
         if self.engine_kv_cache not in KV_CACHES:
             raise ValueError(f"engine_kv_cache must be one of {KV_CACHES}, got {self.engine_kv_cache!r}")
+        if self.engine_gemv not in GEMVS:
+            raise ValueError(f"engine_gemv must be one of {GEMVS}, got {self.engine_gemv!r}")
         if not self.agreement_text.strip():
             raise ValueError("agreement_text must not be empty")
 
@@ -397,7 +404,8 @@ def _time_model(name: str, kind: str, ternary: torch.nn.Module, fp: torch.nn.Mod
     rows["book w1.58a8"] = {"weights_bytes": weights_bytes(packed), "file_bytes": files["book .packed"]["bytes"]}
     from labutils.engine import DecoderEngine
 
-    engine = DecoderEngine.from_decoder(packed, embedding=preset.engine_embedding, kv_cache=preset.engine_kv_cache)
+    engine = DecoderEngine.from_decoder(packed, embedding=preset.engine_embedding, kv_cache=preset.engine_kv_cache,
+                                        gemv=preset.engine_gemv)  # fmt: skip
     engines[ENGINE_ROW] = _engine_row(engine)
     rows[ENGINE_ROW] = {"weights_bytes": engine.nbytes, "file_bytes": files["book .packed"]["bytes"]}
     llamas = {}
@@ -448,7 +456,7 @@ def _time_engine_model(name: str, tokenizer, preset: PeersPreset, work: Path, qu
     n_ctx = preset.prompt + preset.new_tokens
     shape = EngineShape(**ENGINE_SIZES[name], max_seq_len=n_ctx)
     engine = DecoderEngine.random(shape, seed=preset.seed, progress=not quiet, embedding=preset.engine_embedding,
-                                  kv_cache=preset.engine_kv_cache)  # fmt: skip
+                                  kv_cache=preset.engine_kv_cache, gemv=preset.engine_gemv)  # fmt: skip
     path = work / f"{name}-TQ2_0.gguf"
     start = time.perf_counter()
     types = export_random_gguf(engine, tokenizer, path, "TQ2_0", embed_type=ternary_embed_type(preset))

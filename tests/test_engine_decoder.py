@@ -191,3 +191,36 @@ def test_int8_embedding_computes_the_model_with_that_quantized_table(path):
         DecoderEngine(shape, a.weights, a.scales, a.gains, b.embed, a.final_gain)  # codes without their scales
     with pytest.raises(ValueError, match="embed_scale"):
         DecoderEngine(shape, a.weights, a.scales, a.gains, a.embed, a.final_gain, embed_scale=b.embed_scale)
+
+
+@pytest.mark.parametrize("path", K.available_paths())
+def test_lut_gemv_gives_the_tiles_logits_bit_for_bit(path):
+    """gemv="lut" runs each generated token on the weights as table indices (1.67 bits a weight):
+    the same int32 dot products as the tiles, so the same logits, for a trained-shaped model
+    (from_decoder, grouped-query attention) and a random one; prompts keep the tiled GEMM."""
+    ref = model(kv_heads=2)
+    x = prompt(10)[0].numpy()
+    with K.use(path):
+        tiles, lut = DecoderEngine.from_decoder(ref), DecoderEngine.from_decoder(ref, gemv="lut")
+        assert (tiles.gemv, lut.gemv) == ("tiles", "lut")
+        np.testing.assert_array_equal(lut.forward(x[:6]), tiles.forward(x[:6]))
+        for token in x[6:]:
+            np.testing.assert_array_equal(lut.step(int(token)), tiles.step(int(token)))
+        shape = EngineShape(vocab_size=200, n_layer=1, n_head=4, n_kv_head=1, d_model=48, ffn_hidden=100, max_seq_len=8)
+        a, b = DecoderEngine.random(shape, seed=3), DecoderEngine.random(shape, seed=3, gemv="lut")
+        a.forward([1, 2]), b.forward([1, 2])
+        np.testing.assert_array_equal(a.step(4), b.step(4))
+        assert set(b.profile_step(3, repeat=2)) >= {"total", "integer_kernel", "float_head"}
+    packed = DecoderEngine.lut_of(shape, a.weights)
+    assert all(np.array_equal(packed[k][i], b.lut[k][i]) for k in packed for i in (0, 1))
+    assert b.nbytes - a.nbytes == sum(d.nbytes + n.nbytes for d, n in b.lut.values())
+
+
+def test_lut_gemv_refuses_bad_values_and_shapes():
+    with pytest.raises(ValueError, match="gemv must be one of"):
+        DecoderEngine.from_decoder(model(), gemv="dense")
+    shape = EngineShape(vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, d_model=32, ffn_hidden=64, max_seq_len=8)
+    e = DecoderEngine.random(shape, seed=1, gemv="lut")
+    bad = {**e.lut, "o": (e.lut["o"][0][:, :, :1], e.lut["o"][1])}
+    with pytest.raises(ValueError, match="o lookup weights"):
+        DecoderEngine(shape, e.weights, e.scales, e.gains, e.embed, e.final_gain, lut=bad)

@@ -82,7 +82,8 @@ def test_fold_norms_like_llama_refuses_a_full_precision_model():
 
 @pytest.mark.parametrize("field, value", [("sizes", ("nope",)), ("engine_sizes", ("125m",)), ("float_gguf", ("Q4_0",)),
                                           ("repeat", 0), ("prompt", True), ("agreement_text", " "),
-                                          ("engine_embedding", "float16"), ("engine_kv_cache", "float16")])  # fmt: skip
+                                          ("engine_embedding", "float16"), ("engine_kv_cache", "float16"),
+                                          ("engine_gemv", "dense")])  # fmt: skip
 def test_preset_rejects_bad_values(field, value):
     with pytest.raises(ValueError):
         dataclasses.replace(peers.PRESETS["ci"], **{field: value})
@@ -261,11 +262,15 @@ def test_run_peers_end_to_end_tiny(tmp_path, monkeypatch):
     assert saved["target"] == result["target"] and (tmp_path / "peers.html").is_file()
     assert saved["engine_targets"] and saved["models"][1]["model"] == "tiny-gqa"
     assert set(saved["models"][1]["rows"]) == {peers.ENGINE_ROW, peers.REFERENCE_ROW}
-    # the engine row held its tied table in bfloat16 (the preset's default), as the GGUF's F16 token_embd
+    # the engine row held its tied table in bfloat16 (the preset's default), as the GGUF's F16 token_embd,
+    # and its projections twice (the preset's gemv="lut": the tiles and the table indices)
     from labutils.engine import DecoderEngine, EngineShape
 
     tiny = peers.ENGINE_SIZES["tiny-gqa"]
-    float_table = DecoderEngine.random(EngineShape(**tiny, max_seq_len=preset.prompt + preset.new_tokens), seed=preset.seed)
+    float_table = DecoderEngine.random(EngineShape(**tiny, max_seq_len=preset.prompt + preset.new_tokens), seed=preset.seed,
+                                       gemv=preset.engine_gemv)  # fmt: skip
+    assert preset.engine_gemv == "lut" and float_table.nbytes > DecoderEngine.random(
+        EngineShape(**tiny, max_seq_len=preset.prompt + preset.new_tokens), seed=preset.seed).nbytes
     held = saved["models"][1]["rows"][peers.ENGINE_ROW]["weights_bytes"]
     assert preset.engine_embedding == "bfloat16" and held == float_table.nbytes - 2 * tiny["vocab_size"] * tiny["d_model"]
     rows = saved["models"][0]["rows"]

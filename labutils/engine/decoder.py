@@ -25,6 +25,12 @@ over the cache, SwiGLU and residual adds, with no torch, no Python and no alloca
 them: the only thread pool that runs is Numba's, entered once per kernel (and per attention).
 What this removes, measured, is in ``results/engine/overhead.md`` and chapter 8.6.
 
+A generated token reads every weight once, at about the machine's read rate, so its time is
+the weights' bytes. ``gemv="lut"`` keeps a second copy of the projections as table indices
+(:mod:`labutils.kernels.lut`: 1.67 bits a weight where the tiles spend 2) and runs one-token
+steps on it; prompts (many tokens, where arithmetic is the bound) keep the tiled GEMM. The
+int32 dot products are the same, so the logits are too.
+
 The arithmetic is the packed layer's, in the same order where it decides an integer: the same
 int8 codes (exactly, given the same normalized input), exact int32 dot products, the same
 ``dot * x_scale * w_scale`` rescale. Norms, softmax, SiLU and the float head sum in another
@@ -56,12 +62,14 @@ from labutils.engine.ops import (
     rmsnorm,
     rope,
     swiglu,
+    ternary_gemv_lut,
     ternary_matmul,
     to_bfloat16,
     widen,
 )
+from labutils.kernels.lut import LutWeights, build_tables, pack_lut
 
-__all__ = ["EMBEDDINGS", "KV_CACHES", "EngineShape", "DecoderEngine", "engine_for", "is_packed_decoder", "quantize_table_int8"]
+__all__ = ["EMBEDDINGS", "GEMVS", "KV_CACHES", "EngineShape", "DecoderEngine", "engine_for", "is_packed_decoder", "quantize_table_int8"]
 
 _JIT = {"cache": True, "boundscheck": False, "error_model": "numpy"}
 # Functions that take the kernels as arguments are not cached on disk: Numba keys its cache by
@@ -116,20 +124,26 @@ class EngineShape:
 
 
 @njit(**_JIT_KERNEL_ARGS)
-def _project(par, ser, h, m, codes, xs, rowsum, dots, w, ws, out, qp, eps, min_macs):  # pragma: no cover - compiled
-    """out[:m] = BitLinear(h[:m]) for an already normalized h: quantize, kernel, rescale."""
+def _project(par, ser, lut, h, m, codes, xs, rowsum, dots, w, ws, out, qp, eps, min_macs, lw, lneg, tables):  # pragma: no cover - compiled
+    """out[:m] = BitLinear(h[:m]) for an already normalized h: quantize, kernel, rescale. One
+    token runs the lookup kernel on ``lw`` / ``lneg`` (LutWeights) when the engine holds them."""
     quantize_absmax(h, m, qp, eps, codes, xs, rowsum)
-    ternary_matmul(par, ser, codes, m, w, rowsum, dots, xs, ws, out, min_macs)
+    if m == 1 and lw.shape[0] > 0:
+        ternary_gemv_lut(lut, codes, tables, lw, lneg, dots[0], xs, ws, out)
+    else:
+        ternary_matmul(par, ser, codes, m, w, rowsum, dots, xs, ws, out, min_macs)
 
 
 @njit(**_JIT_KERNEL_ARGS)
-def _forward(par, ser, head, tokens, m, pos0, first_logit,
+def _forward(par, ser, lut, head, tokens, m, pos0, first_logit,
              g_attn, g_qkv, w_qkv, s_qkv, g_o, w_o, s_o, g_mlp, g_gu, w_gu, s_gu, g_down, w_down, s_down, g_final,
+             l_qkv, n_qkv, l_o, n_o, l_gu, n_gu, l_down, n_down, tables,
              embed, embed_scale, cos, sin, k_cache, v_cache, n_head, n_kv, head_dim, hidden, norm_eps, act_eps, qp, min_macs,
              x, h, codes_d, codes_h, xs, rowsum, dots, qkv, att, gu, act, proj, scores, logits):  # pragma: no cover - compiled  # fmt: skip
     """Tokens [m] at positions pos0.. through every block; logits of rows first_logit..m-1 into
     logits[:m - first_logit]. Every array is preallocated (see DecoderEngine); ``embed_scale``
-    holds an int8 table's row scales, and is empty for a float table."""
+    holds an int8 table's row scales, and is empty for a float table; ``l_*`` / ``n_*`` the
+    projections as LutWeights (data, neg_count; [L, 0, ...] when the engine holds none)."""
     d = x.shape[1]
     for r in range(m):  # embedding: one row of the table (times its scale: 1, exactly, for a float table)
         row = embed[tokens[r]]
@@ -141,7 +155,8 @@ def _forward(par, ser, head, tokens, m, pos0, first_logit,
         # attention: x += o(attn(rope(q), rope(k), v)), qkv = BitLinear(RMSNorm(x))
         rmsnorm(x, m, g_attn[layer], norm_eps, h)
         rmsnorm(h, m, g_qkv[layer], act_eps, h)
-        _project(par, ser, h, m, codes_d, xs, rowsum, dots, w_qkv[layer], s_qkv[layer], qkv, qp, act_eps, min_macs)
+        _project(par, ser, lut, h, m, codes_d, xs, rowsum, dots, w_qkv[layer], s_qkv[layer], qkv, qp, act_eps, min_macs,
+                 l_qkv[layer], n_qkv[layer], tables)
         rope(qkv, m, 0, n_head, head_dim, cos, sin, pos0)
         rope(qkv, m, q_width, n_kv, head_dim, cos, sin, pos0)
         kc, vc = k_cache[layer], v_cache[layer]
@@ -152,15 +167,18 @@ def _forward(par, ser, head, tokens, m, pos0, first_logit,
                     vc[hh, pos0 + r, i] = narrow_like(qkv[r, q_width + kv_width + hh * head_dim + i], vc)
         attend_cached(qkv, m, n_head, n_kv, head_dim, kc, vc, pos0, scores, att)
         rmsnorm(att, m, g_o[layer], act_eps, att)
-        _project(par, ser, att, m, codes_d, xs, rowsum, dots, w_o[layer], s_o[layer], proj, qp, act_eps, min_macs)
+        _project(par, ser, lut, att, m, codes_d, xs, rowsum, dots, w_o[layer], s_o[layer], proj, qp, act_eps, min_macs,
+                 l_o[layer], n_o[layer], tables)
         add_(x, m, proj)
         # MLP: x += down(silu(gate) * up), gate, up = BitLinear(RMSNorm(x))
         rmsnorm(x, m, g_mlp[layer], norm_eps, h)
         rmsnorm(h, m, g_gu[layer], act_eps, h)
-        _project(par, ser, h, m, codes_d, xs, rowsum, dots, w_gu[layer], s_gu[layer], gu, qp, act_eps, min_macs)
+        _project(par, ser, lut, h, m, codes_d, xs, rowsum, dots, w_gu[layer], s_gu[layer], gu, qp, act_eps, min_macs,
+                 l_gu[layer], n_gu[layer], tables)
         swiglu(gu, m, hidden, act)
         rmsnorm(act, m, g_down[layer], act_eps, act)
-        _project(par, ser, act, m, codes_h, xs, rowsum, dots, w_down[layer], s_down[layer], proj, qp, act_eps, min_macs)
+        _project(par, ser, lut, act, m, codes_h, xs, rowsum, dots, w_down[layer], s_down[layer], proj, qp, act_eps,
+                 min_macs, l_down[layer], n_down[layer], tables)
         add_(x, m, proj)
     rows = m - first_logit
     for r in range(rows):
@@ -199,6 +217,20 @@ def _kernels_only(par, ser, m, w_qkv, w_o, w_gu, w_down, codes_d, codes_h, rowsu
             ser(codes_h[:m], w_down[layer], rowsum[:m], dots[:m])
 
 
+@njit(**_JIT_KERNEL_ARGS)
+def _lut_kernels_only(lut, l_qkv, n_qkv, l_o, n_o, l_gu, n_gu, l_down, n_down, codes_d, codes_h, tables, dots):  # pragma: no cover - compiled
+    """Every lookup-kernel call of one generated token (its tables included), nothing else."""
+    for layer in range(l_qkv.shape[0]):
+        for data, neg, codes in ((l_qkv[layer], n_qkv[layer], codes_d), (l_o[layer], n_o[layer], codes_d),
+                                 (l_gu[layer], n_gu[layer], codes_d), (l_down[layer], n_down[layer], codes_h)):  # fmt: skip
+            t = tables[: data.shape[1] * 8]
+            build_tables(codes[0], t)
+            lut(t, data, neg, dots[0])
+
+
+GEMVS = ("tiles", "lut")
+"""How the engine runs one token's projections: "tiles" (the GEMM's 2-bit tiles) or "lut" (a
+second copy of the weights as table indices, 1.67 bits a weight: fewer bytes a token)."""
 EMBEDDINGS = ("float32", "bfloat16", "int8")
 KV_CACHES = ("float32", "bfloat16")
 _CACHE_DTYPES = {"float32": np.float32, "bfloat16": np.uint16}  # bfloat16 held as its 16 bits
@@ -207,6 +239,19 @@ _CACHE_DTYPES = {"float32": np.float32, "bfloat16": np.uint16}  # bfloat16 held 
 def _check_embedding(embedding: str) -> None:
     if embedding not in EMBEDDINGS:
         raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+
+
+def _check_gemv(gemv: str) -> None:
+    if gemv not in GEMVS:
+        raise ValueError(f"gemv must be one of {GEMVS}, got {gemv!r}")
+
+
+def _lut_stack(per_layer: list[LutWeights]) -> tuple[np.ndarray, np.ndarray]:
+    return _stack([w.data for w in per_layer]), _stack([w.neg_count for w in per_layer])
+
+
+def _no_lut(n_layer: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((n_layer, 0, 1, 5, 32), np.uint8), np.zeros((n_layer, 0), np.int32)
 
 
 def _check_kv_cache(kv_cache: str) -> None:
@@ -249,7 +294,8 @@ class DecoderEngine:
 
     def __init__(self, shape: EngineShape, weights: dict[str, np.ndarray], scales: dict[str, np.ndarray],
                  gains: dict[str, np.ndarray], embed: np.ndarray, final_gain: np.ndarray,
-                 kv_cache: str = "float32", embed_scale: np.ndarray | None = None) -> None:  # fmt: skip
+                 kv_cache: str = "float32", embed_scale: np.ndarray | None = None,
+                 lut: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:  # fmt: skip
         """Args (``L`` = n_layer; see the module docstring for the layouts):
         shape: the decoder's EngineShape.
         weights: {projection: uint8 [L, T, G, 4, 64]} prepacked W1.58A8 tiles of every layer.
@@ -263,6 +309,9 @@ class DecoderEngine:
             rounded to nearest as they are written: half the bytes).
         embed_scale: float32 [vocab], the row scales of an int8 ``embed``
             (:func:`quantize_table_int8`); only with one.
+        lut: {projection: (data uint8 [L, T, O, 5, 32], neg_count int32 [L, 32T])}, every
+            layer's :class:`labutils.kernels.lut.LutWeights` of the same codes as ``weights``
+            (:meth:`lut_of`), or None: one generated token then runs the lookup kernel on them.
         """
         _check_kv_cache(kv_cache)
         widths = shape.widths()
@@ -280,9 +329,17 @@ class DecoderEngine:
             raise ValueError("an int8 embed needs its row scales (embed_scale), and only an int8 embed takes them")
         if embed.dtype == np.int8 and np.shape(embed_scale) != (shape.vocab_size,):
             raise ValueError(f"embed_scale must be [{shape.vocab_size}], got {np.shape(embed_scale)}")
+        for name, (n, k) in widths.items() if lut is not None else ():
+            data, neg = lut[name]
+            expect = (shape.n_layer, -(-n // 32), -(-k // 24), 5, 32)
+            if data.dtype != np.uint8 or data.shape != expect or neg.shape != (shape.n_layer, 32 * expect[1]):
+                raise ValueError(f"{name} lookup weights must be uint8 {expect} and int32 [L, {32 * expect[1]}], "
+                                 f"got {data.dtype} {data.shape}, {neg.shape}")  # fmt: skip
         self.shape = shape
         f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
         self.weights = weights
+        self.lut = {name: (np.ascontiguousarray(d), np.ascontiguousarray(c, dtype=np.int32)) for name, (d, c) in lut.items()} \
+            if lut is not None else {name: _no_lut(shape.n_layer) for name in PROJECTIONS}  # fmt: skip
         self.scales = {k: f32(v) for k, v in scales.items()}
         self.gains = {k: f32(v) for k, v in gains.items()}
         self.embed = np.ascontiguousarray(embed) if embed.dtype in (np.uint16, np.int8) else f32(embed)
@@ -306,6 +363,8 @@ class DecoderEngine:
             "gu": np.zeros((t, 2 * hidden), np.float32), "act": np.zeros((t, hidden), np.float32),
             "proj": np.zeros((t, d), np.float32), "scores": np.zeros((shape.n_head * t, t), np.float32),
         }  # fmt: skip
+        triples = max(-(-k // 24) * 8 for _, k in widths.values())
+        self._buffers["tables"] = np.zeros((triples if lut is not None else 0, 32), np.uint8)
         self._last_logits = np.zeros((1, shape.vocab_size), np.float32)
         self.length = 0
         self.random_seed: int | None = None
@@ -313,15 +372,17 @@ class DecoderEngine:
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def from_decoder(cls, model: Any, embedding: str = "float32", kv_cache: str = "float32") -> DecoderEngine:
+    def from_decoder(cls, model: Any, embedding: str = "float32", kv_cache: str = "float32", gemv: str = "tiles") -> DecoderEngine:
         """The engine of a W1.58A8 ``Decoder`` (its BitLinears, or the PackedBitLinears of
         ``pack_model``): codes, scales and gains copied (the model is not kept); the tied
         embedding (and head) kept as ``embedding``, "float32", "bfloat16" (rounded to
         nearest: the engine then computes what the model with that rounded table computes) or
         "int8" (:func:`quantize_table_int8`: likewise, for the table ``codes * scale``);
-        the KV cache as ``kv_cache`` (see ``__init__``)."""
+        the KV cache as ``kv_cache`` (see ``__init__``); ``gemv="lut"`` adds the weights as
+        table indices for one-token steps (:data:`GEMVS`)."""
         _check_embedding(embedding)
         _check_kv_cache(kv_cache)
+        _check_gemv(gemv)
         import torch
 
         from labutils.bitlinear import BitLinear
@@ -375,20 +436,34 @@ class DecoderEngine:
             raise ValueError("the engine needs the head tied to the embedding (Decoder's lm_head)")
         shape = EngineShape.of(cfg, act_eps=float(act_eps), act_bits=int(act_bits))
         embed, embed_scale = _table(f32(table), embedding)
-        return cls(shape, {k: _stack(v) for k, v in weights.items()}, {k: _stack(v) for k, v in scales.items()},
+        stacked = {k: _stack(v) for k, v in weights.items()}
+        return cls(shape, stacked, {k: _stack(v) for k, v in scales.items()},
                    {k: _stack(v) for k, v in gains.items()}, embed, f32(model.norm.weight), kv_cache=kv_cache,
-                   embed_scale=embed_scale)  # fmt: skip
+                   embed_scale=embed_scale, lut=cls.lut_of(shape, stacked) if gemv == "lut" else None)  # fmt: skip
+
+    @staticmethod
+    def lut_of(shape: EngineShape, weights: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The ``lut`` argument of ``__init__`` from the W1.58A8 tiles ``weights`` (same codes)."""
+        from labutils.kernels import PackedWeights, untile_w158a8
+
+        out = {}
+        for name, (n, k) in shape.widths().items():
+            layers = [pack_lut(untile_w158a8(PackedWeights("w1.58a8", n, k, w))) for w in weights[name]]
+            out[name] = _lut_stack(layers)
+        return out
 
     @classmethod
     def random(cls, shape: EngineShape, seed: int = 0, progress: bool = False, embedding: str = "float32",
-               kv_cache: str = "float32") -> DecoderEngine:  # fmt: skip
+               kv_cache: str = "float32", gemv: str = "tiles") -> DecoderEngine:  # fmt: skip
         """Random ternary weights (codes uniform in {-1, 0, +1}, scale 1/sqrt(in_features)),
         embedding N(0, 0.02) kept as ``embedding`` ("float32", "bfloat16" or "int8"), unit gains: a
         benchmark model of any shape, as bitnet.cpp's dummy models, built layer by layer (peak
         memory: one layer's int8 codes beyond the packed model). :meth:`layer_codes`
-        regenerates the codes (for a GGUF export). ``kv_cache``: see ``__init__``."""
+        regenerates the codes (for a GGUF export). ``kv_cache``: see ``__init__``; ``gemv``:
+        see :meth:`from_decoder`."""
         _check_embedding(embedding)
         _check_kv_cache(kv_cache)
+        _check_gemv(gemv)
         from tqdm.auto import tqdm
 
         from labutils.kernels import prepack_w158a8
@@ -397,9 +472,12 @@ class DecoderEngine:
         weights: dict[str, np.ndarray] = {}
         for name, (n, k) in widths.items():
             weights[name] = np.empty((shape.n_layer, -(-n // 64), padded_width(k) // 16, 4, 64), np.uint8)
+        luts: dict[str, list[LutWeights]] = {name: [] for name in widths}
         for layer in tqdm(range(shape.n_layer), disable=not progress, desc="random ternary layers"):
             for name, codes in cls.layer_codes(shape, seed, layer).items():
                 weights[name][layer] = prepack_w158a8(codes).data
+                if gemv == "lut":
+                    luts[name].append(pack_lut(codes))
         scales = {name: np.full((shape.n_layer, n), 1 / math.sqrt(k), np.float32) for name, (n, k) in widths.items()}
         gains = {name: np.ones((shape.n_layer, k), np.float32) for name, (_, k) in widths.items()}
         gains |= {"attn": np.ones((shape.n_layer, shape.d_model), np.float32), "mlp": np.ones((shape.n_layer, shape.d_model), np.float32)}
@@ -408,7 +486,7 @@ class DecoderEngine:
         embed *= np.float32(0.02)
         table, table_scale = _table(embed, embedding)
         engine = cls(shape, weights, scales, gains, table, np.ones(shape.d_model, np.float32), kv_cache=kv_cache,
-                     embed_scale=table_scale)  # fmt: skip
+                     embed_scale=table_scale, lut={k: _lut_stack(v) for k, v in luts.items()} if gemv == "lut" else None)  # fmt: skip
         engine.random_seed = seed  # labutils.export.export_random_gguf regenerates the codes from it
         return engine
 
@@ -432,6 +510,11 @@ class DecoderEngine:
         return {np.dtype(np.uint16): "bfloat16", np.dtype(np.int8): "int8"}.get(self.embed.dtype, "float32")
 
     @property
+    def gemv(self) -> str:
+        """How one generated token's projections run: "tiles" or "lut" (:data:`GEMVS`)."""
+        return "lut" if self._buffers["tables"].shape[0] else "tiles"
+
+    @property
     def kv_cache_dtype(self) -> str:
         """How K and V are cached: "float32" or "bfloat16"."""
         return "bfloat16" if self.k_cache.dtype == np.uint16 else "float32"
@@ -445,15 +528,16 @@ class DecoderEngine:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the weights the engine holds (tiles, scales, gains, embedding)."""
+        """Bytes of the weights the engine holds (tiles, lookup indices if any, scales, gains, embedding)."""
         arrays = [*self.weights.values(), *self.scales.values(), *self.gains.values(), self.embed, self.embed_scale,
-                  self.final_gain]
+                  self.final_gain, *(a for pair in self.lut.values() for a in pair)]
         return int(sum(a.nbytes for a in arrays))
 
     def forward(self, tokens: Any, logits: str = "last") -> np.ndarray:
         """Continue the cache by ``tokens`` (ints, or a 1-D int array) -> float32 logits
         ``[vocab]`` of the last token (``logits="last"``) or ``[T, vocab]`` (``"all"``)."""
         from labutils.kernels.dispatch import active_path, kernel_for
+        from labutils.kernels.lut import lut_kernel_for
 
         ids = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
         m, s = ids.shape[0], self.shape
@@ -467,11 +551,14 @@ class DecoderEngine:
             raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
         first = m - 1 if logits == "last" else 0
         out = self._last_logits if logits == "last" else np.empty((m, s.vocab_size), np.float32)
-        b, w, sc, g = self._buffers, self.weights, self.scales, self.gains
-        _forward(kernel_for("w1.58a8"), kernel_for("w1.58a8", parallel=False), float_matmul_for(active_path()), ids, m,
-                 self.length, first,
+        b, w, sc, g, lut = self._buffers, self.weights, self.scales, self.gains, self.lut
+        path = active_path()
+        _forward(kernel_for("w1.58a8"), kernel_for("w1.58a8", parallel=False), lut_kernel_for(path), float_matmul_for(path),
+                 ids, m, self.length, first,
                  g["attn"], g["qkv"], w["qkv"], sc["qkv"], g["o"], w["o"], sc["o"], g["mlp"], g["gate_up"], w["gate_up"],
-                 sc["gate_up"], g["down"], w["down"], sc["down"], self.final_gain, self.embed, self.embed_scale, self.cos, self.sin,
+                 sc["gate_up"], g["down"], w["down"], sc["down"], self.final_gain,
+                 *lut["qkv"], *lut["o"], *lut["gate_up"], *lut["down"], b["tables"],
+                 self.embed, self.embed_scale, self.cos, self.sin,
                  self.k_cache, self.v_cache, s.n_head, s.n_kv_head, s.head_dim, s.ffn_hidden, np.float32(s.norm_eps),
                  np.float32(s.act_eps), np.float32(2 ** (s.act_bits - 1) - 1), PARALLEL_MIN_MACS,
                  b["x"], b["h"], b["codes_d"], b["codes_h"], b["xs"], b["rowsum"], b["dots"], b["qkv"], b["att"],
@@ -485,13 +572,14 @@ class DecoderEngine:
         """Where one generated token's time goes, at ``position`` (the cache filled with random
         ids up to there): seconds, medians of ``repeat`` interleaved rounds, of the whole step
         (``total``), of its ternary kernel calls alone (``integer_kernel``: the same calls, in
-        one compiled loop), of the float head alone (``float_head``), and ``other`` (the rest:
+        one compiled loop; with ``gemv="lut"`` the lookup kernels and their tables), of the float head alone (``float_head``), and ``other`` (the rest:
         norms, quantization, RoPE, attention, SwiGLU, residuals, the call itself). Leaves the
         cache at ``position``."""
         import statistics
         import time
 
         from labutils.kernels.dispatch import active_path, kernel_for
+        from labutils.kernels.lut import lut_kernel_for
 
         if not 1 <= position < self.shape.max_seq_len:
             raise ValueError(f"position must be in [1, {self.shape.max_seq_len - 1}], got {position}")
@@ -499,8 +587,17 @@ class DecoderEngine:
         self.forward(np.random.default_rng(0).integers(0, self.shape.vocab_size, position))
         par, ser = kernel_for("w1.58a8"), kernel_for("w1.58a8", parallel=False)
         head = float_matmul_for(active_path())
-        b, w = self._buffers, self.weights
+        b, w, lut = self._buffers, self.weights, self.lut
         head_in = np.ascontiguousarray(b["h"][:1])
+        lut_kernel = lut_kernel_for(active_path())
+
+        def integer_kernels():
+            if self.gemv == "lut":
+                _lut_kernels_only(lut_kernel, *lut["qkv"], *lut["o"], *lut["gate_up"], *lut["down"], b["codes_d"],
+                                  b["codes_h"], b["tables"], b["dots"])  # fmt: skip
+            else:
+                _kernels_only(par, ser, 1, w["qkv"], w["o"], w["gate_up"], w["down"], b["codes_d"], b["codes_h"],
+                              b["rowsum"], b["dots"], PARALLEL_MIN_MACS)  # fmt: skip
 
         def step():
             self.reset(position)
@@ -508,8 +605,7 @@ class DecoderEngine:
 
         parts = {
             "total": step,
-            "integer_kernel": lambda: _kernels_only(par, ser, 1, w["qkv"], w["o"], w["gate_up"], w["down"], b["codes_d"],
-                                                    b["codes_h"], b["rowsum"], b["dots"], PARALLEL_MIN_MACS),
+            "integer_kernel": integer_kernels,
             "float_head": lambda: (head(head_in, 1, self.embed, self._last_logits),
                                    scale_columns(self._last_logits, 1, self.embed_scale)),
         }  # fmt: skip

@@ -12,6 +12,9 @@ a trip through Python. Rows are tokens: ``x [M, d]`` holds M tokens of width d.
 - :func:`ternary_matmul`: the integer kernel of :mod:`labutils.kernels` (any path; the kernel is
   an argument) on those codes, then ``y = float32(dot) * x_scale * w_scale`` in the order
   ``PackedBitLinear`` uses, so the engine's projections equal the packed layer's bit for bit.
+- :func:`ternary_gemv_lut`: one token through the same projection held as table indices
+  (:mod:`labutils.kernels.lut`, 1.67 bits a weight): the token's tables, the lookup kernel (an
+  argument), the same rescale; the same int32 dots, so the same floats, as ``ternary_matmul``.
 - :func:`float_matmul_16` / :func:`float_matmul_8`: ``x @ W^T`` with W in nn.Linear's layout
   ``[N, K]``: the float head. Each output is a dot product along K in register vectors; tasks
   are contiguous row blocks, so the table streams through memory once, front to back (the
@@ -38,6 +41,7 @@ from numba.extending import overload
 
 from labutils.kernels.float_simd import fadd, ffma, fload, fsum, fzeros
 from labutils.kernels.fused import quantize_row_a8, quantize_row_binary, rescale_block
+from labutils.kernels.lut import build_tables
 
 __all__ = [
     "KERNEL_WIDTH",
@@ -45,6 +49,7 @@ __all__ = [
     "rmsnorm",
     "quantize_absmax",
     "ternary_matmul",
+    "ternary_gemv_lut",
     "float_matmul_8",
     "float_matmul_16",
     "float_matmul_for",
@@ -121,6 +126,19 @@ def ternary_matmul(parallel_kernel, serial_kernel, codes, m, w, rowsum, dots, x_
         s = x_scale[r]
         for j in range(n):
             out[r, j] = np.float32(dots[r, j]) * s * w_scale[j]
+
+
+@njit(**{**_JIT, "cache": False})  # the kernel is an argument, as in ternary_matmul
+def ternary_gemv_lut(kernel, codes, tables, data, neg_count, dots, x_scale, w_scale, out):  # pragma: no cover - compiled
+    """out[0, :N] = float32(W @ codes[0]) * x_scale[0] * w_scale for one token: its tables
+    (``tables`` uint8 [>= G, 32] scratch), ``kernel`` (``kernels.lut.lut_kernel_for``) on one
+    layer's LutWeights ``data`` / ``neg_count`` into ``dots`` int32 [>= 32T], the rescale."""
+    t = tables[: data.shape[1] * 8]
+    build_tables(codes[0], t)
+    kernel(t, data, neg_count, dots)
+    s = x_scale[0]
+    for j in range(out.shape[1]):
+        out[0, j] = np.float32(dots[j]) * s * w_scale[j]
 
 
 def to_bfloat16(a: np.ndarray) -> np.ndarray:

@@ -51,7 +51,8 @@ with ``popcount_asm_lines(kernel)``, ``dot_asm_lines(kernel)`` and ``expected_in
 
 Package layout: ``cpu`` (features), ``simd`` (the vector vocabulary), ``layout`` (PackedWeights,
 prepack_*), ``microkernels_avx512``, ``amx``, ``microkernels_avx2``, ``portable`` and ``generic``,
-``dispatch`` (path choice), ``matmul`` (the public GEMM/GEMV), ``asm``, ``issue_model``, ``layer``
+``dispatch`` (path choice), ``matmul`` (the public GEMM/GEMV), ``lut`` (ternary weights as
+table indices, 1.67 bits a weight, and their one-token product by ``vpshufb`` lookups), ``asm``, ``issue_model``, ``layer``
 (PackedBitLinear, pack_model). Timings: ``python -m labutils.bench kernels`` (``kernel_bench``),
 the median of interleaved rounds with the per-round ratio spread and the best sample beside it.
 The figures below are older exploration notes (one thread's CPU time, or best samples), kept for
@@ -139,7 +140,8 @@ from labutils.kernels.cpu import PATHS, available_paths, flags_of_features, targ
 from labutils.kernels.dispatch import ENV_VAR, active_path, cpu_features, use
 from labutils.kernels.generic import w1a1_gemm_simple
 from labutils.kernels.layer import ACT_MODES, PackedBitLinear, pack_model
-from labutils.kernels.layout import SCHEMES, PackedWeights, prepack_w1a1, prepack_w1a8, prepack_w158a8
+from labutils.kernels.layout import SCHEMES, PackedWeights, prepack_w1a1, prepack_w1a8, prepack_w158a8, untile_w158a8
+from labutils.kernels.lut import LutWeights, lut_gemv, pack_lut, unpack_lut
 from labutils.kernels.matmul import (
     packed_matmul,
     w1a1_gemm,
@@ -161,6 +163,7 @@ __all__ = [
     "SCHEMES",
     "PackedBitLinear",
     "PackedWeights",
+    "LutWeights",
     "active_path",
     "asm_lines",
     "available_paths",
@@ -168,7 +171,9 @@ __all__ = [
     "dot_asm_lines",
     "expected_instructions",
     "flags_of_features",
+    "pack_lut",
     "pack_model",
+    "lut_gemv",
     "packed_matmul",
     "popcount",
     "profile_packed_forward",
@@ -177,6 +182,8 @@ __all__ = [
     "prepack_w1a8",
     "prepack_w158a8",
     "target_flags",
+    "unpack_lut",
+    "untile_w158a8",
     "use",
     "vnni_asm_lines",
     "w1a1_gemm",

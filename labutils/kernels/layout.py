@@ -163,6 +163,16 @@ def _tile_codes(codes: np.ndarray, scheme: str, pad_code: int) -> np.ndarray:
     return np.ascontiguousarray(packed.reshape(tiles, groups, 4, 64))
 
 
+def untile_w158a8(w: PackedWeights) -> np.ndarray:
+    """The ternary codes int8 ``[N, K]`` of W1.58A8 tiles: the inverse of :func:`prepack_w158a8`."""
+    if w.scheme != "w1.58a8":
+        raise ValueError(f"untile_w158a8 needs W1.58A8 tiles, got {w.scheme!r}")
+    tiles, groups = w.data.shape[:2]
+    fields = w.data.reshape(tiles, groups, 4, 16, 4)[..., None] >> (2 * np.arange(4, dtype=np.uint8))
+    codes = (fields & 3).transpose(0, 2, 3, 1, 5, 4).reshape(tiles * _A8_COLS, groups * 16)
+    return codes[: w.n, : w.k].astype(np.int8) - np.int8(1)
+
+
 def prepack_w1a8(w_rows: Any, k: int) -> PackedWeights:
     """Tile binary weights for the binary x int8 (VNNI) kernels.
 

@@ -461,3 +461,90 @@ def _widen_step(typingctx, acc, steps):
         return builder.add(args[0], _call(builder, "llvm.x86.avx2.pmadd.wd", args[0].type, args[1], ones))
 
     return _I32x8(acc, steps), codegen
+
+
+# --------------------------------------------------------------------------- table lookups (AVX2)
+# The lookup-table GEMV (``kernels.lut``): 16-byte tables broadcast to both 128-bit halves of a
+# ymm, ``vpshufb`` as 32 parallel lookups, byte masks from bit planes, and the (low, high) byte
+# pairs of int16 table entries put back together by ``vpunpck{l,h}bw``.
+
+
+@intrinsic
+def _vbroadcast16(typingctx, arr, index):
+    """The 16 bytes at ``arr.flat[index:]`` (uint8) in both 128-bit halves (``vbroadcasti128``)."""
+    if not _is_c_array(arr, types.uint8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        v16 = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
+        return builder.shuffle_vector(v16, v16, ir.Constant(ir.VectorType(_I32, 32), list(range(16)) * 2))
+
+    return _U8x32(arr, index), codegen
+
+
+@intrinsic
+def _vlookup_xor(typingctx, table, idx, mask):
+    """``table[idx] ^ mask`` per byte, the lookup within each 128-bit half (``vpshufb``, every
+    idx byte < 16; ``vpxor``)."""
+    if not (table == idx == mask == _U8x32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.xor(_call(builder, "llvm.x86.avx2.pshuf.b", args[0].type, args[0], args[1]), args[2])
+
+    return _U8x32(table, idx, mask), codegen
+
+
+@intrinsic
+def _vbit_mask(typingctx, plane, bit):
+    """0xFF in each byte whose bit ``bit`` is set in ``plane``, else 0 (``vpand``, ``vpcmpeqb``)."""
+    if plane != _U8x32 or not isinstance(bit, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        one = builder.shl(ir.Constant(ir.IntType(8), 1), _as_int(builder, args[1], 8))
+        sel = _splat(builder, one, args[0].type)
+        hit = builder.icmp_unsigned("==", builder.and_(args[0], sel), sel)
+        return builder.sext(hit, args[0].type)
+
+    return _U8x32(plane, bit), codegen
+
+
+def _literal(value: Any, *allowed: int) -> int | None:
+    """The compile-time value of an integer literal argument, if it is one of ``allowed``."""
+    if isinstance(value, types.IntegerLiteral) and value.literal_value in allowed:
+        return value.literal_value
+    return None
+
+
+@intrinsic
+def _unpack_add(typingctx, acc, lo, hi, high):
+    """``acc`` + the int16 values whose low bytes are ``lo`` and high bytes ``hi``: bytes 0-7 and
+    16-23 (``high`` = 0, ``vpunpcklbw``: rows 0-7 and 16-23 of a 32-row tile) or 8-15 and 24-31
+    (``high`` = 1, ``vpunpckhbw``). ``high`` is a literal."""
+    first = _literal(high, 0, 1)
+    if not (acc == _I16x16 and lo == hi == _U8x32) or first is None:
+        return None
+    order = [i for h in (0, 16) for j in range(8 * first, 8 * first + 8) for i in (h + j, 32 + h + j)]
+
+    def codegen(context, builder, sig, args):
+        pairs = builder.shuffle_vector(args[1], args[2], ir.Constant(ir.VectorType(_I32, 32), order))
+        return builder.add(args[0], builder.bitcast(pairs, args[0].type))
+
+    return _I16x16(acc, lo, hi, high), codegen
+
+
+@intrinsic
+def _sext_add(typingctx, acc, v, half):
+    """``acc`` (int32 x 8) + int16 lanes 0-7 (``half`` = 0) or 8-15 (``half`` = 1) of ``v``,
+    sign-extended (``vpmovsxwd``). ``half`` is a literal."""
+    first = _literal(half, 0, 1)
+    if not (acc == _I32x8 and v == _I16x16) or first is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        part = builder.shuffle_vector(args[1], args[1], ir.Constant(ir.VectorType(_I32, 8), list(range(8 * first, 8 * first + 8))))
+        return builder.add(args[0], builder.sext(part, args[0].type))
+
+    return _I32x8(acc, v, half), codegen

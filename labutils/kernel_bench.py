@@ -384,6 +384,10 @@ def _kernels_case(m: int, k: int, n: int, seed: int, paths: list[str], threads: 
                 path, lambda s=scheme: gemm[s](inputs[s], packed[s]))
             fns[_kernel_name(f"{scheme}+q", path, default)] = on(path, lambda s=scheme: layers[s](x_f))
     fns["w1a1_simple"] = lambda: kernels.w1a1_gemm_simple(x_rows, w_rows, k)
+    if m == 1:  # one token: the weights as table indices too (1.67 bits a weight, kernels.lut)
+        lut_packed = kernels.pack_lut(w_trits)
+        for path in paths:
+            fns[_kernel_name("w1.58a8_lut", path, default)] = lambda p=path: kernels.lut_gemv(x_codes[0], lut_packed, p)[None]
 
     def check() -> None:
         rows = sorted({0, m - 1})
@@ -393,7 +397,7 @@ def _kernels_case(m: int, k: int, n: int, seed: int, paths: list[str], threads: 
 
         wanted = {"w1a1": ref(x_signs, w_signs), "w1a8": ref(x_codes, w_signs), "w1.58a8": ref(x_codes, w_trits),
                   "w1a1_simple": ref(x_signs, w_signs), "ort_int8": ref(x_codes, w_trits),
-                  "torch_int_mm": ref(x_codes, w_trits)}  # fmt: skip
+                  "torch_int_mm": ref(x_codes, w_trits), "w1.58a8_lut": ref(x_codes, w_trits)}  # fmt: skip
         codes, scale = quant.quantize_activations_absmax(x_f[rows], 8)
         signs = np.where(x_np[rows] >= 0, 1, -1)
         floats = {"w1.58a8+q": (codes.numpy().astype(np.int64) @ w_trits.astype(np.int64).T) * scale.numpy(),

@@ -73,6 +73,10 @@ def test_bench_quick_writes_json(tmp_path, capsys):
         # like with like: integer-only kernels against integer-only baselines, float-in against float-in
         assert "torch_int_mm" in row["kernels"]["w1.58a8"]["vs"] and "torch_int_mm" not in row["kernels"]["w1.58a8+q"]["vs"]
         assert "torch_int8" in row["kernels"]["w1.58a8+q"]["vs"]
+        # one token: the lookup GEMV (kernels.lut) beside the tiles, against the same baselines
+        assert ("w1.58a8_lut" in row["kernels"]) == (row["m"] == 1)
+        if row["m"] == 1:
+            assert {"torch_f32", "ort_int8", "torch_int_mm"} & set(row["kernels"]["w1.58a8_lut"]["vs"]) >= {"torch_f32", "torch_int_mm"}
     assert {t["path"] for t in result["targets"]} <= set(K.available_paths())
     assert all(t["pass"] == (t["geomean_ratio"] >= t["target_ratio"]) for t in result["targets"])
     assert "GMAC/s" in capsys.readouterr().out

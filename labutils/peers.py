@@ -175,9 +175,10 @@ class PeersPreset:
             value, as llama.cpp's default fp16 cache beside them) or "float32"
             (``DecoderEngine``'s ``kv_cache``).
         engine_gemv: how the engine rows run a generated token's projections, "lut" (the
-            default: the weights also held as table indices, 1.67 bits a weight, read by the
-            lookup kernel; their weights MB count both copies) or "tiles" (the 2-bit tiles
-            alone) (``DecoderEngine``'s ``gemv``).
+            weights also held as table indices, 1.67 bits a weight, read by the lookup kernel;
+            their weights MB count both copies), "tiles" (the 2-bit tiles alone) or "auto"
+            (the default: "lut" where its AVX2 tile runs) (``DecoderEngine``'s ``gemv``; each
+            engine row records the one it ran as ``gemv``).
         agreement_text, agreement_tokens: the agreement prompt (after ``<|endoftext|>``) and how
             many greedy tokens both sides generate from it.
     """
@@ -195,7 +196,7 @@ class PeersPreset:
     threads: int = 2
     engine_embedding: str = "bfloat16"
     engine_kv_cache: str = "bfloat16"
-    engine_gemv: str = "lut"
+    engine_gemv: str = "auto"
     agreement_text: str = "This movie was"
     agreement_tokens: int = 32
     agreement_size: str = "s"
@@ -407,7 +408,7 @@ def _time_model(name: str, kind: str, ternary: torch.nn.Module, fp: torch.nn.Mod
     engine = DecoderEngine.from_decoder(packed, embedding=preset.engine_embedding, kv_cache=preset.engine_kv_cache,
                                         gemv=preset.engine_gemv)  # fmt: skip
     engines[ENGINE_ROW] = _engine_row(engine)
-    rows[ENGINE_ROW] = {"weights_bytes": engine.nbytes, "file_bytes": files["book .packed"]["bytes"]}
+    rows[ENGINE_ROW] = {"weights_bytes": engine.nbytes, "file_bytes": files["book .packed"]["bytes"], "gemv": engine.gemv}
     llamas = {}
     llama_cpp = require_llama_cpp()
     for wtype in (*TERNARY_GGUF, *(preset.float_gguf if fp is not None else ())):
@@ -466,7 +467,7 @@ def _time_engine_model(name: str, tokenizer, preset: PeersPreset, work: Path, qu
     before = resident_bytes(trim=True)
     llm = load_llama(path, n_ctx, preset.threads)
     llama_decode_once(llm, [0, 1], 1)
-    rows = {ENGINE_ROW: {"weights_bytes": engine.nbytes, "file_bytes": None},
+    rows = {ENGINE_ROW: {"weights_bytes": engine.nbytes, "file_bytes": None, "gemv": engine.gemv},
             REFERENCE_ROW: {"weights_bytes": int(llama_cpp.llama_model_size(llm.model)),
                             "rss_growth_bytes": resident_bytes() - before, "file_bytes": path.stat().st_size}}  # fmt: skip
     prompt = torch.randint(3, shape.vocab_size, (1, preset.prompt), generator=torch.Generator().manual_seed(preset.seed))

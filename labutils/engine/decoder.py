@@ -228,9 +228,11 @@ def _lut_kernels_only(lut, l_qkv, n_qkv, l_o, n_o, l_gu, n_gu, l_down, n_down, c
             lut(t, data, neg, dots[0])
 
 
-GEMVS = ("tiles", "lut")
-"""How the engine runs one token's projections: "tiles" (the GEMM's 2-bit tiles) or "lut" (a
-second copy of the weights as table indices, 1.67 bits a weight: fewer bytes a token)."""
+GEMVS = ("auto", "tiles", "lut")
+"""How the engine runs one token's projections: "tiles" (the GEMM's 2-bit tiles), "lut" (a
+second copy of the weights as table indices, 1.67 bits a weight: fewer bytes a token), or
+"auto": "lut" where the lookup kernel's AVX2 tile runs, else "tiles" (the generic path's
+lookups are plain loops, slower than its GEMV)."""
 EMBEDDINGS = ("float32", "bfloat16", "int8")
 KV_CACHES = ("float32", "bfloat16")
 _CACHE_DTYPES = {"float32": np.float32, "bfloat16": np.uint16}  # bfloat16 held as its 16 bits
@@ -241,9 +243,14 @@ def _check_embedding(embedding: str) -> None:
         raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
 
 
-def _check_gemv(gemv: str) -> None:
+def _resolve_gemv(gemv: str) -> str:
     if gemv not in GEMVS:
         raise ValueError(f"gemv must be one of {GEMVS}, got {gemv!r}")
+    if gemv == "auto":
+        from labutils.kernels import available_paths
+
+        return "lut" if "avx2" in available_paths() else "tiles"
+    return gemv
 
 
 def _lut_stack(per_layer: list[LutWeights]) -> tuple[np.ndarray, np.ndarray]:
@@ -382,7 +389,7 @@ class DecoderEngine:
         table indices for one-token steps (:data:`GEMVS`)."""
         _check_embedding(embedding)
         _check_kv_cache(kv_cache)
-        _check_gemv(gemv)
+        gemv = _resolve_gemv(gemv)
         import torch
 
         from labutils.bitlinear import BitLinear
@@ -463,7 +470,7 @@ class DecoderEngine:
         see :meth:`from_decoder`."""
         _check_embedding(embedding)
         _check_kv_cache(kv_cache)
-        _check_gemv(gemv)
+        gemv = _resolve_gemv(gemv)
         from tqdm.auto import tqdm
 
         from labutils.kernels import prepack_w158a8

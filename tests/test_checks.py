@@ -505,3 +505,21 @@ def test_check_decode_bounds():
         checks.check_decode_bounds({**right, "float32": right["float32"] / 1e9})
     with pytest.raises(checks.ExerciseError, match="float32"):
         checks.check_decode_bounds({**right, "float32": right["float32"] * 2})
+
+
+def test_check_triple_encoding():
+    from labutils.kernels import lut
+
+    def right(w):
+        sign = int(np.sign(w[np.flatnonzero(w)[0]])) if w.any() else 1
+        return next(i for i, p in enumerate(lut.PATTERNS) if (p == sign * w).all()), sign
+
+    assert checks.check_triple_encoding(right)
+    with pytest.raises(checks.ExerciseError, match="flipped"):
+        checks.check_triple_encoding(lambda w: (right(w)[0], -right(w)[1]) if w.any() else right(w))
+    with pytest.raises(checks.ExerciseError, match="zero triple"):
+        checks.check_triple_encoding(lambda w: right(w) if w.any() else (0, -1))
+    with pytest.raises(checks.ExerciseError, match=r"\(index, sign\)"):
+        checks.check_triple_encoding(lambda w: 3)
+    with pytest.raises(checks.ExerciseError, match="function itself"):
+        checks.check_triple_encoding(right(np.array([1, 0, 0])))

@@ -28,6 +28,7 @@ from labutils import packing, quant
 from labutils.checks._common import (
     ExerciseError,
     _filled,
+    _function,
     _integer,
     _kd_mistake,
     _kd_reference,
@@ -60,6 +61,7 @@ __all__ = [
     "check_kv_cache",
     "check_generations",
     "check_decode_bounds",
+    "check_triple_encoding",
     "DECODE_BYTES_PER_WEIGHT",
 ]
 
@@ -761,3 +763,33 @@ def check_generations(greedy: torch.Tensor, greedy_again: torch.Tensor, sampled:
             raise ExerciseError("the samples are the greedy continuation: sample with temperature=1.0")
         raise ExerciseError("the two samples are equal: give them different seeds")
     return _ok("greedy decoding repeats itself; two seeds give two different samples")
+
+
+def check_triple_encoding(encode: Callable) -> bool:
+    """Exercise 8.4: ``encode(w)`` -> ``(index, sign)`` for three ternary weights w (int array
+    [3]), as ``labutils.kernels.lut`` packs them: ``sign * PATTERNS[index] == w``, index in
+    0..13, sign +1 or -1 (+1 for the zero triple). Tried on all 27 triples."""
+    import itertools
+
+    from labutils.kernels import lut
+
+    _function(encode, "encode")
+    for triple in itertools.product((-1, 0, 1), repeat=3):
+        w = np.array(triple)
+        packed = lut.pack_lut(w.reshape(1, 3).astype(np.int8)).data[0, 0]
+        expected = (int(packed[0, 0] & 15), -1 if packed[4, 0] & 1 else 1)
+        got = encode(w.copy())
+        if not (isinstance(got, (tuple, list)) and len(got) == 2):
+            raise ExerciseError(f"encode({list(triple)}) must return (index, sign), got {got!r}")
+        index, sign = _integer(got[0], "index"), _integer(got[1], "sign")
+        if (index, sign) == expected:
+            continue
+        if not 0 <= index < len(lut.PATTERNS) or sign not in (-1, 1):
+            raise ExerciseError(f"encode({list(triple)}) = {(index, sign)}: index must be in 0..13 and sign +1 or -1")
+        if not w.any():
+            raise ExerciseError("the zero triple is pattern 0 with sign +1")
+        if (lut.PATTERNS[index] == -sign * w).all():
+            raise ExerciseError(f"encode({list(triple)}) = {(index, sign)}: the sign is flipped (sign * pattern must give w)")
+        raise ExerciseError(f"encode({list(triple)}) = {(index, sign)}, but {sign} x PATTERNS[{index}] = "
+                            f"{list(sign * lut.PATTERNS[index])}: find the pattern equal to w or -w")
+    return _ok("all 27 triples: a sign and one of 14 patterns, 5 bits for 3 weights (1.67 bits a weight)")

@@ -650,10 +650,11 @@ def is_packed_decoder(model: Any) -> bool:
 
 def engine_for(model: Any) -> DecoderEngine:
     """The engine of a packed decoder, built once per model and kept while the model lives
-    (rebuilt if any layer's packed weights were replaced since)."""
+    (rebuilt if any layer's packed weights were replaced since); ``gemv="auto"``: generated
+    tokens on table indices wherever the lookup kernel's AVX2 tile runs."""
     key = tuple(id(m.weights.data) for b in model.blocks for m in (b.attn.qkv, b.attn.o, b.mlp.gate_up, b.mlp.down))
     cached = _ENGINES.get(model)
     if cached is None or cached[0] != key:
-        cached = (key, DecoderEngine.from_decoder(model))
+        cached = (key, DecoderEngine.from_decoder(model, gemv="auto"))
         _ENGINES[model] = cached
     return cached[1]

@@ -231,8 +231,9 @@ def _lut_kernels_only(lut, l_qkv, n_qkv, l_o, n_o, l_gu, n_gu, l_down, n_down, c
 GEMVS = ("auto", "tiles", "lut")
 """How the engine runs one token's projections: "tiles" (the GEMM's 2-bit tiles), "lut" (a
 second copy of the weights as table indices, 1.67 bits a weight: fewer bytes a token), or
-"auto": "lut" where the lookup kernel's AVX2 tile runs, else "tiles" (the generic path's
-lookups are plain loops, slower than its GEMV)."""
+"auto": "lut" where the kernel path in force at build time is an x86 one (the lookup kernel's
+AVX2 tile runs there), else "tiles" (the generic path's lookups are plain loops, slower than its
+GEMV)."""
 EMBEDDINGS = ("float32", "bfloat16", "int8")
 KV_CACHES = ("float32", "bfloat16")
 _CACHE_DTYPES = {"float32": np.float32, "bfloat16": np.uint16}  # bfloat16 held as its 16 bits
@@ -246,10 +247,10 @@ def _check_embedding(embedding: str) -> None:
 def _resolve_gemv(gemv: str) -> str:
     if gemv not in GEMVS:
         raise ValueError(f"gemv must be one of {GEMVS}, got {gemv!r}")
-    if gemv == "auto":
-        from labutils.kernels import available_paths
+    if gemv == "auto":  # the kernel path in force (LABBOOK_KERNEL_PATH, kernels.use), as forward's kernels
+        from labutils.kernels import active_path
 
-        return "lut" if "avx2" in available_paths() else "tiles"
+        return "lut" if active_path() in ("avx512", "avx2") else "tiles"
     return gemv
 
 

@@ -67,7 +67,7 @@ from labutils.engine.ops import (
     to_bfloat16,
     widen,
 )
-from labutils.kernels.lut import LutWeights, build_tables, pack_lut
+from labutils.kernels.lut import LutWeights, build_tables, lut_kernel_for, pack_lut
 
 __all__ = ["EMBEDDINGS", "GEMVS", "KV_CACHES", "EngineShape", "DecoderEngine", "engine_for", "is_packed_decoder", "quantize_table_int8"]
 
@@ -520,7 +520,7 @@ class DecoderEngine:
     @property
     def gemv(self) -> str:
         """How one generated token's projections run: "tiles" or "lut" (:data:`GEMVS`)."""
-        return "lut" if self._buffers["tables"].shape[0] else "tiles"
+        return "lut" if self.lut["qkv"][0].shape[1] else "tiles"
 
     @property
     def kv_cache_dtype(self) -> str:
@@ -545,7 +545,6 @@ class DecoderEngine:
         """Continue the cache by ``tokens`` (ints, or a 1-D int array) -> float32 logits
         ``[vocab]`` of the last token (``logits="last"``) or ``[T, vocab]`` (``"all"``)."""
         from labutils.kernels.dispatch import active_path, kernel_for
-        from labutils.kernels.lut import lut_kernel_for
 
         ids = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
         m, s = ids.shape[0], self.shape
@@ -587,7 +586,6 @@ class DecoderEngine:
         import time
 
         from labutils.kernels.dispatch import active_path, kernel_for
-        from labutils.kernels.lut import lut_kernel_for
 
         if not 1 <= position < self.shape.max_seq_len:
             raise ValueError(f"position must be in [1, {self.shape.max_seq_len - 1}], got {position}")

@@ -2,8 +2,11 @@
 
 One method on every machine. Every kernel on every path this CPU runs (or ``--path``) and the
 baselines are timed in interleaved rounds on ``--threads`` threads: each round takes one sample
-(~1 ms of calls) of every callable, in an order that rotates from round to round, so load from
-other processes hits all of them alike and no callable always follows the same one. A kernel's
+(~10 ms of back-to-back calls, ``SAMPLE_S``) of every callable, in a fresh seeded order each round,
+so load from other processes hits all of them alike and no callable always follows the same one.
+The sample is that long because a callable's first call after another library's pays for it: on a
+2-vCPU Xeon, a 0.3 ms GEMV took 0.4-0.75 ms as the first call after a torch or ONNX Runtime call
+(their threads still spinning, ours waking), 0.29-0.35 ms as the tenth of ten. A kernel's
 figure is the median of its samples; its ratio to a baseline is the ratio of the medians, with
 the spread of the per-round ratios (round i of both, under the same load;
 ``measure.paired_ratio``) and the ratio of the best samples beside it.
@@ -45,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from labutils.runs import UsageError, cpu_info, load_average, positive_int, provenance
+from labutils.runs import UsageError, cache_sizes, cpu_info, load_average, positive_int, provenance
 
 __all__ = [
     "BASELINES",
@@ -70,6 +73,8 @@ KERNEL_LAYERS = {  # name: (in_features K, out_features N)
 KERNEL_TOKENS = (128, 512, 2048)
 KERNEL_GEMV = {"llama7b.attn": (4096, 4096), "llama7b.ffn_up": (4096, 11008)}  # batch 1
 KERNEL_QUICK = [("minilm.attn", 128, 384, 384), ("llama7b.attn", 1, 4096, 4096)]
+SAMPLE_S = 0.01
+"""Seconds of back-to-back calls in one sample (module docstring: why not 1 ms)."""
 
 BASELINES = {
     "torch_f32": "torch.nn.functional.linear, float32 (MKL / oneDNN)",
@@ -202,9 +207,10 @@ def _kernels_peak(threads: int) -> dict[str, Any]:
                 + ("two 256-bit FMA pipes (Zen 4 splits 512-bit FMAs over both)" if amd else "two FMA units")
             ),
             (
-                "timings are wall clock: interleaved rounds, one sample of ~1 ms of calls per callable per round "
-                "(3 ms pause before each, so OpenMP threads still spinning after the previous library's call are "
-                "not billed to the next); `seconds` is the median sample, `seconds_best` the best, `spread` the "
+                f"timings are wall clock: interleaved rounds in a fresh seeded order, one sample of ~{1e3 * SAMPLE_S:.0f} ms "
+                "of back-to-back calls per callable per round (3 ms pause before each, and long enough that the "
+                "previous library's still-spinning threads and our waking ones cost a few percent at most); "
+                "`seconds` is the median sample, `seconds_best` the best, `spread` the "
                 "10th and 90th percentiles; ratios are of medians, with the spread of the per-round ratios"
             ),
         ],
@@ -413,27 +419,30 @@ def _kernels_case(m: int, k: int, n: int, seed: int, paths: list[str], threads: 
     return fns, check
 
 
-def _interleaved_samples(fns: dict[str, Callable[[], Any]], repeat: int, budget_s: float) -> dict[str, list[float]]:
-    """Seconds per call of each fn, one sample (~1 ms of calls) per fn per round, for at least
-    ``repeat`` rounds and then while ``budget_s`` lasts. Round i of every fn ran under the same
-    load, so per-round ratios pair up (``measure.paired_ratio``); the order rotates each round,
-    so no fn always runs right after the same other one.
+def _interleaved_samples(fns: dict[str, Callable[[], Any]], repeat: int, budget_s: float, seed: int = 0,
+                         sample_s: float | None = None) -> dict[str, list[float]]:  # fmt: skip
+    """Seconds per call of each fn, one sample (``sample_s`` of back-to-back calls, default
+    ``SAMPLE_S``) per fn per round, for at least ``repeat`` rounds and then while ``budget_s``
+    lasts. Round i of every fn ran under the same load, so per-round ratios pair up
+    (``measure.paired_ratio``); each round's order is a fresh permutation (seeded), so no fn
+    always runs right after the same other one.
 
     torch, onnxruntime and Numba each keep their own threads, which spin for a while after a
     parallel region; a short pause before each sample keeps one library's spinning threads from
     being billed to the next.
     """
-    names = list(fns)
+    sample_s = SAMPLE_S if sample_s is None else sample_s
+    names, order = list(fns), np.random.default_rng(seed)
     calls = {}
     for name, fn in fns.items():  # warm-up call (compiles, fills caches) and calls per sample
         fn()
         start = time.perf_counter()
         fn()
-        calls[name] = max(1, int(0.001 / max(time.perf_counter() - start, 1e-7)))
+        calls[name] = max(1, int(sample_s / max(time.perf_counter() - start, 1e-7)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     deadline, rounds = time.perf_counter() + budget_s, 0
     while rounds < repeat or time.perf_counter() < deadline:
-        for name in names[rounds % len(names):] + names[: rounds % len(names)]:
+        for name in (names[i] for i in order.permutation(len(names))):
             fn, count = fns[name], calls[name]
             time.sleep(0.003)
             start = time.perf_counter()
@@ -508,7 +517,7 @@ def _kernels_row(name: str, m: int, k: int, n: int, args: argparse.Namespace, pe
 
     fns, check = _kernels_case(m, k, n, args.seed, args.path, args.threads, args.torchao)
     check()
-    samples = _interleaved_samples(fns, args.repeat, budget)
+    samples = _interleaved_samples(fns, args.repeat, budget, seed=args.seed)
     timing = {name: Timing.from_seconds(s) for name, s in samples.items()}
     rows = {}
     for kernel, t in timing.items():
@@ -657,8 +666,10 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
         "repeat": args.repeat,
         "budget_s_per_shape": budget,
         "seed": args.seed,
-        "statistic": "median of interleaved rounds (one sample of ~1 ms of calls per callable per round); ratios "
-                     "of medians with the 10th-90th percentile of the per-round ratios; best samples beside",
+        "statistic": f"median of interleaved rounds (one sample of ~{1e3 * SAMPLE_S:.0f} ms of back-to-back calls per "
+                     "callable per round, a fresh seeded order each round); ratios of medians with the 10th-90th "
+                     "percentile of the per-round ratios; best samples beside",
+        "sample_s": SAMPLE_S,
         "loadavg_1min_before_after": [load_before[0] if load_before else None, load_after[0] if load_after else None],
         "loadavg_before_after": [load_before, load_after],
         **({"load_warning": load_warning} if load_warning else {}),
@@ -666,6 +677,7 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
         "commit": origin["commit"],
         "cpu_features": kernels.cpu_features(),
         "cpu_vendor": vendor,
+        "caches": cache_sizes(),
         "kernel_path": default,
         "paths": args.path,
         "baselines": {name: BASELINES[name] for name in rows[0]["kernels"] if name in BASELINES},

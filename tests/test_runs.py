@@ -111,3 +111,14 @@ def test_provenance_names_the_threading_layer_a_parallel_region_ran_on():
 
     total(np.ones(4))
     assert runs.provenance("cpu")["numba_threading_layer"] in ("omp", "tbb", "workqueue")
+
+
+def test_cache_sizes_reads_each_level_and_skips_what_it_cannot_read(tmp_path):
+    for name, (level, kind, size) in {"index0": ("1", "Data", "48K"), "index1": ("1", "Instruction", "64K"),
+                                      "index2": ("2", "Unified", "2048K"), "index3": ("3", "Unified", "480M")}.items():
+        (tmp_path / name).mkdir()
+        for field, value in (("level", level), ("type", kind), ("size", size)):
+            (tmp_path / name / field).write_text(value + "\n")
+    (tmp_path / "index4").mkdir()  # no files: skipped, not an error
+    assert runs.cache_sizes(tmp_path) == {"L1d": 48 * 2**10, "L1i": 64 * 2**10, "L2": 2 * 2**20, "L3": 480 * 2**20}
+    assert runs.cache_sizes(tmp_path / "missing") == {}

@@ -177,7 +177,7 @@ class PeersPreset:
         engine_gemv: how the engine rows run a generated token's projections, "lut" (the
             weights also held as table indices, 1.67 bits a weight, read by the lookup kernel;
             their weights MB count both copies), "tiles" (the 2-bit tiles alone) or "auto"
-            (the default: "lut" where its AVX2 tile runs) (``DecoderEngine``'s ``gemv``; each
+            (the default: "lut" on the avx2 kernel path) (``DecoderEngine``'s ``gemv``; each
             engine row records the one it ran as ``gemv``).
         agreement_text, agreement_tokens: the agreement prompt (after ``<|endoftext|>``) and how
             many greedy tokens both sides generate from it.

@@ -5,8 +5,9 @@ baselines are timed in interleaved rounds on ``--threads`` threads: each round t
 (~10 ms of back-to-back calls, ``SAMPLE_S``) of every callable, in a fresh seeded order each round,
 so load from other processes hits all of them alike and no callable always follows the same one.
 The sample is that long because a callable's first call after another library's pays for it: on a
-2-vCPU Xeon, a 0.3 ms GEMV took 0.4-0.75 ms as the first call after a torch or ONNX Runtime call
-(their threads still spinning, ours waking), 0.29-0.35 ms as the tenth of ten. A kernel's
+2-vCPU Xeon, a GEMV that averaged 0.32-0.38 ms a call over thirty back-to-back calls took
+0.40-0.85 ms as a single call after a torch or ONNX Runtime call and a 3 ms pause (their threads
+still spinning, ours waking; ``results/kernels/first_call.py``). A kernel's
 figure is the median of its samples; its ratio to a baseline is the ratio of the medians, with
 the spread of the per-round ratios (round i of both, under the same load;
 ``measure.paired_ratio``) and the ratio of the best samples beside it.

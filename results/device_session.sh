@@ -69,7 +69,7 @@ poll)
     echo "---- $(date -u +%T)"; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     bash results/imdb-full/gpu_sweep.sh status "$work/sweep" 2>&1 | tail -20
     for f in "$work"/lm/*.log "$work"/lm/lr/*.log; do [ -f "$f" ] && echo "$(basename "$f"): $(tail -c 300 "$f" | tr '\r\n' '  ' | tail -c 110)"; done
-    tail -2 "$work/sweep.log" "$work/lm.log"
+    tail -n 2 "$work/sweep.log" "$work/lm.log"
   done
   ;;
 collect)

@@ -54,6 +54,9 @@ def test_runs_are_grouped_by_recipe_with_seed_and_measurement_fields_ignored(swe
     aug = recipes[("w1.58a8", "augment_copies=1")]
     assert aug["vs_base_points"] == pytest.approx(100 * (aug["mean"] - base["mean"]))
     assert base["vs_base_points"] is None and base["p_vs_base"] is None
+    teacher = runs[0]["accuracy"]
+    assert base["worst_gap_to_teacher_points"] == pytest.approx(100 * (teacher - base["min"]))  # one sweep: the lowest seed
+    assert base["worst_gap_to_teacher_points"] > base["gap_to_teacher_points"]
 
 
 def test_p_values_pair_runs_by_seed_and_need_predictions(sweep):
@@ -87,6 +90,7 @@ def test_several_sweeps_read_as_one_each_student_against_its_own_teacher(sweep, 
     table = {(r["row"], r["recipe"]): r for r in sweep_table([folder, other], LABELS)}
     emb = table[("w1.58a8", "embeddings=float")]
     assert emb["gap_to_teacher_points"] == pytest.approx(100 * ((teacher_b == LABELS).mean() - (student_b == LABELS).mean()))
+    assert emb["worst_gap_to_teacher_points"] == pytest.approx(emb["gap_to_teacher_points"])  # one seed: worst = mean
     assert emb["p_vs_teacher"] == mcnemar(teacher_b == LABELS, student_b == LABELS)["p_value"]  # its own sweep's teacher only
     assert emb["p_vs_base"] == mcnemar(runs["base-w1.58a8"] == LABELS, student_b == LABELS)["p_value"]  # paired across sweeps, seed 0
     assert table[("w1.58a8", "base")] == {**sweep_table(folder, LABELS)[0]}  # the first sweep's rows unchanged

@@ -101,7 +101,8 @@ def sweep_table(folders: str | os.PathLike | Sequence[str | os.PathLike],
                 labels: Sequence[int] | np.ndarray | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """One record per (row, recipe) of one sweep folder or several: its seeds, accuracy mean /
     stdev / min / max (as fractions), the gap to the teacher in points (each run against its own
-    sweep's teacher), the difference to the row's base recipe in points, and McNemar p-values
+    sweep's teacher; the mean over the seeds and the worst seed's, so that "every seed within a
+    target" can be read off), the difference to the row's base recipe in points, and McNemar p-values
     against the teacher and against the base recipe (runs paired seed by seed, each run once,
     discordant reviews pooled; None without stored predictions or ``labels``, the test labels in file order;
     default: the ``teacher/test_labels.json`` the train stage writes beside each teacher).
@@ -132,6 +133,7 @@ def sweep_table(folders: str | os.PathLike | Sequence[str | os.PathLike],
             "variants": sorted(m["variant"] for m in members),
             **summary,
             "gap_to_teacher_points": 100 * statistics.fmean(teacher_accuracy[m["sweep"]] - m["accuracy"] for m in members),
+            "worst_gap_to_teacher_points": 100 * max(teacher_accuracy[m["sweep"]] - m["accuracy"] for m in members),
             "vs_base_points": None if base_mean is None or not recipe else 100 * (summary["mean"] - base_mean),
             "p_vs_teacher": _pooled_p(teacher, members, labels, same_sweep=True),
             "p_vs_base": None if not recipe else _pooled_p(base, members, labels),

@@ -8,7 +8,7 @@ included), written so that LLVM finds each CPU's own vector instructions.
 - A8 (W1A8, W1.58A8): a task of 4 tokens or more decodes its column tile into int8 codes, one
   row of Kp per column (four codes per 32-bit shift-and-mask), then 4 tokens x 4 columns of dot
   products, one accumulator each (``portable``: NEON ``sdot`` on arm64, ``vpmaddwd`` /
-  ``vpdpwssd`` on x86). A task of fewer tokens (the GEMV of a decode step) reads the packed
+  ``vpdpwssd`` on 32 int16 lanes on x86). A task of fewer tokens (the GEMV of a decode step) reads the packed
   words as stored, 16 columns in 16 int32 lanes (``_a8_row_packed``): decoding would write and
   re-read every code for one use.
 

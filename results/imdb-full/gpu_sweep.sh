@@ -79,6 +79,11 @@ VARIANTS=(
   "aug8e1s1-w1a8|w1a8|augment_copies=8 student_epochs=1 seed=1|-"
   "aug8e1s2-w1a8|w1a8|augment_copies=8 student_epochs=1 seed=2|-"
   "aug4e2-w1.58a8|w1.58a8|augment_copies=4 student_epochs=2|-"
+  # Seeds 1 and 2 of eight copies put every A8 seed inside its target (sweep-2026-12-07c); W1A1 is the
+  # row left: four copies moved it +0.24 (three seeds), so eight, with its seeds, for the next session.
+  "aug8e1-w1a1|w1a1|augment_copies=8 student_epochs=1|-"
+  "aug8e1s1-w1a1|w1a1|augment_copies=8 student_epochs=1 seed=1|-"
+  "aug8e1s2-w1a1|w1a1|augment_copies=8 student_epochs=1 seed=2|-"
 )
 
 prepare() {  # folder with the trained teacher linked in (and, for a chain, the earlier student)

@@ -350,6 +350,35 @@ def test_expected_instructions_match_recorded_assembly(name, path, kind):
     assert not set(other) & found - {"vpshufb", "vpdpbusd"}
 
 
+@pytest.mark.parametrize("cpu_name, dot", [("znver3", "vpmaddwd"), ("sapphirerapids", "vpdpwssd")])
+def test_generic_x86_dot_product_multiplies_int16_pairs(cpu_name, dot):
+    """The generic path's x86 dot step (``portable._pairs_add``), compiled for an AVX2 and an
+    AVX-512 VNNI CPU whatever the host: int16 pair products on whole 16-bit lanes, bytes widened
+    to words only - no byte-to-dword widening, which halved its rate as a ``partial.reduce``."""
+    from llvmlite import binding as llvm
+    from llvmlite import ir
+
+    from labutils.kernels.portable import _pairs_add
+
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    module = ir.Module()
+    module.triple = "x86_64-unknown-linux-gnu"
+    acc_type, bytes_type = ir.VectorType(ir.IntType(32), 16), ir.VectorType(ir.IntType(8), 64)
+    fn = ir.Function(module, ir.FunctionType(acc_type, [acc_type, bytes_type.as_pointer(), bytes_type.as_pointer()]), "dot")
+    builder = ir.IRBuilder(fn.append_basic_block())
+    builder.ret(_pairs_add(builder, fn.args[0], builder.load(fn.args[1], align=1), builder.load(fn.args[2], align=1)))
+    try:
+        target = llvm.Target.from_triple(module.triple)
+    except RuntimeError:
+        pytest.skip("this llvmlite has no x86 target")
+    machine = target.create_target_machine(cpu=cpu_name, opt=3)
+    parsed = llvm.parse_assembly(str(module))
+    names = asm.mnemonics(machine.emit_assembly(parsed).splitlines())
+    assert dot in names and "vpmovsxbw" in names and "vpmovzxbw" in names, names
+    assert not {"vpmovsxbd", "vpmovzxbd"} & names, names
+
+
 def test_expected_instructions_errors_and_generic():
     with pytest.raises(ValueError, match="path"):
         K.expected_instructions("neon")

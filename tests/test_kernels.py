@@ -407,6 +407,22 @@ def test_flags_of_features():
     assert K.flags_of_features("") == []
 
 
+def test_compile_target_env_takes_that_cpus_paths_and_refuses_a_host_that_cannot_run_them():
+    """``LABBOOK_COMPILE_TARGET`` (``.ci/test``): Zen 4's features allow the AVX-512 path and no AMX,
+    Zen 3's the AVX2 path only; a host lacking a feature the target's code may use is refused by name."""
+    zen4, zen3 = cpu.COMPILE_TARGETS["znver4"], cpu.COMPILE_TARGETS["znver3"]
+    assert set(cpu.PATH_REQUIREMENTS["avx512"]) <= set(K.flags_of_features(zen4))
+    assert "-amx-int8" in zen4.split(",") and "avx_vnni" not in K.flags_of_features(zen4)
+    assert "avx2" in K.flags_of_features(zen3) and not {"avx512f", "avx512_vnni"} & set(K.flags_of_features(zen3))
+    every = {f[1:]: True for f in (zen4 + "," + zen3).split(",") if f.startswith("+")}
+    assert cpu.compile_target_env("znver4", every) == {"NUMBA_CPU_NAME": "znver4", "NUMBA_CPU_FEATURES": zen4}
+    with pytest.raises(ValueError, match="lacks avx512vpopcntdq, avx512bitalg"):
+        cpu.compile_target_env("znver4", {**every, "avx512vpopcntdq": False, "avx512bitalg": False})
+    assert cpu.compile_target_env("znver3", {**every, "avx512f": False})["NUMBA_CPU_NAME"] == "znver3"
+    with pytest.raises(ValueError, match="must be one of"):
+        cpu.compile_target_env("skylake", every)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS)
 def test_live_assembly_of_this_cpu(path):

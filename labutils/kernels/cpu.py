@@ -78,11 +78,42 @@ def missing_features(path: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def available_paths() -> tuple[str, ...]:
     """The paths this CPU can execute, fastest first; always ends with "generic". Cached (the
     compile target's features are): every packed layer call asks for its path."""
     return tuple(p for p in PATHS if not missing_features(p))
+
+
+# Other CPUs' compile targets, for running the test suite as it runs there on a host that can
+# execute their code (``compile_target_env``): LLVM's CPU name and the features Numba may use,
+# without the vendor-only extensions LLVM knows for the name (clzero, sse4a, ...) that an Intel
+# host lacks and no kernel needs. Zen 4: AVX-512 with VPOPCNTDQ and VNNI, no AMX, no AVX-VNNI.
+_ZEN_COMMON = ("64bit adx aes avx avx2 bmi bmi2 clflushopt clwb cmov crc32 cx16 cx8 f16c fma fsgsbase fxsr "
+               "invpcid lzcnt mmx movbe pclmul popcnt prfchw rdpid rdrnd rdseed sahf sha sse sse2 sse3 "
+               "sse4.1 sse4.2 ssse3 vaes vpclmulqdq xsave xsavec xsaveopt xsaves").split()  # fmt: skip
+_AVX512 = ("avx512f avx512bw avx512vl avx512dq avx512cd avx512vnni avx512vpopcntdq avx512bitalg avx512vbmi "
+           "avx512vbmi2 avx512ifma avx512bf16").split()  # fmt: skip
+_NEVER_ON_ZEN = "avx512fp16 avx10.1 avxvnni amx-tile amx-int8 amx-bf16".split()
+COMPILE_TARGETS: dict[str, str] = {
+    "znver3": ",".join([f"+{f}" for f in _ZEN_COMMON] + [f"-{f}" for f in _AVX512 + ["gfni"] + _NEVER_ON_ZEN]),
+    "znver4": ",".join([f"+{f}" for f in _ZEN_COMMON + _AVX512 + ["gfni"]] + [f"-{f}" for f in _NEVER_ON_ZEN]),
+}
+"""LLVM feature strings (``NUMBA_CPU_FEATURES``) of the CPUs CI runs on, by LLVM CPU name."""
+
+
+def compile_target_env(name: str, host_features: dict[str, bool] | None = None) -> dict[str, str]:
+    """The environment (``NUMBA_CPU_NAME``, ``NUMBA_CPU_FEATURES``) that makes Numba compile every
+    kernel for CPU ``name`` (a key of ``COMPILE_TARGETS``), so that tests and chapters take that
+    CPU's paths and instructions. The code must still run here: ValueError names the features the
+    host (``host_features``, default LLVM's view of this CPU) lacks. Timings mean nothing then."""
+    if name not in COMPILE_TARGETS:
+        raise ValueError(f"compile target must be one of {sorted(COMPILE_TARGETS)}, got {name!r}")
+    host = llvm.get_host_cpu_features() if host_features is None else host_features
+    needed = [f[1:] for f in COMPILE_TARGETS[name].split(",") if f.startswith("+")]
+    missing = [f for f in needed if not host.get(f, False)]
+    if missing:
+        raise ValueError(f"this CPU cannot run code compiled for {name}: it lacks {', '.join(missing)}")
+    return {"NUMBA_CPU_NAME": name, "NUMBA_CPU_FEATURES": COMPILE_TARGETS[name]}
 
 
 def _cpu_model() -> str:

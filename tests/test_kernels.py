@@ -7,6 +7,7 @@ vocabulary, the path switches (use(), LABBOOK_KERNEL_PATH), and the assembly eac
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import subprocess
@@ -352,8 +353,9 @@ def test_expected_instructions_match_recorded_assembly(name, path, kind):
 
 @pytest.mark.parametrize("cpu_name, dot", [("znver3", "vpmaddwd"), ("sapphirerapids", "vpdpwssd")])
 def test_generic_x86_dot_product_multiplies_int16_pairs(cpu_name, dot):
-    """The generic path's x86 dot step (``portable._pairs_add``), compiled for an AVX2 and an
-    AVX-512 VNNI CPU whatever the host: int16 pair products on whole 16-bit lanes, bytes widened
+    """The generic path's x86 dot step (``portable._pairs_add``), compiled for an AVX2 CPU (8-lane
+    accumulator) and an AVX-512 VNNI one (16 lanes) whatever the host: int16 pair products on whole
+    16-bit lanes (ymm on AVX2, zmm with AVX-512), bytes widened
     to words only - no byte-to-dword widening, which halved its rate as a ``partial.reduce``."""
     from llvmlite import binding as llvm
     from llvmlite import ir
@@ -364,7 +366,8 @@ def test_generic_x86_dot_product_multiplies_int16_pairs(cpu_name, dot):
     llvm.initialize_all_asmprinters()
     module = ir.Module()
     module.triple = "x86_64-unknown-linux-gnu"
-    acc_type, bytes_type = ir.VectorType(ir.IntType(32), 16), ir.VectorType(ir.IntType(8), 64)
+    lanes = 16 if cpu_name == "sapphirerapids" else 8  # the accumulator portable.LANES gives each
+    acc_type, bytes_type = ir.VectorType(ir.IntType(32), lanes), ir.VectorType(ir.IntType(8), 4 * lanes)
     fn = ir.Function(module, ir.FunctionType(acc_type, [acc_type, bytes_type.as_pointer(), bytes_type.as_pointer()]), "dot")
     builder = ir.IRBuilder(fn.append_basic_block())
     builder.ret(_pairs_add(builder, fn.args[0], builder.load(fn.args[1], align=1), builder.load(fn.args[2], align=1)))
@@ -374,9 +377,33 @@ def test_generic_x86_dot_product_multiplies_int16_pairs(cpu_name, dot):
         pytest.skip("this llvmlite has no x86 target")
     machine = target.create_target_machine(cpu=cpu_name, opt=3)
     parsed = llvm.parse_assembly(str(module))
-    names = asm.mnemonics(machine.emit_assembly(parsed).splitlines())
+    lines = machine.emit_assembly(parsed).splitlines()
+    names = asm.mnemonics(lines)
     assert dot in names and "vpmovsxbw" in names and "vpmovzxbw" in names, names
     assert not {"vpmovsxbd", "vpmovzxbd"} & names, names
+    register = "%zmm" if lanes == 16 else "%ymm"
+    assert all(register in line for line in lines if line.strip().startswith(dot)), lines
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="compiles for an x86 CPU")
+def test_generic_gemm_tile_stays_in_registers_on_avx2(tmp_path):
+    """The generic A8 GEMM compiled for Zen 3 (AVX2, 16 ymm registers) on any x86 host: its tile
+    loop (bytes widened to words, int16 pair products) reads and writes no vector at the stack
+    pointer, which the 4 x 4 tile of two-ymm accumulators did 109 times a step."""
+    program = "import json; from labutils.kernels import asm; print(json.dumps(asm.asm_lines('w1.58a8', '.', 'generic')))"
+    env = {**os.environ, "NUMBA_CPU_NAME": "znver3", "NUMBA_CPU_FEATURES": cpu.COMPILE_TARGETS["znver3"],
+           "NUMBA_CACHE_DIR": str(tmp_path), "LABBOOK_KERNEL_PATH": ""}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
+    lines = json.loads(done.stdout.strip().splitlines()[-1])
+    tiles = [body for body in asm.loop_bodies(lines)
+             if {"vpmovsxbw", "vpmovzxbw", "vpmaddwd"} <= asm.mnemonics(body)]  # fmt: skip
+    assert tiles, "no tile loop found"
+    tile = max(tiles, key=lambda body: sum(line.startswith("vpmaddwd") for line in body))  # 4 tokens, not 1
+    assert sum(line.startswith("vpmaddwd") for line in tile) >= 16
+    spilled = [line for line in tile if "%rsp" in line and "mm" in line]
+    assert not spilled, spilled
+    assert all("%zmm" not in line for line in tile)
 
 
 def test_expected_instructions_errors_and_generic():

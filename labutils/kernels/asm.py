@@ -140,6 +140,22 @@ def mnemonics(lines: list[str]) -> set[str]:
     return {line.replace("{vex}", "").split()[0] for line in lines if line.strip() and not line.strip().startswith(("#", "."))}
 
 
+def loop_bodies(lines: list[str]) -> list[list[str]]:
+    """The innermost loops of a function's assembly (AT&T, as ``asm_lines(kernel, ".")`` returns
+    it): for each jump back to an earlier label, the lines from that label to the jump, unless
+    another such loop lies inside them. What a register-pressure check reads: a vector load or
+    store at ``%rsp`` inside a hot loop is an accumulator or operand spilled to the stack."""
+    stripped = [line.strip() for line in lines]
+    labels = {line[:-1]: i for i, line in enumerate(stripped) if line.startswith(".") and line.endswith(":")}
+    spans = []
+    for i, line in enumerate(stripped):
+        parts = line.split()
+        if len(parts) == 2 and parts[0].startswith("j") and labels.get(parts[1], i) < i:
+            spans.append((labels[parts[1]], i))
+    innermost = [(a, b) for a, b in spans if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+    return [stripped[a : b + 1] for a, b in innermost]
+
+
 CROSS_TARGETS = {"apple-m1": ("aarch64-unknown-linux-gnu", "+neon,+dotprod")}
 """CPU name -> (LLVM triple, features) for ``cross_asm_lines``."""
 

@@ -7,8 +7,8 @@ included), written so that LLVM finds each CPU's own vector instructions.
   is there, a ``vpshufb`` lookup on AVX2.
 - A8 (W1A8, W1.58A8): a task of 4 tokens or more decodes its column tile into int8 codes, one
   row of Kp per column (four codes per 32-bit shift-and-mask), then 4 tokens x 4 columns of dot
-  products, one accumulator each (``portable``: NEON ``sdot`` on arm64, ``vpmaddwd`` /
-  ``vpdpwssd`` on 32 int16 lanes on x86). A task of fewer tokens (the GEMV of a decode step) reads the packed
+  products (4 x 2 on AVX2, whose 16 registers 16 accumulators would fill), one accumulator each
+  (``portable``: NEON ``sdot`` on arm64, ``vpmaddwd`` / ``vpdpwssd`` on int16 lanes on x86). A task of fewer tokens (the GEMV of a decode step) reads the packed
   words as stored, 16 columns in 16 int32 lanes (``_a8_row_packed``): decoding would write and
   re-read every code for one use.
 
@@ -22,7 +22,7 @@ from numba import njit, prange
 
 from labutils.kernels.fused import a8_fused_layer, w1a1_fused_layer
 from labutils.kernels.microkernels_avx512 import _w1a1_tile1
-from labutils.kernels.portable import COLUMNS, STEP, _acc_sum, _acc_zero, _cols_dot_add, _dot_add
+from labutils.kernels.portable import COLUMNS, STEP, TILE_COLUMNS, _acc_sum, _acc_zero, _cols_dot_add, _dot_add
 from labutils.kernels.simd import _vstore, _vzeros_i32, popcount
 
 _ROWS_PER_TASK = 128  # rows of activations per parallel task
@@ -118,6 +118,35 @@ def _store_row4(out, r, c, o, x, codes, kmain, rowsum, mult, a0, a1, a2, a3):  #
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
+def _tile_4x2(x, codes, r, c, o, kmain, rowsum, mult, out):  # pragma: no cover - compiled
+    """Tokens r..r+3 x columns c, c+1 -> out[r : r+4, o : o+2]: the tile for 16 vector registers
+    (AVX2), 8 accumulators beside each step's operands (``portable.TILE_COLUMNS``)."""
+    kp = x.shape[1]
+    a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = _acc_zero()
+    for kk in range(0, kmain, STEP):
+        i0, i1 = c * kp + kk, (c + 1) * kp + kk
+        a00, a01 = _dot_add(a00, x, r * kp + kk, codes, i0), _dot_add(a01, x, r * kp + kk, codes, i1)
+        a10, a11 = _dot_add(a10, x, (r + 1) * kp + kk, codes, i0), _dot_add(a11, x, (r + 1) * kp + kk, codes, i1)
+        a20, a21 = _dot_add(a20, x, (r + 2) * kp + kk, codes, i0), _dot_add(a21, x, (r + 2) * kp + kk, codes, i1)
+        a30, a31 = _dot_add(a30, x, (r + 3) * kp + kk, codes, i0), _dot_add(a31, x, (r + 3) * kp + kk, codes, i1)
+    _store_pair(out, r, c, o, x, codes, kmain, rowsum, mult, a00, a01)
+    _store_pair(out, r + 1, c, o, x, codes, kmain, rowsum, mult, a10, a11)
+    _store_pair(out, r + 2, c, o, x, codes, kmain, rowsum, mult, a20, a21)
+    _store_pair(out, r + 3, c, o, x, codes, kmain, rowsum, mult, a30, a31)
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
+def _store_pair(out, r, c, o, x, codes, kmain, rowsum, mult, a0, a1):  # pragma: no cover - compiled
+    """out[r, o : o+2] from two accumulators, as ``_store_row4``."""
+    kp = x.shape[1]
+    for j in range(2):
+        total = np.int64(_acc_sum(a0 if j == 0 else a1))
+        for kk in range(kmain, kp):
+            total += np.int64(x[r, kk]) * np.int64(codes[c + j, kk])
+        out[r, o + j] = mult * total - rowsum[r]
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
 def _a8_row_packed(x, w, rowsum, out, t, r, bits, mult):  # pragma: no cover - compiled
     """Token r x column tile t -> out[r, 64t : 64t+64], straight from the packed words: per
     group and field, the field shifted down gives 4 codes of each of 16 columns, multiplied by
@@ -159,6 +188,11 @@ def a8_task(x, w, rowsum, out, t, lo, hi, bits, mult):  # pragma: no cover - com
     kmain = kp // STEP * STEP
     r = lo
     while r + 4 <= hi:
+        if TILE_COLUMNS == 2:
+            for c in range(0, 64, 2):
+                _tile_4x2(x, codes, r, c, 64 * t + c, kmain, rowsum, mult, out)
+            r += 4
+            continue
         for c in range(0, 64, 4):
             a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = _acc_zero()
             a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = _acc_zero()

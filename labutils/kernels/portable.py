@@ -8,10 +8,13 @@ them, and adds them into the accumulator with LLVM's ``vector.partial.reduce.add
 
 - on arm64 with the dot-product extension (ARMv8.2, every Apple M-series): 16 bytes into a
   4-lane accumulator, both sign-extended, which LLVM selects as one NEON ``sdot``;
-- elsewhere (x86): 64 bytes into a 16-lane accumulator, the codes (0, 1 or 2) zero-extended,
-  products summed in adjacent pairs, which LLVM selects as ``vpmaddwd`` on 32 int16 lanes, fused
-  with the add into ``vpdpwssd`` where the CPU has a VNNI extension (``_pairs_add``; LLVM 22
-  selects no ``vpdpbusd``, the 4-byte VNNI dot, from portable IR).
+- elsewhere (x86): 64 bytes into a 16-lane accumulator with AVX-512, 32 into 8 lanes (one ymm) on
+  AVX2, the codes (0, 1 or 2) zero-extended, products summed in adjacent pairs, which LLVM selects
+  as ``vpmaddwd`` on int16 lanes, fused with the add into ``vpdpwssd`` where the CPU has a VNNI
+  extension (``_pairs_add``; LLVM 22 selects no ``vpdpbusd``, the 4-byte VNNI dot, from portable
+  IR, with a ``partial.reduce`` of zero- by sign-extended bytes either).
+
+The GEMM's tile is 4 tokens by ``TILE_COLUMNS`` columns, sized to the target's vector registers.
 
 For a token or a few (the GEMV), ``_cols_dot_add`` multiplies the packed codes of 16 columns,
 shifted and masked in place, by the broadcast activations: 16 int32 lanes that stay columns.
@@ -35,10 +38,16 @@ from labutils.kernels.simd import _I32x16, _as_int, _element_ptr, _is_c_array, _
 
 DOTPROD: bool = bool({"neon", "dotprod"} & _enabled_llvm_features())
 """True when compiling for an arm64 target: 16-byte steps that lower to ``sdot``."""
-LANES = 4 if DOTPROD else 16
-"""int32 lanes of an accumulator."""
+WIDE: bool = "avx512f" in _enabled_llvm_features()
+"""True when compiling for an x86 target with 32 vector registers of 512 bits (AVX-512)."""
+LANES = 4 if DOTPROD else 16 if WIDE else 8
+"""int32 lanes of an accumulator: one vector register (a NEON q, an AVX-512 zmm, an AVX2 ymm)."""
 STEP = 4 * LANES
-"""Bytes of k per ``_dot_add``: 16 on arm64, 64 elsewhere."""
+"""Bytes of k per ``_dot_add``: 16 on arm64, 64 with AVX-512, 32 on other x86."""
+TILE_COLUMNS = 4 if DOTPROD or WIDE else 2
+"""Columns of the generic A8 GEMM's tile of 4 tokens: 4 x 4 accumulators take half of NEON's or
+AVX-512's 32 registers; on AVX2's 16 (ymm), 4 x 2 leave room for the operands, where 4 x 4 of
+two ymm each spilled in the loop (0.50x -> 0.66x float32 compiled for Zen 3, timed on a Xeon)."""
 
 _ACC = _Vec(LANES, 32)
 _I32 = ir.IntType(32)
@@ -96,18 +105,18 @@ def _dot_add(typingctx, acc, x, ix, codes, ic):
 
 
 def _pairs_add(builder, acc: ir.Value, xv: ir.Value, cv: ir.Value) -> ir.Value:
-    """x86: ``acc`` (16 x int32) plus the 64 products of ``xv`` (int8) and ``cv`` (codes 0..2),
-    summed in adjacent pairs, the pattern LLVM selects as ``vpmaddwd`` on 32 int16 lanes (fused with
-    the add into ``vpdpwssd`` with VNNI), two per step. A ``partial.reduce`` of 64 into 16 lanes
+    """x86: ``acc`` (n x int32: 16 with AVX-512, 8 on AVX2) plus the 4n products of ``xv`` (int8) and
+    ``cv`` (codes 0..2), summed in adjacent pairs, the pattern LLVM selects as ``vpmaddwd`` on 2n
+    int16 lanes (fused with the add into ``vpdpwssd`` with VNNI), two per step. A ``partial.reduce`` of 64 into 16 lanes
     (4 products a lane) lowers instead to byte-to-dword widening and ``vpmaddwd`` on half-empty
     words: twice the instructions for the same products (0.53x float32 on an AVX-512 Xeon)."""
-    half = 32  # int16 lanes of one 512-bit vpmaddwd
+    half = 2 * acc.type.count  # int16 lanes of one vpmaddwd: 32 in a zmm, 16 in a ymm
     wide, pairs = ir.VectorType(_I32, half), ir.VectorType(_I32, half // 2)
 
     def take(vector: ir.Value, lanes: ir.VectorType, picked: range) -> ir.Value:
         return builder.shuffle_vector(vector, ir.Constant(vector.type, None), ir.Constant(lanes, list(picked)))
 
-    for h in range(2):
+    for h in range(xv.type.count // half):
         part = range(h * half, (h + 1) * half)
         products = builder.mul(builder.sext(take(xv, wide, part), wide), builder.zext(take(cv, wide, part), wide),
                                flags=["nsw"])  # fmt: skip

@@ -107,14 +107,9 @@ def _dot_row4(a0, a1, a2, a3, x, ix, codes, ic, kp):  # pragma: no cover - compi
 @njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
 def _store_row4(out, r, c, o, x, codes, kmain, rowsum, mult, a0, a1, a2, a3):  # pragma: no cover - compiled
     """out[r, o : o+4] = mult * (dot of token r with columns c..c+3) - rowsum[r]: the
-    accumulators' sums plus the k beyond the last whole step."""
-    kp = x.shape[1]
-    for j in range(4):
-        acc = a0 if j == 0 else a1 if j == 1 else a2 if j == 2 else a3
-        total = np.int64(_acc_sum(acc))
-        for kk in range(kmain, kp):
-            total += np.int64(x[r, kk]) * np.int64(codes[c + j, kk])
-        out[r, o + j] = mult * total - rowsum[r]
+    accumulators' sums plus the k beyond the last whole step (``_store_pair`` twice)."""
+    _store_pair(out, r, c, o, x, codes, kmain, rowsum, mult, a0, a1)
+    _store_pair(out, r, c + 2, o + 2, x, codes, kmain, rowsum, mult, a2, a3)
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
@@ -137,7 +132,8 @@ def _tile_4x2(x, codes, r, c, o, kmain, rowsum, mult, out):  # pragma: no cover 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
 def _store_pair(out, r, c, o, x, codes, kmain, rowsum, mult, a0, a1):  # pragma: no cover - compiled
-    """out[r, o : o+2] from two accumulators, as ``_store_row4``."""
+    """out[r, o : o+2] = mult * (dot of token r with columns c, c+1) - rowsum[r]: two
+    accumulators' sums plus the k beyond the last whole step."""
     kp = x.shape[1]
     for j in range(2):
         total = np.int64(_acc_sum(a0 if j == 0 else a1))

@@ -518,13 +518,12 @@ def record_assembly(folder: Path = DATA) -> None:  # pragma: no cover - run by h
     subprocess (NUMBA_CPU_NAME=znver4), the AVX2 ones for Zen 3; only the instructions the
     tests look at (bit counts, shuffles, byte sums, multiply-adds)."""
     keep = r"^\s*(\{vex\}\s*)?(v?popcnt\w*|vpshufb|vpsadbw|vpdpbusd|vpmaddubsw|vpmaddwd|vpmulld|vpxorq?)\b"
-    targets = {"avx512": ("znver4", "+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vpopcntdq,+avx512vnni,+avx2,+popcnt"),
-               "avx2": ("znver3", "+avx2,+popcnt,+fma,+bmi2")}  # fmt: skip
-    for path, (cpu, features) in targets.items():
+    targets = {"avx512": ("znver4", cpu.COMPILE_TARGETS["znver4"]), "avx2": ("znver3", cpu.COMPILE_TARGETS["znver3"])}
+    for path, (cpu_name, features) in targets.items():
         for scheme in ("w1a1", "w1.58a8"):
             program = (f"from labutils import kernels as K\nprint('\\n'.join(K.asm_lines({scheme!r}, {keep!r}, {path!r})))")
-            env = {**os.environ, "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features, "LABBOOK_KERNEL_PATH": "",
+            env = {**os.environ, "NUMBA_CPU_NAME": cpu_name, "NUMBA_CPU_FEATURES": features, "LABBOOK_KERNEL_PATH": "",
                    "NUMBA_CACHE_DIR": str(folder / ".numba-cache")}
             done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
-            header = f"; {path} kernel {scheme}, compiled with NUMBA_CPU_NAME={cpu} NUMBA_CPU_FEATURES={features}\n"
+            header = f"; {path} kernel {scheme}, compiled with NUMBA_CPU_NAME={cpu_name} NUMBA_CPU_FEATURES={features}\n"
             (folder / f"asm_{path}_{scheme.replace('.', '')}.txt").write_text(header + done.stdout)

@@ -118,8 +118,9 @@ def test_gemm_edge_shapes(path, scheme, threads, m, k, n):
 @pytest.mark.parametrize("path", PATHS)
 def test_extreme_values_are_exact(path):
     """All activations -128 or +127, all weights one sign, K long enough to fill the int16 sums
-    of the AVX2 path many times over: the largest sums, no overflow or saturation."""
-    k, n = 4096, 64
+    of the AVX2 path many times over and the generic path's (64 bytes a step) twice: the largest
+    sums, no overflow or saturation."""
+    k, n = 2 * 4096 + 24, 64
     for value in (-128, 127):
         x = np.full((20, k), value, dtype=np.int8)  # 20 rows: the decoded panel and the leftovers
         for sign in (-1, 1):
@@ -351,56 +352,58 @@ def test_expected_instructions_match_recorded_assembly(name, path, kind):
     assert not set(other) & found - {"vpshufb", "vpdpbusd"}
 
 
-@pytest.mark.parametrize("cpu_name, dot", [("znver3", "vpmaddwd"), ("sapphirerapids", "vpdpwssd")])
-def test_generic_x86_dot_product_multiplies_int16_pairs(cpu_name, dot):
-    """The generic path's x86 dot step (``portable._pairs_add``), compiled for an AVX2 CPU (8-lane
-    accumulator) and an AVX-512 VNNI one (16 lanes) whatever the host: int16 pair products on whole
-    16-bit lanes (ymm on AVX2, zmm with AVX-512), bytes widened
-    to words only - no byte-to-dword widening, which halved its rate as a ``partial.reduce``."""
+@pytest.mark.parametrize("cpu_name", ["znver3", "znver4", "sapphirerapids"])
+def test_generic_x86_dot_product_is_one_maddubs_into_int16(cpu_name):
+    """The generic path's x86 dot step (``portable._pairs_int16`` added into an int16
+    accumulator), compiled for an AVX2 CPU (32 bytes a step) and two AVX-512 ones (64) whatever
+    the host: one ``vpmaddubsw`` on a whole register and one ``vpaddw``, no widening of bytes
+    (which halved the rate as int16 ``vpmaddwd`` products, and again as a ``partial.reduce``)."""
     from llvmlite import binding as llvm
     from llvmlite import ir
 
-    from labutils.kernels.portable import _pairs_add
+    from labutils.kernels.portable import _pairs_int16
 
     llvm.initialize_all_targets()
     llvm.initialize_all_asmprinters()
     module = ir.Module()
     module.triple = "x86_64-unknown-linux-gnu"
-    lanes = 16 if cpu_name == "sapphirerapids" else 8  # the accumulator portable.LANES gives each
-    acc_type, bytes_type = ir.VectorType(ir.IntType(32), lanes), ir.VectorType(ir.IntType(8), 4 * lanes)
+    step = 32 if cpu_name == "znver3" else 64  # portable.STEP for each
+    acc_type, bytes_type = ir.VectorType(ir.IntType(16), step // 2), ir.VectorType(ir.IntType(8), step)
     fn = ir.Function(module, ir.FunctionType(acc_type, [acc_type, bytes_type.as_pointer(), bytes_type.as_pointer()]), "dot")
     builder = ir.IRBuilder(fn.append_basic_block())
-    builder.ret(_pairs_add(builder, fn.args[0], builder.load(fn.args[1], align=1), builder.load(fn.args[2], align=1)))
+    codes, x = builder.load(fn.args[1], align=1), builder.load(fn.args[2], align=1)
+    builder.ret(builder.add(fn.args[0], _pairs_int16(builder, codes, x)))
     try:
         target = llvm.Target.from_triple(module.triple)
     except RuntimeError:
         pytest.skip("this llvmlite has no x86 target")
     machine = target.create_target_machine(cpu=cpu_name, opt=3)
-    parsed = llvm.parse_assembly(str(module))
-    lines = machine.emit_assembly(parsed).splitlines()
-    names = asm.mnemonics(lines)
-    assert dot in names and "vpmovsxbw" in names and "vpmovzxbw" in names, names
-    assert not {"vpmovsxbd", "vpmovzxbd"} & names, names
-    register = "%zmm" if lanes == 16 else "%ymm"
-    assert all(register in line for line in lines if line.strip().startswith(dot)), lines
+    lines = machine.emit_assembly(llvm.parse_assembly(str(module))).splitlines()
+    body = [line.strip() for line in lines if line.strip().startswith("v")]
+    register = "%ymm" if step == 32 else "%zmm"
+    assert [line.split()[0] for line in body if "vpmaddubsw" in line or "vpaddw" in line] == ["vpmaddubsw", "vpaddw"], body
+    assert all(register in line for line in body if line.startswith(("vpmaddubsw", "vpaddw"))), body
+    assert not {"vpmovsxbw", "vpmovzxbw", "vpmaddwd", "vpmovsxbd"} & asm.mnemonics(lines), body
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="compiles for an x86 CPU")
 def test_generic_gemm_tile_stays_in_registers_on_avx2(tmp_path):
     """The generic A8 GEMM compiled for Zen 3 (AVX2, 16 ymm registers) on any x86 host: its tile
-    loop (bytes widened to words, int16 pair products) reads and writes no vector at the stack
-    pointer, which the 4 x 4 tile of two-ymm accumulators did 109 times a step."""
+    loop (4 tokens x 2 columns, one ``vpmaddubsw`` and one ``vpaddw`` each a step) reads and
+    writes no vector at the stack pointer, which the 4 x 4 tile of two-ymm accumulators did 109
+    times a step."""
     program = "import json; from labutils.kernels import asm; print(json.dumps(asm.asm_lines('w1.58a8', '.', 'generic')))"
     env = {**os.environ, "NUMBA_CPU_NAME": "znver3", "NUMBA_CPU_FEATURES": cpu.COMPILE_TARGETS["znver3"],
            "NUMBA_CACHE_DIR": str(tmp_path), "LABBOOK_KERNEL_PATH": ""}  # fmt: skip
     done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
     lines = json.loads(done.stdout.strip().splitlines()[-1])
-    tiles = [body for body in asm.loop_bodies(lines)
-             if {"vpmovsxbw", "vpmovzxbw", "vpmaddwd"} <= asm.mnemonics(body)]  # fmt: skip
+    tiles = [body for body in asm.loop_bodies(lines) if "vpmaddubsw" in asm.mnemonics(body)]
     assert tiles, "no tile loop found"
-    tile = max(tiles, key=lambda body: sum(line.startswith("vpmaddwd") for line in body))  # 4 tokens, not 1
-    assert sum(line.startswith("vpmaddwd") for line in tile) >= 16
+    tile = max(tiles, key=lambda body: sum(line.startswith("vpmaddubsw") for line in body))  # 4 tokens, not 1
+    assert sum(line.startswith("vpmaddubsw") for line in tile) == 8
+    assert sum(line.startswith("vpaddw") for line in tile) == 8
+    assert not {"vpmovsxbw", "vpmovzxbw", "vpmaddwd"} & asm.mnemonics(tile)
     spilled = [line for line in tile if "%rsp" in line and "mm" in line]
     assert not spilled, spilled
     assert all("%zmm" not in line for line in tile)
@@ -411,9 +414,9 @@ def test_expected_instructions_errors_and_generic():
         K.expected_instructions("neon")
     assert K.expected_instructions("generic", ["neon", "asimd"]) == {"popcount": ["cnt"], "dot": []}
     assert K.expected_instructions("generic", ["neon", "asimd", "asimddp"]) == {"popcount": ["cnt"], "dot": ["sdot"]}
-    assert K.expected_instructions("generic", ["popcnt", "avx2"]) == {"popcount": ["vpshufb"], "dot": ["vpmaddwd"]}
+    assert K.expected_instructions("generic", ["popcnt", "avx2"]) == {"popcount": ["vpshufb"], "dot": ["vpmaddubsw"]}
     avx512 = ["avx2", "avx512bw", "avx512f", "avx512_vnni", "avx512_vpopcntdq", "popcnt"]
-    assert K.expected_instructions("generic", avx512) == {"popcount": ["vpopcntq"], "dot": ["vpmaddwd"]}
+    assert K.expected_instructions("generic", avx512) == {"popcount": ["vpopcntq"], "dot": ["vpmaddubsw"]}
     assert K.expected_instructions("generic", ["popcnt"]) == {"popcount": [], "dot": []}
 
 

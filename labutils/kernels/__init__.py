@@ -43,7 +43,8 @@ Three paths, chosen at each call for the CPU (``dispatch``; see ``cpu_features()
   or by 256-bit ``vpdpbusd`` where the CPU has AVX-VNNI (or AVX512-VNNI with VL).
 - **generic**: portable vector IR, no x86 intrinsic (``generic``, ``portable``): LLVM selects
   NEON ``sdot`` and ``cnt`` on arm64 (``asm.cross_asm_lines`` shows them for an Apple M1),
-  ``vpmaddwd`` and ``vpopcntq`` or ``vpshufb`` on x86.
+  ``vpmaddubsw`` summed in int16 (the avx2 path's step, from plain IR) and ``vpopcntq`` or
+  ``vpshufb`` on x86.
 
 ``kernels.use("generic")`` (a ``with`` block) or ``LABBOOK_KERNEL_PATH=generic`` forces a path.
 All paths read the same ``PackedWeights`` and return the same int32 results. See the assembly

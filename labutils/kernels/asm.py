@@ -117,7 +117,8 @@ def expected_instructions(path: str, flags: list[str] | None = None) -> dict[str
       ``ctpop``). arm64: ``cnt``, and ``sdot`` where the dot-product extension is there
       (``asimddp``: every Apple M-series; cross-compiled by ``cross_asm_lines``). x86:
       ``vpopcntq`` where AVX512-VPOPCNTDQ is there, else the ``vpshufb`` nibble lookup (AVX2);
-      the int8 products as ``vpmaddwd`` (int16 pairs) from AVX2 on; nothing checked below AVX2.
+      the int8 products as ``vpmaddubsw`` (codes by activations, pairs into int16) from AVX2 on;
+      nothing checked below AVX2.
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -132,7 +133,7 @@ def expected_instructions(path: str, flags: list[str] | None = None) -> dict[str
     if "neon" in flags or "asimd" in flags:
         return {"popcount": ["cnt"], "dot": ["sdot"] if "asimddp" in flags else []}
     popcount = ["vpopcntq"] if "avx512_vpopcntdq" in flags else ["vpshufb"] if "avx2" in flags else []
-    return {"popcount": popcount, "dot": ["vpmaddwd"] if "avx2" in flags else []}
+    return {"popcount": popcount, "dot": ["vpmaddubsw"] if "avx2" in flags else []}
 
 
 def mnemonics(lines: list[str]) -> set[str]:

@@ -8,7 +8,8 @@ included), written so that LLVM finds each CPU's own vector instructions.
 - A8 (W1A8, W1.58A8): a task of 4 tokens or more decodes its column tile into int8 codes, one
   row of Kp per column (four codes per 32-bit shift-and-mask), then 4 tokens x 4 columns of dot
   products (4 x 2 on AVX2, whose 16 registers 16 accumulators would fill), one accumulator each
-  (``portable``: NEON ``sdot`` on arm64, ``vpmaddwd`` / ``vpdpwssd`` on int16 lanes on x86). A task of fewer tokens (the GEMV of a decode step) reads the packed
+  (``portable``: NEON ``sdot`` into int32 on arm64, ``vpmaddubsw`` into int16 on x86, folded
+  into int64 totals every ``portable.BLOCK_STEPS`` steps). A task of fewer tokens (the GEMV of a decode step) reads the packed
   words as stored, 16 columns in 16 int32 lanes (``_a8_row_packed``): decoding would write and
   re-read every code for one use.
 
@@ -22,10 +23,11 @@ from numba import njit, prange
 
 from labutils.kernels.fused import a8_fused_layer, w1a1_fused_layer
 from labutils.kernels.microkernels_avx512 import _w1a1_tile1
-from labutils.kernels.portable import COLUMNS, STEP, TILE_COLUMNS, _acc_sum, _acc_zero, _cols_dot_add, _dot_add
+from labutils.kernels.portable import BLOCK_STEPS, COLUMNS, STEP, TILE_COLUMNS, _acc_sum, _acc_zero, _cols_dot_add, _dot_add
 from labutils.kernels.simd import _vstore, _vzeros_i32, popcount
 
 _ROWS_PER_TASK = 128  # rows of activations per parallel task
+_BLOCK = BLOCK_STEPS * STEP  # bytes of k an accumulator takes before it is folded into a total
 _DECODE_MIN_ROWS = 4  # from this many rows per task, decode the weight tile once (A8); fewer read it packed
 
 
@@ -105,41 +107,90 @@ def _dot_row4(a0, a1, a2, a3, x, ix, codes, ic, kp):  # pragma: no cover - compi
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
-def _store_row4(out, r, c, o, x, codes, kmain, rowsum, mult, a0, a1, a2, a3):  # pragma: no cover - compiled
-    """out[r, o : o+4] = mult * (dot of token r with columns c..c+3) - rowsum[r]: the
-    accumulators' sums plus the k beyond the last whole step (``_store_pair`` twice)."""
-    _store_pair(out, r, c, o, x, codes, kmain, rowsum, mult, a0, a1)
-    _store_pair(out, r, c + 2, o + 2, x, codes, kmain, rowsum, mult, a2, a3)
+def _fold_row(totals, i, a0, a1, a2, a3):  # pragma: no cover - compiled
+    """totals[i, 0:4] (int64) += the accumulators' sums (``TILE_COLUMNS`` of them count)."""
+    totals[i, 0] += _acc_sum(a0)
+    totals[i, 1] += _acc_sum(a1)
+    if TILE_COLUMNS == 4:
+        totals[i, 2] += _acc_sum(a2)
+        totals[i, 3] += _acc_sum(a3)
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
-def _tile_4x2(x, codes, r, c, o, kmain, rowsum, mult, out):  # pragma: no cover - compiled
-    """Tokens r..r+3 x columns c, c+1 -> out[r : r+4, o : o+2]: the tile for 16 vector registers
-    (AVX2), 8 accumulators beside each step's operands (``portable.TILE_COLUMNS``)."""
-    kp = x.shape[1]
+def _block_4x4(x, codes, r, c, kb, ke, kp):  # pragma: no cover - compiled
+    """Tokens r..r+3 x columns c..c+3 over k in [kb, ke) (at most ``BLOCK_STEPS`` steps): 16
+    accumulators, half of AVX-512's or NEON's 32 registers."""
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = _acc_zero()
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = _acc_zero()
+    for kk in range(kb, ke, STEP):
+        ic = c * kp + kk
+        a00, a01, a02, a03 = _dot_row4(a00, a01, a02, a03, x, r * kp + kk, codes, ic, kp)
+        a10, a11, a12, a13 = _dot_row4(a10, a11, a12, a13, x, (r + 1) * kp + kk, codes, ic, kp)
+        a20, a21, a22, a23 = _dot_row4(a20, a21, a22, a23, x, (r + 2) * kp + kk, codes, ic, kp)
+        a30, a31, a32, a33 = _dot_row4(a30, a31, a32, a33, x, (r + 3) * kp + kk, codes, ic, kp)
+    return a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
+def _block_4x2(x, codes, r, c, kb, ke, kp):  # pragma: no cover - compiled
+    """Tokens r..r+3 x columns c, c+1 over k in [kb, ke): 8 accumulators beside each step's
+    operands in AVX2's 16 registers, where 16 accumulators spilled them."""
     a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = _acc_zero()
-    for kk in range(0, kmain, STEP):
+    for kk in range(kb, ke, STEP):
         i0, i1 = c * kp + kk, (c + 1) * kp + kk
         a00, a01 = _dot_add(a00, x, r * kp + kk, codes, i0), _dot_add(a01, x, r * kp + kk, codes, i1)
         a10, a11 = _dot_add(a10, x, (r + 1) * kp + kk, codes, i0), _dot_add(a11, x, (r + 1) * kp + kk, codes, i1)
         a20, a21 = _dot_add(a20, x, (r + 2) * kp + kk, codes, i0), _dot_add(a21, x, (r + 2) * kp + kk, codes, i1)
         a30, a31 = _dot_add(a30, x, (r + 3) * kp + kk, codes, i0), _dot_add(a31, x, (r + 3) * kp + kk, codes, i1)
-    _store_pair(out, r, c, o, x, codes, kmain, rowsum, mult, a00, a01)
-    _store_pair(out, r + 1, c, o, x, codes, kmain, rowsum, mult, a10, a11)
-    _store_pair(out, r + 2, c, o, x, codes, kmain, rowsum, mult, a20, a21)
-    _store_pair(out, r + 3, c, o, x, codes, kmain, rowsum, mult, a30, a31)
+    return a00, a01, a00, a00, a10, a11, a10, a10, a20, a21, a20, a20, a30, a31, a30, a30
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
-def _store_pair(out, r, c, o, x, codes, kmain, rowsum, mult, a0, a1):  # pragma: no cover - compiled
-    """out[r, o : o+2] = mult * (dot of token r with columns c, c+1) - rowsum[r]: two
-    accumulators' sums plus the k beyond the last whole step."""
+def _tile(x, codes, r, c, o, kmain, rowsum, mult, out, totals):  # pragma: no cover - compiled
+    """Tokens r..r+3 x columns c..c+TILE_COLUMNS-1 -> out[r : r+4, o : o+TILE_COLUMNS]: blocks
+    of at most ``BLOCK_STEPS`` steps in the accumulators, each block's sums folded into
+    ``totals`` (int64 [4, 4]), so that x86's int16 lanes never overflow."""
     kp = x.shape[1]
-    for j in range(2):
-        total = np.int64(_acc_sum(a0 if j == 0 else a1))
-        for kk in range(kmain, kp):
-            total += np.int64(x[r, kk]) * np.int64(codes[c + j, kk])
-        out[r, o + j] = mult * total - rowsum[r]
+    totals[:] = 0
+    for kb in range(0, kmain, _BLOCK):
+        ke = min(kb + _BLOCK, kmain)
+        if TILE_COLUMNS == 2:
+            a = _block_4x2(x, codes, r, c, kb, ke, kp)
+        else:
+            a = _block_4x4(x, codes, r, c, kb, ke, kp)
+        _fold_row(totals, 0, a[0], a[1], a[2], a[3])
+        _fold_row(totals, 1, a[4], a[5], a[6], a[7])
+        _fold_row(totals, 2, a[8], a[9], a[10], a[11])
+        _fold_row(totals, 3, a[12], a[13], a[14], a[15])
+    for i in range(4):
+        for j in range(TILE_COLUMNS):
+            _store(out, r + i, c + j, o + j, x, codes, kmain, rowsum, mult, totals[i, j])
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
+def _row(x, codes, r, c, o, kmain, rowsum, mult, out, totals):  # pragma: no cover - compiled
+    """Token r x columns c..c+3 -> out[r, o : o+4]: the rows left over below a tile of 4."""
+    kp = x.shape[1]
+    totals[:] = 0
+    for kb in range(0, kmain, _BLOCK):
+        a0 = a1 = a2 = a3 = _acc_zero()
+        for kk in range(kb, min(kb + _BLOCK, kmain), STEP):
+            a0, a1, a2, a3 = _dot_row4(a0, a1, a2, a3, x, r * kp + kk, codes, c * kp + kk, kp)
+        totals[0, 0] += _acc_sum(a0)
+        totals[0, 1] += _acc_sum(a1)
+        totals[0, 2] += _acc_sum(a2)
+        totals[0, 3] += _acc_sum(a3)
+    for j in range(4):
+        _store(out, r, c + j, o + j, x, codes, kmain, rowsum, mult, totals[0, j])
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
+def _store(out, r, c, o, x, codes, kmain, rowsum, mult, total):  # pragma: no cover - compiled
+    """out[r, o] = mult * (dot of token r with column c) - rowsum[r]: ``total`` (the blocks'
+    sums, int64) plus the k beyond the last whole step."""
+    for kk in range(kmain, x.shape[1]):
+        total += np.int64(x[r, kk]) * np.int64(codes[c, kk])
+    out[r, o] = mult * total - rowsum[r]
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
@@ -181,35 +232,16 @@ def a8_task(x, w, rowsum, out, t, lo, hi, bits, mult):  # pragma: no cover - com
     kp = x.shape[1]
     codes = np.empty((64, kp), dtype=np.int8)
     _decode_columns(w, t, bits, codes)
+    totals = np.empty((4, 4), dtype=np.int64)
     kmain = kp // STEP * STEP
     r = lo
     while r + 4 <= hi:
-        if TILE_COLUMNS == 2:
-            for c in range(0, 64, 2):
-                _tile_4x2(x, codes, r, c, 64 * t + c, kmain, rowsum, mult, out)
-            r += 4
-            continue
-        for c in range(0, 64, 4):
-            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = _acc_zero()
-            a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = _acc_zero()
-            for kk in range(0, kmain, STEP):
-                ic = c * kp + kk
-                a00, a01, a02, a03 = _dot_row4(a00, a01, a02, a03, x, r * kp + kk, codes, ic, kp)
-                a10, a11, a12, a13 = _dot_row4(a10, a11, a12, a13, x, (r + 1) * kp + kk, codes, ic, kp)
-                a20, a21, a22, a23 = _dot_row4(a20, a21, a22, a23, x, (r + 2) * kp + kk, codes, ic, kp)
-                a30, a31, a32, a33 = _dot_row4(a30, a31, a32, a33, x, (r + 3) * kp + kk, codes, ic, kp)
-            o = 64 * t + c
-            _store_row4(out, r, c, o, x, codes, kmain, rowsum, mult, a00, a01, a02, a03)
-            _store_row4(out, r + 1, c, o, x, codes, kmain, rowsum, mult, a10, a11, a12, a13)
-            _store_row4(out, r + 2, c, o, x, codes, kmain, rowsum, mult, a20, a21, a22, a23)
-            _store_row4(out, r + 3, c, o, x, codes, kmain, rowsum, mult, a30, a31, a32, a33)
+        for c in range(0, 64, TILE_COLUMNS):
+            _tile(x, codes, r, c, 64 * t + c, kmain, rowsum, mult, out, totals)
         r += 4
     while r < hi:
         for c in range(0, 64, 4):
-            a0 = a1 = a2 = a3 = _acc_zero()
-            for kk in range(0, kmain, STEP):
-                a0, a1, a2, a3 = _dot_row4(a0, a1, a2, a3, x, r * kp + kk, codes, c * kp + kk, kp)
-            _store_row4(out, r, c, 64 * t + c, x, codes, kmain, rowsum, mult, a0, a1, a2, a3)
+            _row(x, codes, r, c, 64 * t + c, kmain, rowsum, mult, out, totals)
         r += 1
 
 

@@ -2,17 +2,20 @@
 written so that each target's instruction selection finds its own dot-product instruction.
 
 One accumulator per output (a token and a column), summed whole at the end, so any grouping of
-products into lanes gives the same int32 (exact on every target). Per step, ``_dot_add`` loads
-``STEP`` bytes of a token's activations and of a column's weight codes, widens and multiplies
-them, and adds them into the accumulator with LLVM's ``vector.partial.reduce.add``:
+products into lanes gives the same integer (exact on every target). Per step, ``_dot_add`` loads
+``STEP`` bytes of a token's activations and of a column's weight codes, multiplies them and adds
+them into the accumulator:
 
-- on arm64 with the dot-product extension (ARMv8.2, every Apple M-series): 16 bytes into a
-  4-lane accumulator, both sign-extended, which LLVM selects as one NEON ``sdot``;
-- elsewhere (x86): 64 bytes into a 16-lane accumulator with AVX-512, 32 into 8 lanes (one ymm) on
-  AVX2, the codes (0, 1 or 2) zero-extended, products summed in adjacent pairs, which LLVM selects
-  as ``vpmaddwd`` on int16 lanes, fused with the add into ``vpdpwssd`` where the CPU has a VNNI
-  extension (``_pairs_add``; LLVM 22 selects no ``vpdpbusd``, the 4-byte VNNI dot, from portable
-  IR, with a ``partial.reduce`` of zero- by sign-extended bytes either).
+- on arm64 with the dot-product extension (ARMv8.2, every Apple M-series): 16 bytes, both
+  sign-extended, into a 4-lane int32 accumulator with LLVM's ``vector.partial.reduce.add``,
+  which LLVM selects as one NEON ``sdot``;
+- elsewhere (x86): 64 bytes with AVX-512BW, 32 (one ymm) on AVX2, the codes (0, 1 or 2)
+  zero-extended by the activations sign-extended, products summed in adjacent pairs and
+  saturated to int16 (``_pairs_int16``), which LLVM selects as one ``vpmaddubsw``, added into
+  int16 lanes (``vpaddw``): the avx2 path's step, without its intrinsic. Past 63 steps int16
+  lanes could overflow, so the GEMM folds them into int64 totals every ``BLOCK_STEPS``. (LLVM 22
+  selects no ``vpdpbusd``, the 4-byte VNNI dot, from portable IR: a ``partial.reduce`` of zero-
+  by sign-extended bytes became byte-to-dword widening and ``vpmaddwd`` on half-empty words.)
 
 The GEMM's tile is 4 tokens by ``TILE_COLUMNS`` columns, sized to the target's vector registers.
 
@@ -41,15 +44,19 @@ DOTPROD: bool = bool({"neon", "dotprod"} & _enabled_llvm_features())
 WIDE: bool = "avx512f" in _enabled_llvm_features()
 """True when compiling for an x86 target with 32 vector registers of 512 bits (AVX-512)."""
 LANES = 4 if DOTPROD else 16 if WIDE else 8
-"""int32 lanes of an accumulator: one vector register (a NEON q, an AVX-512 zmm, an AVX2 ymm)."""
+"""int32 lanes of one vector register (a NEON q, an AVX-512 zmm, an AVX2 ymm)."""
 STEP = 4 * LANES
 """Bytes of k per ``_dot_add``: 16 on arm64, 64 with AVX-512, 32 on other x86."""
 TILE_COLUMNS = 4 if DOTPROD or WIDE else 2
 """Columns of the generic A8 GEMM's tile of 4 tokens: 4 x 4 accumulators take half of NEON's or
 AVX-512's 32 registers; on AVX2's 16 (ymm), 4 x 2 leave room for the operands, where 4 x 4 of
 two ymm each spilled in the loop (0.50x -> 0.66x float32 compiled for Zen 3, timed on a Xeon)."""
+BLOCK_STEPS = 1 << 24 if DOTPROD else 32767 // (2 * 2 * 128)
+"""Steps an accumulator takes before ``_acc_sum`` must fold it into a wider total. On x86 the
+lanes are int16 and each step adds a pair of products, at most 2 x 2 x 128 = 512 in size (codes
+0..2, int8 activations): 63 steps cannot overflow. arm64's int32 lanes need no fold."""
 
-_ACC = _Vec(LANES, 32)
+_ACC = _Vec(LANES, 32) if DOTPROD else _Vec(2 * LANES, 16)
 _I32 = ir.IntType(32)
 
 
@@ -60,22 +67,25 @@ def _call(builder, name: str, ret: ir.Type, *args: Any):
 
 @intrinsic
 def _acc_zero(typingctx):
-    """A zero accumulator (``LANES`` x int32)."""
+    """A zero accumulator (``_ACC``: int32 lanes on arm64, int16 on x86)."""
 
     def codegen(context, builder, sig, args):
-        return ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)
+        vector = context.get_value_type(_ACC)
+        return ir.Constant(vector, [0] * vector.count)
 
     return _ACC(), codegen
 
 
 @intrinsic
 def _acc_sum(typingctx, acc):
-    """The int32 sum of an accumulator's lanes (``vector.reduce.add``)."""
+    """The int32 sum of an accumulator's lanes (widened, then ``vector.reduce.add``)."""
     if acc != _ACC:
         return None
 
     def codegen(context, builder, sig, args):
-        return _call(builder, f"llvm.vector.reduce.add.v{LANES}i32", _I32, args[0])
+        lanes = args[0].type.count
+        wide = builder.sext(args[0], ir.VectorType(_I32, lanes)) if _ACC.bits != 32 else args[0]
+        return _call(builder, f"llvm.vector.reduce.add.v{lanes}i32", _I32, wide)
 
     return types.int32(acc), codegen
 
@@ -99,30 +109,33 @@ def _dot_add(typingctx, acc, x, ix, codes, ic):
             products = builder.mul(builder.sext(xv, wide), builder.sext(cv, wide))
             name = f"llvm.vector.partial.reduce.add.v{LANES}i32.v{STEP}i32"
             return _call(builder, name, acc_value.type, acc_value, products)
-        return _pairs_add(builder, acc_value, xv, cv)
+        return builder.add(acc_value, _pairs_int16(builder, cv, xv))
 
     return _ACC(acc, x, ix, codes, ic), codegen
 
 
-def _pairs_add(builder, acc: ir.Value, xv: ir.Value, cv: ir.Value) -> ir.Value:
-    """x86: ``acc`` (n x int32: 16 with AVX-512, 8 on AVX2) plus the 4n products of ``xv`` (int8) and
-    ``cv`` (codes 0..2), summed in adjacent pairs, the pattern LLVM selects as ``vpmaddwd`` on 2n
-    int16 lanes (fused with the add into ``vpdpwssd`` with VNNI), two per step. A ``partial.reduce`` of 64 into 16 lanes
-    (4 products a lane) lowers instead to byte-to-dword widening and ``vpmaddwd`` on half-empty
-    words: twice the instructions for the same products (0.53x float32 on an AVX-512 Xeon)."""
-    half = 2 * acc.type.count  # int16 lanes of one vpmaddwd: 32 in a zmm, 16 in a ymm
-    wide, pairs = ir.VectorType(_I32, half), ir.VectorType(_I32, half // 2)
+def _pairs_int16(builder, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
+    """x86: the 2n products of ``unsigned`` (2n bytes, codes 0..2, zero-extended) and ``signed``
+    (int8), summed in adjacent pairs and saturated to int16: n int16 lanes, the pattern LLVM
+    selects as one ``vpmaddubsw`` (64 bytes on AVX-512BW, 32 on AVX2). The pairs of codes and
+    activations never reach the saturation (at most 512 in size); the clamp is there because
+    it is what the instruction does. Added into int16 lanes (``vpaddw``), 64 products cost two
+    instructions, where products widened to int16 and summed into int32 by ``vpmaddwd`` cost
+    two for 32 (0.53x float32 on an AVX-512 Xeon, 1.00x with ``vpdpwssd``)."""
+    n = unsigned.type.count // 2
+    lanes, wide = ir.VectorType(ir.IntType(16), n), ir.VectorType(_I32, n)
 
-    def take(vector: ir.Value, lanes: ir.VectorType, picked: range) -> ir.Value:
-        return builder.shuffle_vector(vector, ir.Constant(vector.type, None), ir.Constant(lanes, list(picked)))
+    def half(vector: ir.Value, first: int, extend) -> ir.Value:
+        picked = ir.Constant(ir.VectorType(_I32, n), list(range(first, 2 * n, 2)))
+        return extend(builder.shuffle_vector(vector, ir.Constant(vector.type, None), picked), wide)
 
-    for h in range(xv.type.count // half):
-        part = range(h * half, (h + 1) * half)
-        products = builder.mul(builder.sext(take(xv, wide, part), wide), builder.zext(take(cv, wide, part), wide),
-                               flags=["nsw"])  # fmt: skip
-        even, odd = take(products, pairs, range(0, half, 2)), take(products, pairs, range(1, half, 2))
-        acc = builder.add(acc, builder.add(even, odd))
-    return acc
+    even = builder.mul(half(signed, 0, builder.sext), half(unsigned, 0, builder.zext), flags=["nsw"])
+    odd = builder.mul(half(signed, 1, builder.sext), half(unsigned, 1, builder.zext), flags=["nsw"])
+    pairs = builder.add(even, odd, flags=["nsw"])
+    low, high = ir.Constant(wide, [-32768] * n), ir.Constant(wide, [32767] * n)
+    pairs = builder.select(builder.icmp_signed(">", pairs, low), pairs, low)
+    pairs = builder.select(builder.icmp_signed("<", pairs, high), pairs, high)
+    return builder.trunc(pairs, lanes)
 
 
 # --------------------------------------------------------------------------- straight from the packed words

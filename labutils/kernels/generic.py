@@ -9,7 +9,7 @@ included), written so that LLVM finds each CPU's own vector instructions.
   row of Kp per column (four codes per 32-bit shift-and-mask), then 4 tokens x 4 columns of dot
   products (4 x 2 on AVX2, whose 16 registers 16 accumulators would fill), one accumulator each
   (``portable``: NEON ``sdot`` into int32 on arm64, ``vpmaddubsw`` into int16 on x86, folded
-  into int64 totals every ``portable.BLOCK_STEPS`` steps). A task of fewer tokens (the GEMV of a decode step) reads the packed
+  into int32 sums every ``portable.BLOCK_STEPS`` steps, 4 outputs summed and stored together). A task of fewer tokens (the GEMV of a decode step) reads the packed
   words as stored, 16 columns in 16 int32 lanes (``_a8_row_packed``): decoding would write and
   re-read every code for one use.
 
@@ -23,7 +23,7 @@ from numba import njit, prange
 
 from labutils.kernels.fused import a8_fused_layer, w1a1_fused_layer
 from labutils.kernels.microkernels_avx512 import _w1a1_tile1
-from labutils.kernels.portable import BLOCK_STEPS, COLUMNS, STEP, TILE_COLUMNS, _acc_sum, _acc_zero, _cols_dot_add, _dot_add
+from labutils.kernels.portable import BLOCK_STEPS, COLUMNS, STEP, TILE_COLUMNS, _acc_zero, _cols_dot_add, _dot_add, _store_sums, _sums_add4, _sums_zero
 from labutils.kernels.simd import _vstore, _vzeros_i32, popcount
 
 _ROWS_PER_TASK = 128  # rows of activations per parallel task
@@ -107,90 +107,81 @@ def _dot_row4(a0, a1, a2, a3, x, ix, codes, ic, kp):  # pragma: no cover - compi
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
-def _fold_row(totals, i, a0, a1, a2, a3):  # pragma: no cover - compiled
-    """totals[i, 0:4] (int64) += the accumulators' sums (``TILE_COLUMNS`` of them count)."""
-    totals[i, 0] += _acc_sum(a0)
-    totals[i, 1] += _acc_sum(a1)
-    if TILE_COLUMNS == 4:
-        totals[i, 2] += _acc_sum(a2)
-        totals[i, 3] += _acc_sum(a3)
-
-
-@njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
-def _block_4x4(x, codes, r, c, kb, ke, kp):  # pragma: no cover - compiled
-    """Tokens r..r+3 x columns c..c+3 over k in [kb, ke) (at most ``BLOCK_STEPS`` steps): 16
-    accumulators, half of AVX-512's or NEON's 32 registers."""
-    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = _acc_zero()
-    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = _acc_zero()
-    for kk in range(kb, ke, STEP):
-        ic = c * kp + kk
-        a00, a01, a02, a03 = _dot_row4(a00, a01, a02, a03, x, r * kp + kk, codes, ic, kp)
-        a10, a11, a12, a13 = _dot_row4(a10, a11, a12, a13, x, (r + 1) * kp + kk, codes, ic, kp)
-        a20, a21, a22, a23 = _dot_row4(a20, a21, a22, a23, x, (r + 2) * kp + kk, codes, ic, kp)
-        a30, a31, a32, a33 = _dot_row4(a30, a31, a32, a33, x, (r + 3) * kp + kk, codes, ic, kp)
-    return a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33
-
-
-@njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
-def _block_4x2(x, codes, r, c, kb, ke, kp):  # pragma: no cover - compiled
-    """Tokens r..r+3 x columns c, c+1 over k in [kb, ke): 8 accumulators beside each step's
-    operands in AVX2's 16 registers, where 16 accumulators spilled them."""
-    a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = _acc_zero()
-    for kk in range(kb, ke, STEP):
-        i0, i1 = c * kp + kk, (c + 1) * kp + kk
-        a00, a01 = _dot_add(a00, x, r * kp + kk, codes, i0), _dot_add(a01, x, r * kp + kk, codes, i1)
-        a10, a11 = _dot_add(a10, x, (r + 1) * kp + kk, codes, i0), _dot_add(a11, x, (r + 1) * kp + kk, codes, i1)
-        a20, a21 = _dot_add(a20, x, (r + 2) * kp + kk, codes, i0), _dot_add(a21, x, (r + 2) * kp + kk, codes, i1)
-        a30, a31 = _dot_add(a30, x, (r + 3) * kp + kk, codes, i0), _dot_add(a31, x, (r + 3) * kp + kk, codes, i1)
-    return a00, a01, a00, a00, a10, a11, a10, a10, a20, a21, a20, a20, a30, a31, a30, a30
-
-
-@njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
-def _tile(x, codes, r, c, o, kmain, rowsum, mult, out, totals):  # pragma: no cover - compiled
-    """Tokens r..r+3 x columns c..c+TILE_COLUMNS-1 -> out[r : r+4, o : o+TILE_COLUMNS]: blocks
-    of at most ``BLOCK_STEPS`` steps in the accumulators, each block's sums folded into
-    ``totals`` (int64 [4, 4]), so that x86's int16 lanes never overflow."""
-    kp = x.shape[1]
-    totals[:] = 0
+def _tile_4x4(x, codes, r, c, o, kmain, rowsum, mult, out):  # pragma: no cover - compiled
+    """Tokens r..r+3 x columns c..c+3 -> out[r : r+4, o : o+4]: 16 accumulators, half of
+    AVX-512's or NEON's 32 registers, over blocks of at most ``BLOCK_STEPS`` steps, each block
+    summed into one int32 vector per token (``_sums_add4``) so that x86's int16 lanes never
+    overflow, each token's 4 outputs stored together."""
+    kp, n = x.shape[1], out.shape[1]
+    t0 = t1 = t2 = t3 = _sums_zero()
     for kb in range(0, kmain, _BLOCK):
-        ke = min(kb + _BLOCK, kmain)
-        if TILE_COLUMNS == 2:
-            a = _block_4x2(x, codes, r, c, kb, ke, kp)
-        else:
-            a = _block_4x4(x, codes, r, c, kb, ke, kp)
-        _fold_row(totals, 0, a[0], a[1], a[2], a[3])
-        _fold_row(totals, 1, a[4], a[5], a[6], a[7])
-        _fold_row(totals, 2, a[8], a[9], a[10], a[11])
-        _fold_row(totals, 3, a[12], a[13], a[14], a[15])
-    for i in range(4):
-        for j in range(TILE_COLUMNS):
-            _store(out, r + i, c + j, o + j, x, codes, kmain, rowsum, mult, totals[i, j])
+        a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = _acc_zero()
+        a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = _acc_zero()
+        for kk in range(kb, min(kb + _BLOCK, kmain), STEP):
+            ic = c * kp + kk
+            a00, a01, a02, a03 = _dot_row4(a00, a01, a02, a03, x, r * kp + kk, codes, ic, kp)
+            a10, a11, a12, a13 = _dot_row4(a10, a11, a12, a13, x, (r + 1) * kp + kk, codes, ic, kp)
+            a20, a21, a22, a23 = _dot_row4(a20, a21, a22, a23, x, (r + 2) * kp + kk, codes, ic, kp)
+            a30, a31, a32, a33 = _dot_row4(a30, a31, a32, a33, x, (r + 3) * kp + kk, codes, ic, kp)
+        t0 = _sums_add4(t0, a00, a01, a02, a03)
+        t1 = _sums_add4(t1, a10, a11, a12, a13)
+        t2 = _sums_add4(t2, a20, a21, a22, a23)
+        t3 = _sums_add4(t3, a30, a31, a32, a33)
+    _store_sums(out, r * n + o, r * n + o + 2, t0, mult, rowsum[r], rowsum[r])
+    _store_sums(out, (r + 1) * n + o, (r + 1) * n + o + 2, t1, mult, rowsum[r + 1], rowsum[r + 1])
+    _store_sums(out, (r + 2) * n + o, (r + 2) * n + o + 2, t2, mult, rowsum[r + 2], rowsum[r + 2])
+    _store_sums(out, (r + 3) * n + o, (r + 3) * n + o + 2, t3, mult, rowsum[r + 3], rowsum[r + 3])
+    _add_tails(out, r, c, o, x, codes, kmain, mult, 4, 4)
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
-def _row(x, codes, r, c, o, kmain, rowsum, mult, out, totals):  # pragma: no cover - compiled
+def _tile_4x2(x, codes, r, c, o, kmain, rowsum, mult, out):  # pragma: no cover - compiled
+    """Tokens r..r+3 x columns c, c+1 -> out[r : r+4, o : o+2]: the tile for 16 vector registers
+    (AVX2), 8 accumulators beside each step's operands, where 16 spilled them; each pair of
+    tokens' 2 x 2 outputs summed and stored together."""
+    kp, n = x.shape[1], out.shape[1]
+    t01 = t23 = _sums_zero()
+    for kb in range(0, kmain, _BLOCK):
+        a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = _acc_zero()
+        for kk in range(kb, min(kb + _BLOCK, kmain), STEP):
+            i0, i1 = c * kp + kk, (c + 1) * kp + kk
+            a00, a01 = _dot_add(a00, x, r * kp + kk, codes, i0), _dot_add(a01, x, r * kp + kk, codes, i1)
+            a10, a11 = _dot_add(a10, x, (r + 1) * kp + kk, codes, i0), _dot_add(a11, x, (r + 1) * kp + kk, codes, i1)
+            a20, a21 = _dot_add(a20, x, (r + 2) * kp + kk, codes, i0), _dot_add(a21, x, (r + 2) * kp + kk, codes, i1)
+            a30, a31 = _dot_add(a30, x, (r + 3) * kp + kk, codes, i0), _dot_add(a31, x, (r + 3) * kp + kk, codes, i1)
+        t01 = _sums_add4(t01, a00, a01, a10, a11)
+        t23 = _sums_add4(t23, a20, a21, a30, a31)
+    _store_sums(out, r * n + o, (r + 1) * n + o, t01, mult, rowsum[r], rowsum[r + 1])
+    _store_sums(out, (r + 2) * n + o, (r + 3) * n + o, t23, mult, rowsum[r + 2], rowsum[r + 3])
+    _add_tails(out, r, c, o, x, codes, kmain, mult, 4, 2)
+
+
+@njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
+def _row(x, codes, r, c, o, kmain, rowsum, mult, out):  # pragma: no cover - compiled
     """Token r x columns c..c+3 -> out[r, o : o+4]: the rows left over below a tile of 4."""
-    kp = x.shape[1]
-    totals[:] = 0
+    kp, n = x.shape[1], out.shape[1]
+    t = _sums_zero()
     for kb in range(0, kmain, _BLOCK):
         a0 = a1 = a2 = a3 = _acc_zero()
         for kk in range(kb, min(kb + _BLOCK, kmain), STEP):
             a0, a1, a2, a3 = _dot_row4(a0, a1, a2, a3, x, r * kp + kk, codes, c * kp + kk, kp)
-        totals[0, 0] += _acc_sum(a0)
-        totals[0, 1] += _acc_sum(a1)
-        totals[0, 2] += _acc_sum(a2)
-        totals[0, 3] += _acc_sum(a3)
-    for j in range(4):
-        _store(out, r, c + j, o + j, x, codes, kmain, rowsum, mult, totals[0, j])
+        t = _sums_add4(t, a0, a1, a2, a3)
+    _store_sums(out, r * n + o, r * n + o + 2, t, mult, rowsum[r], rowsum[r])
+    _add_tails(out, r, c, o, x, codes, kmain, mult, 1, 4)
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
-def _store(out, r, c, o, x, codes, kmain, rowsum, mult, total):  # pragma: no cover - compiled
-    """out[r, o] = mult * (dot of token r with column c) - rowsum[r]: ``total`` (the blocks'
-    sums, int64) plus the k beyond the last whole step."""
-    for kk in range(kmain, x.shape[1]):
-        total += np.int64(x[r, kk]) * np.int64(codes[c, kk])
-    out[r, o] = mult * total - rowsum[r]
+def _add_tails(out, r, c, o, x, codes, kmain, mult, rows, columns):  # pragma: no cover - compiled
+    """out[r : r+rows, o : o+columns] += mult * the products of the k beyond the last whole step."""
+    kp = x.shape[1]
+    if kmain == kp:
+        return
+    for i in range(rows):
+        for j in range(columns):
+            tail = 0
+            for kk in range(kmain, kp):
+                tail += np.int32(x[r + i, kk]) * np.int32(codes[c + j, kk])
+            out[r + i, o + j] += mult * tail
 
 
 @njit(cache=True, boundscheck=False, error_model="numpy", inline="always")
@@ -232,16 +223,19 @@ def a8_task(x, w, rowsum, out, t, lo, hi, bits, mult):  # pragma: no cover - com
     kp = x.shape[1]
     codes = np.empty((64, kp), dtype=np.int8)
     _decode_columns(w, t, bits, codes)
-    totals = np.empty((4, 4), dtype=np.int64)
     kmain = kp // STEP * STEP
     r = lo
     while r + 4 <= hi:
-        for c in range(0, 64, TILE_COLUMNS):
-            _tile(x, codes, r, c, 64 * t + c, kmain, rowsum, mult, out, totals)
+        if TILE_COLUMNS == 2:
+            for c in range(0, 64, 2):
+                _tile_4x2(x, codes, r, c, 64 * t + c, kmain, rowsum, mult, out)
+        else:
+            for c in range(0, 64, 4):
+                _tile_4x4(x, codes, r, c, 64 * t + c, kmain, rowsum, mult, out)
         r += 4
     while r < hi:
         for c in range(0, 64, 4):
-            _row(x, codes, r, c, 64 * t + c, kmain, rowsum, mult, out, totals)
+            _row(x, codes, r, c, 64 * t + c, kmain, rowsum, mult, out)
         r += 1
 
 

@@ -13,7 +13,7 @@ them into the accumulator:
   zero-extended by the activations sign-extended, products summed in adjacent pairs and
   saturated to int16 (``_pairs_int16``), which LLVM selects as one ``vpmaddubsw``, added into
   int16 lanes (``vpaddw``): the avx2 path's step, without its intrinsic. Past 63 steps int16
-  lanes could overflow, so the GEMM folds them into int64 totals every ``BLOCK_STEPS``. (LLVM 22
+  lanes could overflow, so the GEMM folds them into int32 sums every ``BLOCK_STEPS``. (LLVM 22
   selects no ``vpdpbusd``, the 4-byte VNNI dot, from portable IR: a ``partial.reduce`` of zero-
   by sign-extended bytes became byte-to-dword widening and ``vpmaddwd`` on half-empty words.)
 
@@ -52,7 +52,7 @@ TILE_COLUMNS = 4 if DOTPROD or WIDE else 2
 AVX-512's 32 registers; on AVX2's 16 (ymm), 4 x 2 leave room for the operands, where 4 x 4 of
 two ymm each spilled in the loop (0.50x -> 0.66x float32 compiled for Zen 3, timed on a Xeon)."""
 BLOCK_STEPS = 1 << 24 if DOTPROD else 32767 // (2 * 2 * 128)
-"""Steps an accumulator takes before ``_acc_sum`` must fold it into a wider total. On x86 the
+"""Steps an accumulator takes before ``_sums_add4`` must fold it into int32 sums. On x86 the
 lanes are int16 and each step adds a pair of products, at most 2 x 2 x 128 = 512 in size (codes
 0..2, int8 activations): 63 steps cannot overflow. arm64's int32 lanes need no fold."""
 
@@ -76,18 +76,74 @@ def _acc_zero(typingctx):
     return _ACC(), codegen
 
 
+SUMS = _Vec(4, 32)
+"""Four int32 sums (one per output of a row of the tile, or 2 x 2 of the AVX2 tile)."""
+
+
 @intrinsic
-def _acc_sum(typingctx, acc):
-    """The int32 sum of an accumulator's lanes (widened, then ``vector.reduce.add``)."""
-    if acc != _ACC:
+def _sums_zero(typingctx):
+    """Four zero int32 sums (``SUMS``)."""
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(ir.VectorType(_I32, 4), [0] * 4)
+
+    return SUMS(), codegen
+
+
+@intrinsic
+def _sums_add4(typingctx, sums, a0, a1, a2, a3):
+    """``sums`` plus the int32 sums of 4 accumulators' lanes, in that order: the lanes widened in
+    adjacent pairs (int16 on x86), then adjacent lanes of two vectors summed into one, twice,
+    and adjacent lanes halved until one lane per accumulator is left, so the outputs of a tile
+    row are summed and stored together instead of one horizontal sum and one store each."""
+    if not (sums == SUMS and all(a == _ACC for a in (a0, a1, a2, a3))):
         return None
 
     def codegen(context, builder, sig, args):
-        lanes = args[0].type.count
-        wide = builder.sext(args[0], ir.VectorType(_I32, lanes)) if _ACC.bits != 32 else args[0]
-        return _call(builder, f"llvm.vector.reduce.add.v{lanes}i32", _I32, wide)
+        def take(vector: ir.Value, other: ir.Value, picked: list[int]) -> ir.Value:
+            return builder.shuffle_vector(vector, other, ir.Constant(ir.VectorType(_I32, len(picked)), picked))
 
-    return types.int32(acc), codegen
+        def widen(acc: ir.Value) -> ir.Value:  # int16 lanes -> half as many int32, pairs summed
+            if _ACC.bits == 32:
+                return acc
+            n, wide = acc.type.count, ir.VectorType(_I32, acc.type.count // 2)
+            even, odd = take(acc, acc, list(range(0, n, 2))), take(acc, acc, list(range(1, n, 2)))
+            return builder.add(builder.sext(even, wide), builder.sext(odd, wide))
+
+        def pairs(p: ir.Value, q: ir.Value) -> ir.Value:  # adjacent lanes of p then of q summed: [p's | q's]
+            n = p.type.count
+            return builder.add(take(p, q, list(range(0, 2 * n, 2))), take(p, q, list(range(1, 2 * n, 2))))
+
+        w = [widen(a) for a in args[1:]]
+        total = pairs(pairs(w[0], w[1]), pairs(w[2], w[3]))
+        while total.type.count > 4:  # 4 groups of adjacent lanes, one per accumulator: halve each
+            n = total.type.count
+            total = builder.add(take(total, total, list(range(0, n, 2))), take(total, total, list(range(1, n, 2))))
+        return builder.add(args[0], total)
+
+    return SUMS(sums, a0, a1, a2, a3), codegen
+
+
+@intrinsic
+def _store_sums(typingctx, out, i0, i1, sums, mult, rowsum0, rowsum1):
+    """``out.flat[i0 : i0+2] = mult * sums[0:2] - rowsum0`` and ``out.flat[i1 : i1+2] = mult *
+    sums[2:4] - rowsum1`` (out int32): two outputs of each of two rows, or four of one row."""
+    if not (_is_c_array(out, types.int32) and sums == SUMS
+            and all(isinstance(t, types.Integer) for t in (i0, i1, mult, rowsum0, rowsum1))):  # fmt: skip
+        return None
+
+    def codegen(context, builder, sig, args):
+        out_arr, first, second, sums_value, mult_value, r0, r1 = args
+        pair = ir.VectorType(_I32, 2)
+        scaled = builder.mul(sums_value, _splat(builder, _as_int(builder, mult_value, 32), sums_value.type))
+        for half, index, rowsum in ((0, first, r0), (1, second, r1)):
+            lanes = builder.shuffle_vector(scaled, scaled, ir.Constant(pair, [2 * half, 2 * half + 1]))
+            values = builder.sub(lanes, _splat(builder, _as_int(builder, rowsum, 32), pair))
+            ptr = _element_ptr(context, builder, sig.args[0], out_arr, index)
+            builder.store(values, builder.bitcast(ptr, pair.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(out, i0, i1, sums, mult, rowsum0, rowsum1), codegen
 
 
 @intrinsic
